@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerBase, Qwen2Config
 
 from container.demo.tokenizer import build_tokenizer
 
@@ -24,6 +24,7 @@ def save_random_model(
     num_key_value_heads: int = 2,
     max_position_embeddings: int = 512,
     tokenizer_vocab_size: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     seed: int = 0,
     init_std: float = 0.1,
     **config_overrides,
@@ -31,10 +32,16 @@ def save_random_model(
     """Write config.json, model.safetensors and a locally trained tokenizer into out_dir.
 
     A larger init_std than the usual 0.02 keeps random logits well apart, so greedy decoding of a random
-    model is not decided by fp32 rounding noise.
+    model is not decided by fp32 rounding noise. Pass an already trained `tokenizer` to reuse it.
     """
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(out_dir, vocab_size=tokenizer_vocab_size or vocab_size)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(out_dir, vocab_size=tokenizer_vocab_size or vocab_size)
+    else:
+        tokenizer.save_pretrained(str(out_dir))
+    special_ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     config = CONFIG_CLASSES[family](
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -43,11 +50,8 @@ def save_random_model(
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
         max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         initializer_range=init_std,
-        **config_overrides,
+        **{**special_ids, **config_overrides},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,0 +1,78 @@
+"""Attention over the paged KV cache, in plain torch (scaled_dot_product_attention).
+
+The cache of one layer is `[num_blocks, block_size, kv_heads, head_dim]` for K and for V. Prefills attend
+to their own fresh K/V (a prefill always starts at position 0: a preempted sequence is recomputed whole),
+decodes gather their blocks from the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from handler.forward_context import ForwardContext
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, q_heads, head_dim]
+    k: torch.Tensor,  # [T, kv_heads, head_dim]
+    v: torch.Tensor,  # [T, kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    ctx: ForwardContext,
+    sliding_window: int | None,
+    scale: float,
+) -> torch.Tensor:  # [T, q_heads, head_dim]
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, v)
+    if not ctx.prefill_ranges:
+        return _decode_attention(q, k_cache, v_cache, ctx, sliding_window, scale)
+    out = torch.empty_like(q)
+    num_decode = ctx.num_decode_tokens
+    if num_decode:
+        out[:num_decode] = _decode_attention(q[:num_decode], k_cache, v_cache, ctx, sliding_window, scale)
+    for start, end in ctx.prefill_ranges:
+        out[start:end] = _prefill_attention(q[start:end], k[start:end], v[start:end], sliding_window, scale)
+    return out
+
+
+def _prefill_attention(q, k, v, sliding_window: int | None, scale: float) -> torch.Tensor:
+    length = q.shape[0]
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, L, d]
+    gqa = q.shape[1] != k.shape[1]
+    if sliding_window is None or sliding_window >= length:
+        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        query_pos = torch.arange(length, device=q.device)[:, None]
+        key_pos = torch.arange(length, device=q.device)[None, :]
+        mask = (key_pos <= query_pos) & (key_pos > query_pos - sliding_window)
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _decode_attention(q, k_cache, v_cache, ctx: ForwardContext, sliding_window: int | None, scale: float):
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    block_tables = ctx.decode_block_tables
+    keys = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [B, kv_heads, max_len, d]
+    values = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    mask = _decode_mask(ctx, sliding_window, keys.shape[2])
+    # Grouped-query attention without repeating K/V: the query heads that share a KV head become that
+    # head's "query length" (head h uses KV head h // group, as in the reference implementation).
+    grouped_q = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(batch, q_heads, head_dim)
+
+
+def _decode_mask(ctx: ForwardContext, sliding_window: int | None, max_len: int) -> torch.Tensor:
+    mask = ctx.decode_masks.get(sliding_window)
+    if mask is None:
+        key_pos = torch.arange(max_len, device=ctx.decode_context_lens.device)[None, :]
+        lengths = ctx.decode_context_lens[:, None]
+        mask = key_pos < lengths
+        if sliding_window is not None:
+            mask &= key_pos > (lengths - 1) - sliding_window
+        mask = mask[:, None, None, :]  # [B, 1, 1, max_len]
+        ctx.decode_masks[sliding_window] = mask
+    return mask

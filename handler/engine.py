@@ -1,0 +1,362 @@
+"""The engine: requests in, one scheduled forward pass per `step()`, tokens out.
+
+`add_request` and `abort` may be called from any thread (the HTTP server's); they only queue work that the
+thread driving `step()` picks up at the start of its next step. Everything else runs on that one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence as SequenceOf
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from handler.block_manager import BlockManager
+from handler.config import Config
+from handler.errors import ConfigError, InvalidRequestError, ModelLoadError
+from handler.model_runner import ModelRunner, kv_bytes_per_token
+from handler.models import load_hf_config, load_model
+from handler.output_processor import RequestTextState
+from handler.scheduler import Scheduler
+from handler.sequence import (
+    FinishReason,
+    GenerationResult,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    TokenOutput,
+)
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Memory kept free on a GPU for activations and the sampler, beyond the KV cache.
+CUDA_ACTIVATION_RESERVE_BYTES = 2 * 1024**3
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    steps: int
+    generated_tokens: int
+    prompt_tokens: int
+    preemptions: int
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path | None = None, *, config: Config | None = None, **options) -> None:
+        if config is None:
+            config = Config.from_options(model_dir, **options)
+        elif model_dir is not None or options:
+            raise TypeError("pass either a Config or model_dir and options, not both")
+        self.config = config
+        self.device = _resolve_device(config)
+        self.dtype = _resolve_dtype(config, self.device)
+        model_dir = Path(config.model_id)
+        if config.model_id.startswith("s3://"):
+            raise ConfigError("model_id", config.model_id, "the engine loads a local directory; the container "
+                              "downloads s3:// models first")
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"model directory {model_dir} does not exist")
+        self.model_dir = model_dir
+
+        started = time.perf_counter()
+        self.hf_config = load_hf_config(model_dir, config.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=config.trust_remote_code)
+        self.model = load_model(model_dir, self.hf_config, self.dtype, self.device)
+        self.max_model_len = _resolve_max_model_len(config, self.model.max_position_embeddings)
+        self.eos_token_ids = _eos_token_ids(model_dir, self.hf_config, self.tokenizer)
+
+        num_blocks = config.num_kv_blocks or self._auto_num_kv_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_running=config.max_rolling_batch_size,
+            max_batched_tokens=max(config.max_num_batched_tokens, config.max_rolling_batch_size),
+        )
+        self.runner = ModelRunner(self.model, self.block_manager)
+        logger.info(
+            "engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+            time.perf_counter() - started, self.hf_config.model_type, self.device, self.dtype, num_blocks,
+            config.block_size, self.max_model_len,
+        )
+
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._new_requests: deque[Sequence] = deque()
+        self._abort_requests: deque[str] = deque()
+        self._sequences: dict[str, Sequence] = {}
+        self._text_states: dict[str, RequestTextState] = {}
+        self._request_counter = itertools.count()
+        self._steps = 0
+        self._generated_tokens = 0
+        self._prompt_tokens = 0
+        self._preemptions = 0
+
+    # ---- requests -----------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        """Queue a request; raises InvalidRequestError (with the reason) if it can never be served."""
+        params = params or SamplingParams()
+        params.validate()
+        if adapter:
+            raise InvalidRequestError(f"Adapter {adapter} is not registered (LoRA is not enabled)")
+        prompt_token_ids = self.tokenize(prompt)
+        self._check_fits(prompt_token_ids, params)
+        seq = Sequence(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params, adapter=None)
+        with self._lock:
+            if request_id in self._sequences:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            self._sequences[request_id] = seq
+            self._new_requests.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next step and free what it holds; unknown or finished ids are ignored."""
+        with self._lock:
+            self._abort_requests.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self._sequences)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
+            with self._tokenizer_lock:
+                token_ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            token_ids = list(prompt)
+            vocab_size = self.model.vocab_size
+            bad = [t for t in token_ids if not 0 <= t < vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+        else:
+            raise InvalidRequestError("a prompt must be a string or a list of token ids")
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        return token_ids
+
+    def _check_fits(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        prompt_len = len(prompt_token_ids)
+        total = prompt_len + params.max_new_tokens
+        if prompt_len > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_len} tokens, more than the model's maximum length {self.max_model_len}"
+            )
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds the "
+                f"model's maximum length {self.max_model_len}"
+            )
+        if total > self.block_manager.capacity_tokens:
+            raise InvalidRequestError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} can never "
+                f"fit in the KV cache ({self.block_manager.capacity_tokens} tokens)"
+            )
+
+    # ---- the step -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Admit queued requests, run one forward pass, and report every request that progressed."""
+        outputs: list[RequestOutput] = []
+        self._take_queued(outputs)
+        step = self.scheduler.schedule()
+        self._preemptions += len(step.preempted)
+        if step.is_empty:
+            return outputs
+        self._steps += 1
+        self._prompt_tokens += sum(seq.num_tokens for seq in step.prefill_seqs if not seq.output_token_ids)
+        seqs = step.seqs
+        try:
+            token_ids, log_probs = self.runner.execute(step)
+        except Exception as error:  # a failed forward must not take the engine (or other steps) down
+            logger.exception("forward pass failed for %d sequences", len(seqs))
+            for seq in seqs:
+                outputs.append(self._finish(seq, FinishReason.ERROR, error=f"internal error: {error}"))
+            return outputs
+        for seq, token_id, log_prob in zip(seqs, token_ids, log_probs):
+            token, finish = self._text_states[seq.request_id].process(seq, token_id, log_prob)
+            self._generated_tokens += 1
+            if finish is None:
+                outputs.append(RequestOutput(seq.request_id, [token], finished=False))
+            else:
+                outputs.append(self._finish(seq, finish, tokens=[token]))
+        return outputs
+
+    def _take_queued(self, outputs: list[RequestOutput]) -> None:
+        with self._lock:
+            new_requests = list(self._new_requests)
+            self._new_requests.clear()
+            aborts = list(self._abort_requests)
+            self._abort_requests.clear()
+        for seq in new_requests:
+            self._text_states[seq.request_id] = RequestTextState(self.tokenizer, seq, self.eos_token_ids)
+            self.scheduler.add(seq)
+        for request_id in aborts:
+            seq = self._sequences.get(request_id)
+            if seq is not None and not seq.is_finished:
+                outputs.append(self._finish(seq, FinishReason.ABORTED))
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        tokens: list[TokenOutput] | None = None,
+        error: str | None = None,
+    ) -> RequestOutput:
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        self.runner.sampler.release(seq.request_id)
+        self._text_states.pop(seq.request_id, None)
+        with self._lock:
+            self._sequences.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, tokens or [], finished=True, finish_reason=reason, error=error)
+
+    # ---- offline convenience ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: str | list[int] | SequenceOf[str | list[int]],
+        params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        adapters: str | None | SequenceOf[str | None] = None,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt, batched by the rolling scheduler; results in prompt order.
+
+        Drives `step()` itself, so it must not run while another thread is stepping this engine.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        count = len(prompts)
+        params_list = _broadcast(params if params is not None else SamplingParams(), count, "params")
+        adapter_list = _broadcast(adapters, count, "adapters")
+        request_ids = [f"generate-{next(self._request_counter)}" for _ in range(count)]
+        results: dict[str, GenerationResult] = {}
+        for request_id, prompt, prompt_params, adapter in zip(request_ids, prompts, params_list, adapter_list):
+            self.add_request(request_id, prompt, prompt_params, adapter)
+            seq = self._sequences[request_id]
+            results[request_id] = GenerationResult(request_id, seq.prompt_token_ids, [], "", [], None)
+        pending = set(request_ids)
+        while pending:
+            for output in self.step():
+                result = results.get(output.request_id)
+                if result is None:
+                    continue
+                for token in output.tokens:
+                    result.token_ids.append(token.id)
+                    result.log_probs.append(token.log_prob)
+                    result.text += token.text
+                if output.finished:
+                    result.finish_reason = output.finish_reason
+                    result.error = output.error
+                    pending.discard(output.request_id)
+        return [results[request_id] for request_id in request_ids]
+
+    # ---- introspection ------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + len(self._new_requests),
+            num_kv_blocks=self.block_manager.num_blocks,
+            num_free_kv_blocks=self.block_manager.num_free_blocks,
+            steps=self._steps,
+            generated_tokens=self._generated_tokens,
+            prompt_tokens=self._prompt_tokens,
+            preemptions=self._preemptions,
+        )
+
+    def _auto_num_kv_blocks(self) -> int:
+        config = self.config
+        per_block = kv_bytes_per_token(self.model) * config.block_size
+        wanted_tokens = config.max_rolling_batch_size * self.max_model_len
+        wanted_blocks = -(-wanted_tokens // config.block_size)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * config.gpu_memory_utilization) - used - CUDA_ACTIVATION_RESERVE_BYTES
+        else:
+            budget = config.cpu_kv_cache_mb * 1024**2
+        affordable = budget // per_block
+        min_blocks = -(-self.max_model_len // config.block_size)
+        if affordable < min_blocks:
+            raise ConfigError(
+                "gpu_memory_utilization" if self.device.type == "cuda" else "cpu_kv_cache_mb",
+                config.gpu_memory_utilization if self.device.type == "cuda" else config.cpu_kv_cache_mb,
+                f"leaves room for {affordable * config.block_size} KV tokens, less than one sequence of "
+                f"max_model_len {self.max_model_len}",
+            )
+        return int(min(wanted_blocks, affordable))
+
+
+def _broadcast(value, count: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise InvalidRequestError(f"got {len(value)} {name} for {count} prompts")
+        return list(value)
+    return [value] * count
+
+
+def _resolve_device(config: Config) -> torch.device:
+    if config.tensor_parallel_degree > 1:
+        visible = torch.cuda.device_count()
+        if config.tensor_parallel_degree > visible:
+            raise ConfigError(
+                "tensor_parallel_degree", config.tensor_parallel_degree,
+                f"asks for {config.tensor_parallel_degree} GPUs but {visible} are visible",
+            )
+        raise ConfigError("tensor_parallel_degree", config.tensor_parallel_degree,
+                          "tensor parallelism is not supported: this engine runs on one device")
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", config.device, "CUDA is not available on this machine")
+    return torch.device(config.device)
+
+
+def _resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
+    name = config.torch_dtype_name
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return TORCH_DTYPES[name]
+
+
+def _resolve_max_model_len(config: Config, max_position_embeddings: int) -> int:
+    if config.max_model_len is None:
+        return max_position_embeddings
+    if config.max_model_len > max_position_embeddings:
+        raise ConfigError("max_model_len", config.max_model_len,
+                          f"exceeds the model's max_position_embeddings ({max_position_embeddings})")
+    return config.max_model_len
+
+
+def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> frozenset[int]:
+    """End-of-sequence ids as transformers' generate() uses them: generation_config.json first."""
+    eos = None
+    if (model_dir / "generation_config.json").is_file():
+        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

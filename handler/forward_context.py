@@ -1,0 +1,31 @@
+"""What one forward pass needs to know about the step, built once by the model runner, read by layers.
+
+Token order in a step: the decode tokens first (one per decoding sequence), then each prefilling
+sequence's tokens, contiguous. Keeping this in one object keeps the layers' signatures plain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class LoraApplier(Protocol):
+    """Adds each token's LoRA delta for one projection group of one layer, in place on y."""
+
+    def apply(self, layer_index: int, group: str, y: torch.Tensor, x: torch.Tensor) -> None: ...
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    positions: torch.Tensor  # [T] position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] flat KV-cache index each token's K/V is written to
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None  # [B_decode, max_blocks], padded with block 0
+    decode_context_lens: torch.Tensor | None  # [B_decode] tokens each decode attends to, itself included
+    prefill_ranges: list[tuple[int, int]]  # [start, end) of each prefilling sequence in the token order
+    lora: LoraApplier | None = None
+    # Decode masks per sliding-window size (None = full attention), built on first use in the step.
+    decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)

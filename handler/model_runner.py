@@ -1,0 +1,97 @@
+"""Owns all device work of a step: the flat input tensors, the forward pass, the KV cache, sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from handler.block_manager import BlockManager
+from handler.forward_context import ForwardContext, LoraApplier
+from handler.models import LlamaModel
+from handler.sampler import Sampler
+from handler.scheduler import ScheduledStep
+from handler.sequence import Sequence
+
+
+def kv_bytes_per_token(model: LlamaModel) -> int:
+    element_size = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * element_size
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, block_manager: BlockManager) -> None:
+        self.model = model
+        self.device = model.device
+        self.block_manager = block_manager
+        # calloc-backed zeros: pages are only touched when K/V are written, and masked-out padding
+        # positions read zeros rather than NaN garbage.
+        self.kv_cache = torch.zeros(
+            (model.num_layers, 2, block_manager.num_blocks, block_manager.block_size, model.num_kv_heads,
+             model.head_dim),
+            dtype=model.dtype,
+            device=self.device,
+        )
+        self.sampler = Sampler(self.device)
+
+    def execute(self, step: ScheduledStep, lora: LoraApplier | None = None) -> tuple[list[int], list[float]]:
+        """Run one forward pass over the step's tokens; return each sequence's next token and log-prob.
+
+        Sequences come back in `step.seqs` order (decodes, then prefills).
+        """
+        ctx, input_ids, last_token_index = self._prepare(step)
+        ctx.lora = lora
+        hidden = self.model.forward(input_ids, ctx, self.kv_cache)
+        logits = self.model.compute_logits(hidden[last_token_index])
+        seqs = step.seqs
+        for seq in seqs:
+            seq.num_cached_tokens = seq.num_tokens
+        return self.sampler.sample(logits, seqs)
+
+    def _prepare(self, step: ScheduledStep) -> tuple[ForwardContext, torch.Tensor, torch.Tensor]:
+        block_size = self.block_manager.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last_token_index: list[int] = []
+
+        decode_tables: list[list[int]] = []
+        decode_lengths: list[int] = []
+        for seq in step.decode_seqs:
+            position = seq.num_tokens - 1
+            input_ids.append(seq.output_token_ids[-1])  # a decoding sequence has sampled at least once
+            positions.append(position)
+            slots.append(self.block_manager.slot_of(seq, position))
+            last_token_index.append(len(input_ids) - 1)
+            decode_tables.append(seq.block_table)
+            decode_lengths.append(seq.num_tokens)
+
+        prefill_ranges: list[tuple[int, int]] = []
+        for seq in step.prefill_seqs:
+            start = len(input_ids)
+            count = seq.num_tokens
+            input_ids.extend(seq.token_ids)
+            positions.extend(range(count))
+            table = seq.block_table
+            slots.extend(table[i // block_size] * block_size + i % block_size for i in range(count))
+            prefill_ranges.append((start, start + count))
+            last_token_index.append(start + count - 1)
+
+        device = self.device
+        block_tables = lengths = None
+        if decode_tables:
+            width = max(len(table) for table in decode_tables)
+            padded = [table + [0] * (width - len(table)) for table in decode_tables]
+            block_tables = torch.tensor(padded, dtype=torch.long, device=device)
+            lengths = torch.tensor(decode_lengths, dtype=torch.long, device=device)
+        ctx = ForwardContext(
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            num_decode_tokens=len(step.decode_seqs),
+            decode_block_tables=block_tables,
+            decode_context_lens=lengths,
+            prefill_ranges=prefill_ranges,
+        )
+        return (
+            ctx,
+            torch.tensor(input_ids, dtype=torch.long, device=device),
+            torch.tensor(last_token_index, dtype=torch.long, device=device),
+        )

@@ -1,0 +1,188 @@
+"""The Llama decoder, which Mistral and Qwen2 share with small differences (see their files).
+
+Our own forward pass over the checkpoint's tensors: q/k/v fused into one projection and gate/up into
+another (one matmul each instead of three and two), attention over the paged KV cache, and a LoRA hook
+after every projection group. Every numerical step follows the reference implementation's order of
+operations, so that fp32 greedy output equals transformers' token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from handler.attention import paged_attention
+from handler.errors import ModelLoadError
+from handler.forward_context import ForwardContext
+from handler.models.rope import RotaryTable
+from handler.models.weights import CheckpointTensors
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+# The projection groups a LoRA hook sees, and the PEFT module names packed into each, in output order.
+LORA_GROUPS = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 and cast back before the weight, as the reference does.
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+class DecoderLayer:
+    def __init__(self, model: "LlamaModel", index: int, tensors: CheckpointTensors) -> None:
+        prefix = f"model.layers.{index}."
+        dtype, device = model.dtype, model.device
+
+        def load(name: str) -> torch.Tensor:
+            return tensors.get(prefix + name, dtype).to(device)
+
+        def load_bias(name: str, present: bool) -> torch.Tensor | None:
+            return load(name) if present else None
+
+        self.index = index
+        self.model = model
+        self.sliding_window = model.sliding_windows[index]
+        self.input_norm = load("input_layernorm.weight")
+        self.post_attention_norm = load("post_attention_layernorm.weight")
+        self.qkv_weight = torch.cat([load(f"self_attn.{p}.weight") for p in LORA_GROUPS["qkv"]])
+        self.qkv_bias = (
+            torch.cat([load(f"self_attn.{p}.bias") for p in LORA_GROUPS["qkv"]]) if model.qkv_bias else None
+        )
+        self.o_weight = load("self_attn.o_proj.weight")
+        self.o_bias = load_bias("self_attn.o_proj.bias", model.o_bias)
+        self.gate_up_weight = torch.cat([load(f"mlp.{p}.weight") for p in LORA_GROUPS["gate_up"]])
+        self.gate_up_bias = (
+            torch.cat([load(f"mlp.{p}.bias") for p in LORA_GROUPS["gate_up"]]) if model.mlp_bias else None
+        )
+        self.down_weight = load("mlp.down_proj.weight")
+        self.down_bias = load_bias("mlp.down_proj.bias", model.mlp_bias)
+
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext, k_cache, v_cache) -> torch.Tensor:
+        model = self.model
+        num_tokens = hidden.shape[0]
+        lora = ctx.lora
+
+        x = rms_norm(hidden, self.input_norm, model.rms_norm_eps)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        if lora is not None:
+            lora.apply(self.index, "qkv", qkv, x)
+        q, k, v = qkv.split([model.q_size, model.kv_size, model.kv_size], dim=-1)
+        q = model.rotary.apply(q.view(num_tokens, model.num_heads, model.head_dim), ctx.positions)
+        k = model.rotary.apply(k.view(num_tokens, model.num_kv_heads, model.head_dim), ctx.positions)
+        v = v.view(num_tokens, model.num_kv_heads, model.head_dim)
+        attn = paged_attention(q, k, v, k_cache, v_cache, ctx, self.sliding_window, model.attention_scale)
+        attn = attn.reshape(num_tokens, model.q_size)
+        o = F.linear(attn, self.o_weight, self.o_bias)
+        if lora is not None:
+            lora.apply(self.index, "o", o, attn)
+        hidden = hidden + o
+
+        x = rms_norm(hidden, self.post_attention_norm, model.rms_norm_eps)
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        if lora is not None:
+            lora.apply(self.index, "gate_up", gate_up, x)
+        gate, up = gate_up.split([model.intermediate_size, model.intermediate_size], dim=-1)
+        mlp_hidden = model.activation(gate) * up
+        down = F.linear(mlp_hidden, self.down_weight, self.down_bias)
+        if lora is not None:
+            lora.apply(self.index, "down", down, mlp_hidden)
+        return hidden + down
+
+
+class LlamaModel:
+    """Llama: optional biases from `attention_bias` / `mlp_bias`, no sliding window."""
+
+    def __init__(self, hf_config, model_dir, dtype: torch.dtype, device: torch.device) -> None:
+        self.hf_config = hf_config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.vocab_size = hf_config.vocab_size
+        self.hidden_size = hf_config.hidden_size
+        self.intermediate_size = hf_config.intermediate_size
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(hf_config, "head_dim", None) or self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads "
+                f"({self.num_kv_heads})"
+            )
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.attention_scale = self.head_dim**-0.5
+        self.rms_norm_eps = hf_config.rms_norm_eps
+        act_name = getattr(hf_config, "hidden_act", "silu")
+        if act_name not in ACTIVATIONS:
+            raise ModelLoadError(f"unsupported activation {act_name!r}")
+        self.activation = ACTIVATIONS[act_name]
+        self.max_position_embeddings = hf_config.max_position_embeddings
+        self.qkv_bias = self.has_qkv_bias(hf_config)
+        self.o_bias = self.has_o_bias(hf_config)
+        self.mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
+        self.sliding_windows = self.layer_sliding_windows(hf_config)
+        self.rotary = RotaryTable(hf_config, self.head_dim, self.max_position_embeddings, dtype, self.device)
+
+        tensors = CheckpointTensors(model_dir)
+        self.embed_tokens = tensors.get("model.embed_tokens.weight", dtype).to(self.device)
+        self.layers = [DecoderLayer(self, index, tensors) for index in range(self.num_layers)]
+        self.final_norm = tensors.get("model.norm.weight", dtype).to(self.device)
+        if getattr(hf_config, "tie_word_embeddings", False) or "lm_head.weight" not in tensors:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = tensors.get("lm_head.weight", dtype).to(self.device)
+
+    # ---- what differs between the family's members --------------------------------------------------
+
+    @classmethod
+    def has_qkv_bias(cls, hf_config) -> bool:
+        return bool(getattr(hf_config, "attention_bias", False))
+
+    @classmethod
+    def has_o_bias(cls, hf_config) -> bool:
+        return bool(getattr(hf_config, "attention_bias", False))
+
+    @classmethod
+    def layer_sliding_windows(cls, hf_config) -> list[int | None]:
+        return [None] * hf_config.num_hidden_layers
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every projection an adapter may target."""
+        hidden, inter = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (hidden, self.q_size),
+            "k_proj": (hidden, self.kv_size),
+            "v_proj": (hidden, self.kv_size),
+            "o_proj": (self.q_size, hidden),
+            "gate_proj": (hidden, inter),
+            "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden),
+        }
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> final hidden states [T, H]; kv_cache [layers, 2, blocks, block_size, kv_heads, d]."""
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        for layer in self.layers:
+            hidden = layer.forward(hidden, ctx, kv_cache[layer.index, 0], kv_cache[layer.index, 1])
+        return rms_norm(hidden, self.final_norm, self.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] -> fp32 logits [B, V]."""
+        return F.linear(hidden, self.lm_head).float()
