@@ -48,8 +48,8 @@ def download_s3_prefix(url: str, cache_dir: str | Path, *, client=None) -> Path:
     objects whose ETag or size changed are fetched again, and objects gone from S3 are removed.
     A trailing slash on `url` is optional.
     """
-    client = client or make_s3_client()
     prefix = parse_s3_url(url).as_prefix()
+    client = client or make_s3_client()
     listing = list_s3_prefix(client, prefix)
     target = Path(cache_dir) / "s3-prefixes" / _dir_name(prefix, _digest(str(prefix)))
     _sync_prefix(client, prefix, listing, target)
@@ -60,8 +60,8 @@ def download_s3_prefix_snapshot(url: str, cache_dir: str | Path, *, client=None)
     """Like download_s3_prefix, but into a directory keyed by the listing itself (keys, sizes,
     ETags): once complete it never changes, and new content under the same URL lands in a new
     directory. Used for adapters, so that a re-registered adapter never reuses stale files."""
-    client = client or make_s3_client()
     prefix = parse_s3_url(url).as_prefix()
+    client = client or make_s3_client()
     listing = list_s3_prefix(client, prefix)
     listing_text = "".join(f"{obj.key}\t{obj.size}\t{obj.etag}\n" for obj in sorted(listing, key=lambda o: o.key))
     target = Path(cache_dir) / "s3-snapshots" / _dir_name(prefix, _digest(str(prefix), listing_text))
@@ -75,7 +75,6 @@ def download_s3_object(url: str, cache_dir: str | Path, *, client=None) -> Path:
     The file sits in a directory keyed by URL and ETag, so a second call for unchanged content
     costs one HEAD request and no download.
     """
-    client = client or make_s3_client()
     location = parse_s3_url(url)
     try:
         parts = relative_parts(location.key)
@@ -83,6 +82,7 @@ def download_s3_object(url: str, cache_dir: str | Path, *, client=None) -> Path:
         raise UnsafeSourceError(f"refusing {location}: unsafe object key ({reason})") from None
     if not parts or location.key.endswith("/"):
         raise BadSourceError(f"{location} names a prefix, not an object")
+    client = client or make_s3_client()
     obj = head_s3_object(client, location)
     destination = Path(cache_dir) / "s3-objects" / _digest(str(location), obj.etag, str(obj.size)) / parts[-1]
     if _holds(destination, obj.size):
@@ -145,9 +145,13 @@ def _manifest_entry(obj: S3Object) -> dict:
 def _read_manifest(path: Path) -> tuple[dict[str, dict], bool]:
     try:
         manifest = json.loads(path.read_text())
-        return dict(manifest["objects"]), manifest["complete"] is True
+        objects = dict(manifest["objects"])
+        # Its paths decide which files get deleted, so a damaged manifest must not point outside.
+        for relative_path in objects:
+            relative_parts(relative_path)
+        return objects, manifest["complete"] is True
     except (OSError, ValueError, KeyError, TypeError):
-        # Missing or unreadable: nothing is known to have landed, every file is checked again.
+        # Missing, unreadable or damaged: nothing is known to have landed, every file is fetched again.
         return {}, False
 
 

@@ -6,13 +6,16 @@ import json
 import socket
 import time
 
+import botocore.exceptions
 import pytest
 
-from container.s3 import make_s3_client
+from container.s3 import make_s3_client, parse_s3_url, s3_errors_as_storage_errors
 from container.s3_cache import download_s3_object, download_s3_prefix
 from container.storage_errors import (
     BadSourceError,
+    SourceAccessDeniedError,
     SourceNotFoundError,
+    StorageError,
     StorageUnreachableError,
     UnsafeSourceError,
 )
@@ -172,7 +175,7 @@ def test_unreachable_endpoint_fails_fast_with_a_clear_error(aws_env, monkeypatch
     assert f"127.0.0.1:{port}" in message and "s3://models-bucket/llama/tiny/" in message
     assert "3 attempts" in message
     assert elapsed < 30, f"a dead endpoint took {elapsed:.1f}s to fail"
-    assert not list(tmp_path.iterdir()) or not any(tmp_path.rglob("*.manifest.json"))
+    assert list(tmp_path.iterdir()) == []  # nothing that could pass for a download
 
 
 def test_endpoint_that_never_answers_times_out(aws_env, monkeypatch, tmp_path):
@@ -187,3 +190,39 @@ def test_endpoint_that_never_answers_times_out(aws_env, monkeypatch, tmp_path):
         with pytest.raises(StorageUnreachableError, match="Read timeout"):
             download_s3_object("s3://models-bucket/adapters.tar.gz", tmp_path, client=client)
         assert time.monotonic() - started < 30
+
+
+def test_missing_credentials_are_a_clear_access_error(s3, monkeypatch, tmp_path):
+    s3.create_bucket(Bucket=BUCKET)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+
+    with pytest.raises(SourceAccessDeniedError, match=r"cannot read s3://models-bucket/llama/: no usable AWS credentials"):
+        download_s3_prefix("s3://models-bucket/llama", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def offline_client():
+    return make_s3_client()
+
+
+@pytest.mark.parametrize(
+    "code, status, expected",
+    [
+        ("AccessDenied", 403, SourceAccessDeniedError),
+        ("InvalidAccessKeyId", 403, SourceAccessDeniedError),
+        ("InternalError", 500, StorageUnreachableError),
+        ("SlowDown", 503, StorageUnreachableError),
+        ("NoSuchKey", 404, SourceNotFoundError),
+        ("InvalidRequest", 400, StorageError),
+    ],
+)
+def test_s3_error_answers_map_to_storage_errors(offline_client, code, status, expected):
+    # Answers moto's server cannot be made to give; the mapping is the same for every operation.
+    answer = {"Error": {"Code": code, "Message": "from S3"}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    location = parse_s3_url("s3://models-bucket/llama/config.json")
+
+    with pytest.raises(expected, match=rf"s3://models-bucket/llama/config\.json.*{code}.*from S3") as raised:
+        with s3_errors_as_storage_errors(offline_client, location):
+            raise botocore.exceptions.ClientError(answer, "GetObject")
+    assert type(raised.value) is expected
