@@ -25,8 +25,7 @@ def validate_adapter_name(name: str) -> str:
         )
     if not _ADAPTER_NAME.fullmatch(name):
         raise InvalidAdapterError(
-            f"adapter name {name!r} is invalid: use ASCII letters, digits, '-', '_' and '.', "
-            f"and do not start with '.'"
+            f"adapter name {name!r} is invalid: use ASCII letters, digits, '-', '_' and '.', and do not start with '.'"
         )
     return name
 

@@ -8,6 +8,7 @@ re-registering a name with new content never picks up the old files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterable
@@ -103,10 +104,9 @@ def _is_inside(path: Path, roots: list[Path]) -> bool:
 def _unpacked_adapter(archive: Path, src: str, cache_dir: Path, bounds: dict) -> Path:
     unpacked = cache_dir / "adapter-archives" / archive_digest(archive)
     if not unpacked.is_dir():
-        try:
+        # FileExistsError: another registration unpacked the same content concurrently.
+        with contextlib.suppress(FileExistsError):
             safe_extract_tar(archive, unpacked, **bounds)
-        except FileExistsError:
-            pass  # the same content was unpacked concurrently, by another registration
     try:
         return find_adapter_root(unpacked, f"adapter archive {src!r}")
     except InvalidAdapterError:

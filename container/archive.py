@@ -133,7 +133,12 @@ def _extract_checked(archive_path: Path, staging: Path, max_total_bytes: int, ma
 
 
 def _extract_member(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, staging: Path, archive_path: Path, content_bytes: int, max_total_bytes: int
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    staging: Path,
+    archive_path: Path,
+    content_bytes: int,
+    max_total_bytes: int,
 ) -> int:
     """Check one entry and write it under `staging`; return the number of content bytes written."""
     where = f"entry {member.name!r} in {archive_path}"

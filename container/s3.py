@@ -139,9 +139,7 @@ def _client_error_as_storage_error(
     if status == 403 or code in _ACCESS_DENIED_CODES:
         return SourceAccessDeniedError(f"S3 denied access to {location}: {answer}")
     if status is None or status >= 500 or code in ("SlowDown", "RequestTimeout"):
-        return StorageUnreachableError(
-            f"S3 at {endpoint} kept failing for {location} ({retries} retries): {answer}"
-        )
+        return StorageUnreachableError(f"S3 at {endpoint} kept failing for {location} ({retries} retries): {answer}")
     return StorageError(f"S3 at {endpoint} refused the request for {location}: {answer}")
 
 

@@ -114,7 +114,11 @@ def _sync_prefix(client, prefix: S3Url, listing: list[S3Object], target: Path) -
         missing = [path for path in wanted if path not in landed]
         log.info(
             "downloading %d of %d objects (%d bytes) from %s to %s",
-            len(missing), len(wanted), sum(wanted[path].size for path in missing), prefix, target,
+            len(missing),
+            len(wanted),
+            sum(wanted[path].size for path in missing),
+            prefix,
+            target,
         )
         _write_manifest(manifest_path, prefix, landed, complete=False)
         for path in missing:

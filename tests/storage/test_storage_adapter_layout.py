@@ -137,7 +137,10 @@ def test_hostile_adapters_archive_is_refused_and_leaves_nothing(tmp_path):
     model_dir.mkdir()
     tar_with_entries(
         model_dir / "adapters.tar.gz",
-        [file_entry("a1/adapter_config.json", b"{}"), special_entry("a1/adapter_model.safetensors", tarfile.SYMTYPE, linkname="/etc/passwd")],
+        [
+            file_entry("a1/adapter_config.json", b"{}"),
+            special_entry("a1/adapter_model.safetensors", tarfile.SYMTYPE, linkname="/etc/passwd"),
+        ],
     )
 
     with pytest.raises(UnsafeSourceError, match=r"'a1/adapter_model\.safetensors'.*symbolic link"):

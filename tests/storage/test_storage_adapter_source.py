@@ -128,14 +128,20 @@ def test_local_archive_unpacks_into_the_cache_by_content(roots, tmp_path):
 
     first = resolve(archive, allowed, cache)
     assert first.is_relative_to(cache)
-    assert (first / "adapter_model.safetensors").read_bytes() == (tmp_path / "v1/a1/adapter_model.safetensors").read_bytes()
+    assert (first / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "v1/a1/adapter_model.safetensors"
+    ).read_bytes()
     assert resolve(archive, allowed, cache) == first
 
     tar_directory(archive, tmp_path / "v2" / "a1")  # new content, files at the top level
     second = resolve(archive, allowed, cache)
     assert second != first
-    assert (second / "adapter_model.safetensors").read_bytes() == (tmp_path / "v2/a1/adapter_model.safetensors").read_bytes()
-    assert (first / "adapter_model.safetensors").read_bytes() == (tmp_path / "v1/a1/adapter_model.safetensors").read_bytes()
+    assert (second / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "v2/a1/adapter_model.safetensors"
+    ).read_bytes()
+    assert (first / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "v1/a1/adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_local_archive_without_an_adapter_is_invalid_and_not_kept(roots):
@@ -180,15 +186,21 @@ def test_s3_directory_source_and_reregistration_with_new_content(s3, roots, tmp_
     src = f"s3://{BUCKET}/tenants/a1{trailing_slash}"
 
     first = resolve_adapter_source(src, allowed_roots=[], cache_dir=cache)
-    assert (first / "adapter_model.safetensors").read_bytes() == (tmp_path / "v1/adapter_model.safetensors").read_bytes()
+    assert (first / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "v1/adapter_model.safetensors"
+    ).read_bytes()
     assert resolve_adapter_source(src, allowed_roots=[], cache_dir=cache) == first
 
     upload_dir(s3, write_adapter(tmp_path / "v2", seed=2), "tenants/a1")
     second = resolve_adapter_source(src, allowed_roots=[], cache_dir=cache)
 
     assert second != first
-    assert (second / "adapter_model.safetensors").read_bytes() == (tmp_path / "v2/adapter_model.safetensors").read_bytes()
-    assert (first / "adapter_model.safetensors").read_bytes() == (tmp_path / "v1/adapter_model.safetensors").read_bytes()
+    assert (second / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "v2/adapter_model.safetensors"
+    ).read_bytes()
+    assert (first / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "v1/adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_s3_directory_without_adapter_is_invalid(s3, roots):
@@ -232,4 +244,3 @@ def test_good_adapter_names(name):
 def test_bad_adapter_names_are_refused(name, reason):
     with pytest.raises(InvalidAdapterError, match=reason):
         validate_adapter_name(name)
-

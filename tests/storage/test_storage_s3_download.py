@@ -84,7 +84,11 @@ def test_changed_object_is_downloaded_again_and_only_it(model_in_s3, tmp_path, c
     assert (model_dir / "generation_config.json").read_bytes() == b"{}"
     assert not (model_dir / "tokenizer/nested/special_tokens_map.json").exists()
     after = tree_snapshot(model_dir)
-    for unchanged in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "tokenizer/tokenizer.json"):
+    for unchanged in (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "tokenizer/tokenizer.json",
+    ):
         assert after[unchanged] == before[unchanged]
 
 
@@ -197,7 +201,9 @@ def test_missing_credentials_are_a_clear_access_error(s3, monkeypatch, tmp_path)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
 
-    with pytest.raises(SourceAccessDeniedError, match=r"cannot read s3://models-bucket/llama/: no usable AWS credentials"):
+    with pytest.raises(
+        SourceAccessDeniedError, match=r"cannot read s3://models-bucket/llama/: no usable AWS credentials"
+    ):
         download_s3_prefix("s3://models-bucket/llama", tmp_path)
 
 
@@ -222,7 +228,10 @@ def test_s3_error_answers_map_to_storage_errors(offline_client, code, status, ex
     answer = {"Error": {"Code": code, "Message": "from S3"}, "ResponseMetadata": {"HTTPStatusCode": status}}
     location = parse_s3_url("s3://models-bucket/llama/config.json")
 
-    with pytest.raises(expected, match=rf"s3://models-bucket/llama/config\.json.*{code}.*from S3") as raised:
-        with s3_errors_as_storage_errors(offline_client, location):
-            raise botocore.exceptions.ClientError(answer, "GetObject")
+    expected_message = rf"s3://models-bucket/llama/config\.json.*{code}.*from S3"
+    with (
+        pytest.raises(expected, match=expected_message) as raised,
+        s3_errors_as_storage_errors(offline_client, location),
+    ):
+        raise botocore.exceptions.ClientError(answer, "GetObject")
     assert type(raised.value) is expected
