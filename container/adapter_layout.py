@@ -81,7 +81,7 @@ def unpack_adapters_archive(
         if _stamped_digest(candidate) == digest:
             return candidate
     if in_model_dir.exists() and _stamped_digest(in_model_dir) is None:
-        raise StorageError(f"both {in_model_dir} and the adapters archive {archive} exist; keep only one of them")
+        raise StorageError(f"both {in_model_dir} and the adapters archive {archive_path} exist; keep only one of them")
 
     target, staging = in_model_dir, _staging_dir_beside(in_model_dir)
     if staging is None:

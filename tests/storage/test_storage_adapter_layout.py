@@ -163,6 +163,6 @@ def test_archive_beside_a_hand_made_adapters_dir_is_a_clear_error(tmp_path):
     adapters_tree(model_dir / "adapters", names=("mine",))
     tar_directory(model_dir / "adapters.tar.gz", adapters_tree(tmp_path / "src"))
 
-    with pytest.raises(StorageError, match="keep only one of them"):
+    with pytest.raises(StorageError, match=r"adapters and the adapters archive .*adapters\.tar\.gz exist; keep only"):
         unpack_adapters_archive(model_dir, cache_dir=tmp_path / "cache")
     assert list(discover_adapters(model_dir / "adapters")) == ["mine"]
