@@ -1,0 +1,17 @@
+"""LoRA ops for many unmerged adapters in one batch: Triton kernels on CUDA, a torch path elsewhere.
+
+See docs/KERNELS.md. Imports only torch (and triton, lazily, on the first CUDA call).
+"""
+
+from .layout import allocate_lora_buffers, is_rank_major
+from .metadata import LoraBatchMeta
+from .ops import add_lora, add_lora_packed, triton_available
+
+__all__ = [
+    "LoraBatchMeta",
+    "add_lora",
+    "add_lora_packed",
+    "allocate_lora_buffers",
+    "is_rank_major",
+    "triton_available",
+]
