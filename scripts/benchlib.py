@@ -1,0 +1,81 @@
+"""Shared by the benchmark scripts: the benchmark model, the workload, the machine's memory bandwidth."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from container.demo.random_model import save_random_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", REPO_ROOT / ".cache" / "bench"))
+
+# A Llama of about 50M parameters (hidden 512, 8 layers, vocab 32000), random weights.
+BENCH_MODEL_SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
+
+
+def bench_model_dir(name: str = "llama-50m", **shape) -> Path:
+    """Build (once, cached) the benchmark model directory."""
+    model_dir = BENCH_CACHE / name
+    if not (model_dir / "config.json").is_file():
+        save_random_model(model_dir, "llama", tokenizer_vocab_size=32000, init_std=0.02,
+                          **{**BENCH_MODEL_SHAPE, **shape})
+    return model_dir
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+
+
+def workload(num_requests: int = 64, min_len: int = 16, max_len: int = 128, seed: int = 0,
+             vocab_size: int = 18000) -> list[Request]:
+    """Prompt and output lengths drawn uniformly from min_len..max_len (outputs ignore eos)."""
+    rng = random.Random(seed)
+    return [
+        Request([rng.randrange(3, vocab_size) for _ in range(rng.randint(min_len, max_len))],
+                rng.randint(min_len, max_len))
+        for _ in range(num_requests)
+    ]
+
+
+def measure_memory_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of a large tensor copy (read + write), best of a few runs."""
+    source = torch.ones(size_mb * 1024 * 1024 // 4)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.numel() * 4 / best
+
+
+def model_weight_bytes(model_dir: Path) -> int:
+    return sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
+
+
+def machine_description() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    cells = [[str(h) for h in headers]] + [[_format(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    print("\n".join(lines))
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)

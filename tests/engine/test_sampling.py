@@ -1,0 +1,109 @@
+"""Per-request sampling: seeds, filters, penalties, stop strings and log-probs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from handler import Engine, SamplingParams
+from tests.engine.test_parity import random_prompts
+from tests.models import reference_greedy, reference_model
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    model_dir = tiny_models.get("llama", "llama")
+    return model_dir, Engine(model_dir, dtype="float32", max_rolling_batch_size=16)
+
+
+def test_same_seed_same_output_whatever_shares_the_batch(llama):
+    _, engine = llama
+    prompt = random_prompts(1, seed=10)[0]
+    seeded = SamplingParams(max_new_tokens=20, do_sample=True, temperature=1.3, top_p=0.95, seed=1234)
+    [alone] = engine.generate([prompt], seeded)
+    others = random_prompts(6, seed=11)
+    mixed = engine.generate(
+        others[:3] + [prompt] + others[3:],
+        [SamplingParams(max_new_tokens=25, do_sample=True, temperature=1.0)] * 3
+        + [seeded]
+        + [SamplingParams(max_new_tokens=9)] * 3,
+    )
+    assert mixed[3].token_ids == alone.token_ids
+    [other_seed] = engine.generate([prompt], SamplingParams(max_new_tokens=20, do_sample=True, temperature=1.3,
+                                                            top_p=0.95, seed=99))
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_sampling_degenerates_to_greedy(llama):
+    model_dir, engine = llama
+    prompt = random_prompts(1, seed=12)[0]
+    greedy = reference_greedy(model_dir, prompt, 15)
+    for params in (
+        SamplingParams(max_new_tokens=15, do_sample=True, top_k=1, seed=3),
+        SamplingParams(max_new_tokens=15, do_sample=True, temperature=0.0),
+        SamplingParams(max_new_tokens=15, do_sample=False, temperature=5.0),  # LMI: do_sample=false is greedy
+        SamplingParams(max_new_tokens=15, do_sample=True, top_p=1e-6, seed=4),
+    ):
+        assert engine.generate([prompt], params)[0].token_ids == greedy
+
+
+def test_top_k_only_draws_from_the_k_most_likely_tokens(llama):
+    model_dir, engine = llama
+    prompt = random_prompts(1, seed=13)[0]
+    [result] = engine.generate([prompt], SamplingParams(max_new_tokens=12, do_sample=True, top_k=3,
+                                                        temperature=5.0, seed=5))
+    reference = reference_model(model_dir)
+    ids = torch.tensor([prompt + result.token_ids])
+    logits = reference(ids).logits[0, len(prompt) - 1 : -1]
+    top3 = logits.topk(3, dim=-1).indices
+    assert all(token in top3[step].tolist() for step, token in enumerate(result.token_ids))
+    assert len(set(result.token_ids)) > 1
+
+
+def test_repetition_penalty_matches_transformers(llama):
+    model_dir, engine = llama
+    reference = reference_model(model_dir)
+    for prompt in random_prompts(2, seed=14):
+        [result] = engine.generate([prompt], SamplingParams(max_new_tokens=20, repetition_penalty=1.8))
+        ids = torch.tensor([prompt])
+        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                                      repetition_penalty=1.8, pad_token_id=2)[0, len(prompt):].tolist()
+        assert result.token_ids == expected
+        assert result.token_ids != reference_greedy(model_dir, prompt, 20)
+
+
+def test_log_probs_are_the_models_log_softmax(llama):
+    model_dir, engine = llama
+    prompt = random_prompts(1, seed=15)[0]
+    [result] = engine.generate([prompt], SamplingParams(max_new_tokens=10))
+    ids = torch.tensor([prompt + result.token_ids])
+    logits = reference_model(model_dir)(ids).logits[0, len(prompt) - 1 : -1].float()
+    expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(result.token_ids)[:, None]).squeeze(1)
+    assert torch.allclose(torch.tensor(result.log_probs), expected, atol=1e-4)
+
+
+def test_stop_sequence_ends_generation_and_is_not_returned(llama):
+    _, engine = llama
+    prompt = "the model answers the question"
+    [free] = engine.generate([prompt], SamplingParams(max_new_tokens=40, ignore_eos=True))
+    text = free.text
+    assert len(text) > 12
+    stop = text[8:11]
+    cut = text.find(stop)
+    [stopped] = engine.generate([prompt], SamplingParams(max_new_tokens=40, stop=["zzzz-never", stop]))
+    assert stopped.finish_reason.value == "stop_sequence"
+    assert stopped.text == text[:cut]
+    assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
+    assert len(stopped.token_ids) < 40
+
+
+def test_streamed_pieces_add_up_to_the_final_text(llama):
+    _, engine = llama
+    engine.add_request("stream", "hello world 中文 🚀", SamplingParams(max_new_tokens=30, stop=["\n\n"]))
+    pieces, finished = [], False
+    while not finished:
+        for output in engine.step():
+            pieces.extend(token.text for token in output.tokens)
+            finished = output.finished
+    [again] = engine.generate(["hello world 中文 🚀"], SamplingParams(max_new_tokens=30, stop=["\n\n"]))
+    assert "".join(pieces) == again.text
