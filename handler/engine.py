@@ -20,7 +20,9 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from handler.block_manager import BlockManager
 from handler.config import Config
-from handler.errors import ConfigError, InvalidRequestError, ModelLoadError
+from handler.errors import AdapterError, ConfigError, InvalidRequestError, LoraNotEnabledError, ModelLoadError
+from handler.lora.manager import AdapterInfo, LoraManager
+from handler.lora.peft_adapter import BaseModelShapes
 from handler.model_runner import ModelRunner, kv_bytes_per_token
 from handler.models import load_hf_config, load_model
 from handler.output_processor import RequestTextState
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Memory kept free on a GPU for activations and the sampler, beyond the KV cache.
 CUDA_ACTIVATION_RESERVE_BYTES = 2 * 1024**3
+IDLE_WAIT_SECONDS = 0.002
 
 
 @dataclass(slots=True)
@@ -77,12 +80,24 @@ class Engine:
         self.max_model_len = _resolve_max_model_len(config, self.model.max_position_embeddings)
         self.eos_token_ids = _eos_token_ids(model_dir, self.hf_config, self.tokenizer)
 
+        self.lora: LoraManager | None = None
+        if config.enable_lora:
+            self.lora = LoraManager(
+                BaseModelShapes(self.model.num_layers, self.model.lora_module_shapes(), self.hf_config.model_type),
+                max_loras=config.max_loras,
+                max_cpu_loras=config.cpu_lora_capacity,
+                max_rank=config.max_lora_rank,
+                max_wait_steps=config.max_adapter_wait_steps,
+                dtype=self.dtype,
+                device=self.device,
+            )
         num_blocks = config.num_kv_blocks or self._auto_num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.block_manager,
             max_running=config.max_rolling_batch_size,
             max_batched_tokens=max(config.max_num_batched_tokens, config.max_rolling_batch_size),
+            gate=self.lora,
         )
         self.runner = ModelRunner(self.model, self.block_manager)
         logger.info(
@@ -102,6 +117,8 @@ class Engine:
         self._generated_tokens = 0
         self._prompt_tokens = 0
         self._preemptions = 0
+        if self.lora is not None:
+            self._register_model_dir_adapters()
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -115,11 +132,16 @@ class Engine:
         """Queue a request; raises InvalidRequestError (with the reason) if it can never be served."""
         params = params or SamplingParams()
         params.validate()
+        adapter_version = None
         if adapter:
-            raise InvalidRequestError(f"Adapter {adapter} is not registered (LoRA is not enabled)")
+            if self.lora is None:
+                raise LoraNotEnabledError(f"Adapter {adapter} cannot be used: LoRA is not enabled "
+                                          "(option.enable_lora=false)")
+            adapter_version = self.lora.resolve(adapter)
         prompt_token_ids = self.tokenize(prompt)
         self._check_fits(prompt_token_ids, params)
-        seq = Sequence(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params, adapter=None)
+        seq = Sequence(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params,
+                       adapter=adapter or None, adapter_version=adapter_version)
         with self._lock:
             if request_id in self._sequences:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -179,15 +201,23 @@ class Engine:
         """Admit queued requests, run one forward pass, and report every request that progressed."""
         outputs: list[RequestOutput] = []
         self._take_queued(outputs)
+        if self.lora is not None:
+            for seq, message in self.lora.take_failed(self.scheduler.waiting):
+                outputs.append(self._finish(seq, FinishReason.ERROR, error=message))
+            self.lora.prefetch(self.scheduler.waiting)
         step = self.scheduler.schedule()
         self._preemptions += len(step.preempted)
         if step.is_empty:
+            if self.scheduler.waiting and not outputs:
+                # Everything waits on an adapter load: yield the CPU to the loader instead of spinning.
+                time.sleep(IDLE_WAIT_SECONDS)
             return outputs
         self._steps += 1
         self._prompt_tokens += sum(seq.num_tokens for seq in step.prefill_seqs if not seq.output_token_ids)
         seqs = step.seqs
         try:
-            token_ids, log_probs = self.runner.execute(step)
+            lora_step = self.lora.step_applier(step) if self.lora is not None else None
+            token_ids, log_probs = self.runner.execute(step, lora_step)
         except Exception as error:  # a failed forward must not take the engine (or other steps) down
             logger.exception("forward pass failed for %d sequences", len(seqs))
             for seq in seqs:
@@ -196,6 +226,8 @@ class Engine:
         for seq, token_id, log_prob in zip(seqs, token_ids, log_probs):
             token, finish = self._text_states[seq.request_id].process(seq, token_id, log_prob)
             self._generated_tokens += 1
+            if self.lora is not None:
+                self.lora.record_token(seq)
             if finish is None:
                 outputs.append(RequestOutput(seq.request_id, [token], finished=False))
             else:
@@ -269,6 +301,41 @@ class Engine:
                     result.error = output.error
                     pending.discard(output.request_id)
         return [results[request_id] for request_id in request_ids]
+
+    # ---- adapters -----------------------------------------------------------------------------------
+
+    def register_adapter(self, name: str, path: str | Path, *, pin: bool = False, preload: bool = True) -> AdapterInfo:
+        """Check and register a PEFT LoRA adapter directory; InvalidAdapterError says why one is refused."""
+        return self._require_lora().register(name, path, pin=pin, preload=preload)
+
+    def update_adapter(self, name: str, path: str | Path | None = None, *, pin: bool | None = None) -> AdapterInfo:
+        return self._require_lora().update(name, path, pin=pin)
+
+    def unregister_adapter(self, name: str) -> None:
+        """New requests for `name` are refused from now on; requests already accepted finish."""
+        self._require_lora().unregister(name)
+
+    def get_adapter(self, name: str) -> AdapterInfo:
+        return self._require_lora().info(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self._require_lora().list()
+
+    def _require_lora(self) -> LoraManager:
+        if self.lora is None:
+            raise LoraNotEnabledError("LoRA is not enabled (set option.enable_lora=true)")
+        return self.lora
+
+    def _register_model_dir_adapters(self) -> None:
+        """Every `<model_dir>/adapters/<name>/` with an adapter_config.json registers as `<name>`."""
+        adapters_dir = self.model_dir / "adapters"
+        if not adapters_dir.is_dir():
+            return
+        for adapter_dir in sorted(p for p in adapters_dir.iterdir() if (p / "adapter_config.json").is_file()):
+            try:
+                self.lora.register(adapter_dir.name, adapter_dir, preload=False)
+            except AdapterError as error:  # one bad adapter must not stop the others or the server
+                logger.error("not registering %s: %s", adapter_dir, error)
 
     # ---- introspection ------------------------------------------------------------------------------
 

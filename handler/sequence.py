@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from handler.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from handler.lora.peft_adapter import AdapterVersion
 
 DEFAULT_MAX_NEW_TOKENS = 30  # LMI's default
 
@@ -83,6 +87,8 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None = None
+    # The registered content this request was accepted with; it keeps it even if the name is re-registered.
+    adapter_version: "AdapterVersion | None" = None
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_log_probs: list[float] = field(default_factory=list)

@@ -1,0 +1,77 @@
+"""The device tier: `max_loras` preallocated slots per layer and projection, written in place.
+
+Buffers have fixed addresses for the engine's lifetime (safe to capture in CUDA graphs later); loading an
+adapter into a slot copies its weights into the slot's rows and records its real rank per module, which
+is all the kernels look at (rows past the rank are never read).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from handler.lora.peft_adapter import SERVABLE_MODULES, AdapterWeights
+from handler.models import LORA_GROUPS
+
+MODULE_INDEX = {module: index for index, module in enumerate(SERVABLE_MODULES)}
+
+
+class DeviceSlots:
+    def __init__(
+        self,
+        num_slots: int,
+        max_rank: int,
+        num_layers: int,
+        module_shapes: dict[str, tuple[int, int]],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_slots = num_slots
+        self.device = device
+        # buffers[layer][module] = (lora_a [S, R, in], lora_b [S, out, R])
+        self.buffers = [
+            {
+                module: kernels.allocate_lora_buffers(num_slots, max_rank, *module_shapes[module], dtype=dtype,
+                                                      device=device)
+                for module in SERVABLE_MODULES
+            }
+            for _ in range(num_layers)
+        ]
+        # ranks[layer, module, slot]: the adapter's real rank there; 0 = slot empty or module not targeted.
+        self.ranks = torch.zeros(num_layers, len(SERVABLE_MODULES), num_slots, dtype=torch.int32, device=device)
+        # What the layers pass to kernels.add_lora_packed, per layer and projection group.
+        self.group_args = [
+            {
+                group: (
+                    tuple(self.buffers[layer][m][0] for m in modules),
+                    tuple(self.buffers[layer][m][1] for m in modules),
+                    tuple(self.ranks[layer, MODULE_INDEX[m]] for m in modules),
+                )
+                for group, modules in LORA_GROUPS.items()
+            }
+            for layer in range(num_layers)
+        ]
+        self.owner: list[str | None] = [None] * num_slots  # content hash held by each slot
+
+    def write(self, slot: int, weights: AdapterWeights) -> None:
+        ranks = torch.zeros(self.ranks.shape[:2], dtype=torch.int32)
+        for (layer, module), lora in weights.modules.items():
+            rank = lora.a.shape[0]
+            lora_a, lora_b = self.buffers[layer][module]
+            lora_a[slot, :rank].copy_(lora.a, non_blocking=True)
+            lora_b[slot, :, :rank].copy_(lora.b, non_blocking=True)
+            ranks[layer, MODULE_INDEX[module]] = rank
+        self.ranks[:, :, slot].copy_(ranks)
+        self.owner[slot] = weights.version.content_hash
+
+    def clear(self, slot: int) -> None:
+        self.ranks[:, :, slot] = 0
+        self.owner[slot] = None
+
+    def groups_in_use(self, slots: set[int]) -> set[str]:
+        """Projection groups that some adapter in `slots` targets; the others need no LoRA call this step."""
+        if not slots:
+            return set()
+        used = self.ranks[:, :, sorted(slots)].amax(dim=(0, 2)).tolist()
+        targeted = {module for module, rank in zip(SERVABLE_MODULES, used) if rank > 0}
+        return {group for group, modules in LORA_GROUPS.items() if targeted.intersection(modules)}
