@@ -305,12 +305,13 @@ class LoraManager:
         version = seq.adapter_version
         if version is None:
             return True
+        if self._starving_order is not None and seq.arrival_order > self._starving_order:
+            # Even a resident adapter waits: its running sequences must drain for the starving one's slot.
+            return self._hold(seq, waiting_for_slot=False)
         slot = self._slot_of.get(version.content_hash)
         if slot is not None:
             self._use(slot)
             return True
-        if self._starving_order is not None and seq.arrival_order > self._starving_order:
-            return self._hold(seq, waiting_for_slot=False)
         weights = self.host.get(version.content_hash)
         if weights is None:
             return self._hold(seq, waiting_for_slot=False)  # prefetch() is loading it
