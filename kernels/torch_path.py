@@ -1,68 +1,145 @@
 """The pure-torch LoRA path: CPU tensors, and CUDA when Triton is absent or the torch path is forced.
 
 Each segment (the tokens of one slot) takes one of two routes, decided once per step:
-- a segment of at least SEGMENT_MIN_TOKENS tokens (a prefill) is one GEMM pair at the slot's real
-  rank; when its tokens are consecutive in the batch (a prefill, or any segment once the engine
-  orders sequences by slot) the rows are a slice of x and y: no gather, no scatter;
+- a long segment (a prefill) is one GEMM pair at the slot's real rank; when its tokens are
+  consecutive in the batch (a prefill, or any segment once the engine orders sequences by slot)
+  its rows are slices of x and y: no gather, no scatter;
 - all other tokens (decode: one or a few tokens per slot) share two embedding_bag calls that read
   only each token's own weight rows. A Python loop over ~32 slots spends more on op dispatch than
   on math, and gathering per-token [T, R, H] weight copies spends more on memory traffic: both
   measured slower (docs/BENCHMARKS.md). This route needs the rank-major layout (kernels/layout.py);
   other layouts send every segment down the GEMM route, which is correct but slower for decode.
-The slot ranks are read on the host (free on CPU; one sync per call on CUDA, where this path is
-only the baseline and the fallback).
+Per call the only host work is a dictionary lookup: the routes and index tensors are built once
+per step for each (hidden size, R_max, slot ranks) and shared by all modules that match. The slot
+ranks are read on the host (free on CPU; one sync per call on CUDA, where this path is only the
+baseline and the fallback).
 """
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 
 from .layout import is_rank_major
 from .metadata import LoraBatchMeta
 
-# Measured on 2 CPU cores at hidden 512 (scripts/bench_kernels.py --device cpu): below this many
-# tokens per slot the per-segment GEMM pair loses to the shared embedding_bag route.
-SEGMENT_MIN_TOKENS = 16
+# When a segment takes the GEMM route, in tokens x hidden features: the GEMM pair's cost is
+# roughly fixed while the bags' grows with tokens x H (the shrink reads H rows per token).
+# Crossovers measured on 2 CPU cores at H = 512 and 1376 (scripts/bench_kernels.py --device cpu,
+# "routes" table); a gathered segment also pays a gather and a scatter, so it switches much later.
+GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE = 8_192
+GEMM_MIN_TOKEN_FEATURES_GATHERED = 65_536
+_EMBEDDING_BAG_SUM = 0  # torch.embedding_bag's mode code for "sum"
+_MODULE_CACHE_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class _ModuleViews:
+    """Views of one module's slot buffers, made once: building them costs more than the math at decode."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    rank_major: bool
+    a_rows: torch.Tensor | None  # [S * H, R_max]: row (s, h) holds lora_a[s, :, h]
+    b_rows: torch.Tensor | None  # [S * R_max, O]: row (s, j) holds lora_b[s, :, j]
+
+
+@dataclass(frozen=True)
+class _GemmSegment:
+    rank: int
+    slot: int
+    rows: slice | None  # the segment's tokens when they are consecutive in the batch
+    token_ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _BagPlan:
+    """The embedding_bag route for one step and one (H, R_max, slot ranks)."""
+
+    token_ids: torch.Tensor | None  # None: every token of the batch, in batch order
+    shrink_rows: torch.Tensor  # [n * H]: row s_t * H + h, bag t = the H features of token t
+    shrink_offsets: torch.Tensor  # [n]
+    expand_rows: torch.Tensor  # [sum r_t]: row s_t * R_max + j, j < r_t
+    expand_offsets: torch.Tensor  # [n]
+    shrunk_positions: torch.Tensor  # [sum r_t]: t * R_max + j, where expand's weights sit in shrunk
+
+
+_module_views: dict = {}
 
 
 def add_lora_torch(y, x, lora_a, lora_b, slot_ranks, meta: LoraBatchMeta) -> None:
     """y[t] += x[t] @ lora_a[s, :r].T @ lora_b[s, :, :r].T for every token with a slot; in place."""
     if meta.num_lora_tokens == 0:
         return
+    views = _views(lora_a, lora_b)
     ranks = slot_ranks.tolist()
-    rank_major = is_rank_major(lora_a, lora_b)
-    gemm_segments, bag_tokens = _cached(meta, ("routes", rank_major), lambda: _split_routes(meta, rank_major))
-    for slot, first_token, token_ids in gemm_segments:
-        rank = ranks[slot]
-        if rank == 0:
-            continue
-        a = lora_a[slot, :rank]  # [r, H]
-        b = lora_b[slot, :, :rank]  # [O, r]
-        if first_token >= 0:
-            rows = slice(first_token, first_token + token_ids.shape[0])
-            y[rows].addmm_(x[rows] @ a.T, b.T)
+    plan_key = (x.shape[1], lora_a.shape[1], views.rank_major, tuple(ranks))
+    plan = meta.plan_cache.get(plan_key)
+    if plan is None:
+        plan = meta.plan_cache[plan_key] = _plan(meta, x.shape[1], lora_a.shape[1], views.rank_major, ranks)
+    gemm_segments, bag = plan
+
+    for segment in gemm_segments:
+        a = lora_a[segment.slot, : segment.rank]  # [r, H]
+        b = lora_b[segment.slot, :, : segment.rank]  # [O, r]
+        if segment.rows is not None:
+            y[segment.rows].addmm_(x[segment.rows] @ a.T, b.T)
         else:
-            shrunk = x.index_select(0, token_ids) @ a.T
-            y.index_add_(0, token_ids, shrunk @ b.T)
-    if bag_tokens is not None:
-        _add_lora_embedding_bag(y, x, lora_a, lora_b, ranks, bag_tokens, meta)
+            shrunk = x.index_select(0, segment.token_ids) @ a.T
+            y.index_add_(0, segment.token_ids, shrunk @ b.T)
+
+    if bag is not None:
+        xs = x if bag.token_ids is None else x.index_select(0, bag.token_ids)
+        # torch.embedding_bag, not F.embedding_bag: the wrapper's checks cost ~20 us a call, more
+        # than the lookup itself at decode sizes.
+        # shrunk[t, j] = sum_h x[t, h] * lora_a[s_t, j, h]; columns j >= r_t hold padding, never read.
+        shrunk = torch.embedding_bag(
+            views.a_rows, bag.shrink_rows, bag.shrink_offsets, False, _EMBEDDING_BAG_SUM, False, xs.reshape(-1)
+        )[0]
+        # delta[t] = sum_{j < r_t} shrunk[t, j] * lora_b[s_t, :, j]: a bag of exactly r_t rows.
+        delta = torch.embedding_bag(
+            views.b_rows,
+            bag.expand_rows,
+            bag.expand_offsets,
+            False,
+            _EMBEDDING_BAG_SUM,
+            False,
+            shrunk.view(-1).index_select(0, bag.shrunk_positions),
+        )[0]
+        if bag.token_ids is None:
+            y.add_(delta)
+        else:
+            y.index_add_(0, bag.token_ids, delta)
 
 
-class _BagTokens:
-    """The tokens that take the embedding_bag route, in batch order."""
+def _views(lora_a, lora_b) -> _ModuleViews:
+    # Keyed by object identity; the entry holds both tensors, so their ids cannot be reused by
+    # other tensors while it exists.
+    key = (id(lora_a), id(lora_b))
+    views = _module_views.get(key)
+    if views is not None and views.lora_a is lora_a and views.lora_b is lora_b:
+        return views
+    if len(_module_views) >= _MODULE_CACHE_LIMIT:
+        _module_views.clear()
+    num_slots, max_rank, hidden = lora_a.shape
+    rank_major = is_rank_major(lora_a, lora_b)
+    a_rows = lora_a.transpose(1, 2).view(num_slots * hidden, max_rank) if rank_major else None
+    b_rows = lora_b.transpose(1, 2).view(num_slots * max_rank, lora_b.shape[1]) if rank_major else None
+    views = _module_views[key] = _ModuleViews(lora_a, lora_b, rank_major, a_rows, b_rows)
+    return views
 
-    def __init__(self, token_ids: torch.Tensor, slots: torch.Tensor, is_whole_batch: bool):
-        self.token_ids = token_ids  # [n] int64
-        self.slots = slots  # [n] int64
-        self.is_whole_batch = is_whole_batch  # then x and y are used as they are
 
-
-def _split_routes(meta: LoraBatchMeta, rank_major: bool):
+def _plan(meta: LoraBatchMeta, hidden: int, max_rank: int, rank_major: bool, ranks: list[int]):
     gemm_segments, bag_ids, bag_slots = [], [], []
     segments = zip(meta.active_slots, meta.segment_starts, meta.segment_counts, meta.segment_first_tokens)
     for slot, start, count, first_token in segments:
+        if ranks[slot] == 0:
+            continue  # this slot's adapter does not target the module
         token_ids = meta.sorted_token_ids[start : start + count]
-        if count >= SEGMENT_MIN_TOKENS or not rank_major:
-            gemm_segments.append((slot, first_token, token_ids))
+        consecutive = first_token >= 0
+        gemm_threshold = GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE if consecutive else GEMM_MIN_TOKEN_FEATURES_GATHERED
+        if count * hidden >= gemm_threshold or not rank_major:
+            rows = slice(first_token, first_token + count) if consecutive else None
+            gemm_segments.append(_GemmSegment(ranks[slot], slot, rows, token_ids))
         else:
             bag_ids.append(token_ids)
             bag_slots.append(torch.full((count,), slot, dtype=torch.int64, device=meta.device))
@@ -70,58 +147,26 @@ def _split_routes(meta: LoraBatchMeta, rank_major: bool):
         return gemm_segments, None
     token_ids, order = torch.sort(torch.cat(bag_ids))
     slots = torch.cat(bag_slots)[order]
-    return gemm_segments, _BagTokens(token_ids, slots, is_whole_batch=token_ids.shape[0] == meta.num_tokens)
+    is_whole_batch = token_ids.shape[0] == meta.num_tokens
+    return gemm_segments, _bag_plan(None if is_whole_batch else token_ids, slots, hidden, max_rank, ranks)
 
 
-def _add_lora_embedding_bag(y, x, lora_a, lora_b, ranks, bag: _BagTokens, meta: LoraBatchMeta):
-    num_slots, max_rank, hidden = lora_a.shape
-    out_features = lora_b.shape[1]
-    # Rank-major storage makes these plain views: rows of R_max rank entries per (slot, feature),
-    # and rows of O outputs per (slot, rank).
-    a_rows = lora_a.transpose(1, 2).reshape(num_slots * hidden, max_rank)
-    b_rows = lora_b.transpose(1, 2).reshape(num_slots * max_rank, out_features)
+def _bag_plan(token_ids, slots: torch.Tensor, hidden: int, max_rank: int, ranks: list[int]) -> _BagPlan:
+    device = slots.device
+    num_tokens = slots.shape[0]
+    features = torch.arange(hidden, dtype=torch.int64, device=device)
+    shrink_rows = (slots[:, None] * hidden + features).reshape(-1)
+    shrink_offsets = torch.arange(0, num_tokens * hidden, hidden, dtype=torch.int64, device=device)
 
-    shrink_rows = _cached(meta, ("shrink_rows", hidden), lambda: _shrink_rows(bag.slots, hidden))
-    expand_rows, expand_offsets, shrunk_positions = _cached(
-        meta, ("expand_rows", max_rank, tuple(ranks)), lambda: _expand_rows(bag.slots, ranks, max_rank)
+    token_ranks = torch.tensor(ranks, dtype=torch.int64, device=device)[slots]
+    expand_offsets = torch.cumsum(token_ranks, 0) - token_ranks
+    token_of_entry = torch.repeat_interleave(torch.arange(num_tokens, device=device), token_ranks)
+    rank_of_entry = torch.arange(token_of_entry.shape[0], device=device) - expand_offsets[token_of_entry]
+    return _BagPlan(
+        token_ids=token_ids,
+        shrink_rows=shrink_rows,
+        shrink_offsets=shrink_offsets,
+        expand_rows=slots[token_of_entry] * max_rank + rank_of_entry,
+        expand_offsets=expand_offsets,
+        shrunk_positions=token_of_entry * max_rank + rank_of_entry,
     )
-
-    xs = x.contiguous() if bag.is_whole_batch else x.index_select(0, bag.token_ids)
-    # shrunk[t, j] = sum_h x[t, h] * lora_a[s_t, j, h]; columns j >= rank hold padding, never read.
-    shrunk = F.embedding_bag(shrink_rows, a_rows, mode="sum", per_sample_weights=xs)  # [n, R_max]
-    # delta[t] = sum_{j < r_t} shrunk[t, j] * lora_b[s_t, :, j]: a bag of exactly r_t rows per token.
-    delta = F.embedding_bag(
-        expand_rows,
-        b_rows,
-        expand_offsets,
-        mode="sum",
-        per_sample_weights=shrunk.view(-1).index_select(0, shrunk_positions),
-    )  # [n, O]
-    if bag.is_whole_batch:
-        y.add_(delta)
-    else:
-        y.index_add_(0, bag.token_ids, delta)
-
-
-def _cached(meta: LoraBatchMeta, key, compute):
-    if key not in meta.plan_cache:
-        meta.plan_cache[key] = compute()
-    return meta.plan_cache[key]
-
-
-def _shrink_rows(slots: torch.Tensor, hidden: int) -> torch.Tensor:
-    """Row (s_t * H + h) of the [S * H, R_max] view for every token t and feature h: [n, H]."""
-    features = torch.arange(hidden, dtype=torch.int64, device=slots.device)
-    return slots[:, None] * hidden + features
-
-
-def _expand_rows(slots: torch.Tensor, ranks: list[int], max_rank: int):
-    """Per token, the r_t rows (s_t * R_max + j) of the [S * R_max, O] view, as one bag each."""
-    token_ranks = torch.tensor(ranks, dtype=torch.int64, device=slots.device)[slots]  # [n]
-    bag_ends = torch.cumsum(token_ranks, 0)
-    bag_starts = bag_ends - token_ranks
-    token_of_entry = torch.repeat_interleave(torch.arange(slots.shape[0], device=slots.device), token_ranks)
-    rank_of_entry = torch.arange(token_of_entry.shape[0], device=slots.device) - bag_starts[token_of_entry]
-    rows = slots[token_of_entry] * max_rank + rank_of_entry
-    shrunk_positions = token_of_entry * max_rank + rank_of_entry
-    return rows, bag_starts, shrunk_positions

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import torch_path
 from tests.kernels.lora_checks import SPECIAL_CHECKS, check_matches_reference, torch_cases, triton_checks
 from tests.kernels.lora_kernel_cases import Case, make_batch
 
@@ -17,6 +18,15 @@ TRITON_CHECKS = triton_checks(ON_GPU)
 
 @pytest.mark.parametrize("case", torch_cases(), ids=str)
 def test_torch_path_matches_reference(case):
+    check_matches_reference(case, "torch", "cpu")
+
+
+@pytest.mark.parametrize("case", [case for case in torch_cases() if case.tokens > 1], ids=str)
+def test_torch_path_with_gemm_route_for_segments_of_a_few_tokens(case, monkeypatch):
+    # At test sizes every segment would take the embedding_bag route; lower the thresholds so the
+    # GEMM route (consecutive and gathered) runs too, alone and beside the bags in one call.
+    monkeypatch.setattr(torch_path, "GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE", 300)
+    monkeypatch.setattr(torch_path, "GEMM_MIN_TOKEN_FEATURES_GATHERED", 300)
     check_matches_reference(case, "torch", "cpu")
 
 
