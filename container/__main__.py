@@ -1,0 +1,5 @@
+import sys
+
+from container.serve import main
+
+sys.exit(main())

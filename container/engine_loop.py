@@ -1,0 +1,134 @@
+"""The bridge between the engine, which one thread must step, and the asyncio server.
+
+The engine thread steps while any request is unfinished and sleeps on an event otherwise. Each step's
+outputs are handed to the event loop in one call, which puts each on the queue of the request it belongs
+to. A `RequestStream` is that queue seen from the server; aborting it (the client left, the response
+failed) aborts the request in the engine at its next step, which frees its KV blocks and batch slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+
+from handler import Engine, RequestOutput, SamplingParams
+from handler.errors import AdapterNotFoundError, InvalidRequestError
+from handler.sequence import FinishReason
+
+logger = logging.getLogger(__name__)
+
+# How long the idle engine thread sleeps between checks for a stop request.
+IDLE_WAIT_SECONDS = 0.5
+# A step that produced nothing (every waiting request waits for its adapter to load) is retried after
+# this long rather than in a busy loop.
+NOTHING_RAN_WAIT_SECONDS = 0.002
+
+
+class RequestStream:
+    """The outputs of one engine request, in order, ending with the finished one."""
+
+    def __init__(self, engine_loop: EngineLoop, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
+        self.request_id = request_id
+        self._engine_loop = engine_loop
+        self._queue = queue
+        self._finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        output = await self._queue.get()
+        self._finished = output.finished
+        return output
+
+    def abort(self) -> None:
+        """Stop the request if it is still running; safe to call at any time, any number of times."""
+        if not self._finished:
+            self._finished = True
+            self._engine_loop._abort(self.request_id)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, event_loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self._event_loop = event_loop
+        # Touched only on the event loop's thread.
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    async def submit(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None) -> RequestStream:
+        """Queue a request and return its stream; raises the engine's error if the request is refused."""
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[request_id] = queue
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params, adapter)
+        except AdapterNotFoundError as error:
+            # In a generation request an unknown adapter is a bad argument (400), not a missing resource.
+            del self._queues[request_id]
+            raise InvalidRequestError(str(error)) from None
+        except BaseException:
+            del self._queues[request_id]
+            raise
+        self._wake.set()
+        return RequestStream(self, request_id, queue)
+
+    def _abort(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    # ---- the engine thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(IDLE_WAIT_SECONDS)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # keep serving: fail what is in flight, not the process
+                logger.exception("engine step failed")
+                self._event_loop.call_soon_threadsafe(self._fail_all, f"internal error: {error}")
+                continue
+            if outputs:
+                self._event_loop.call_soon_threadsafe(self._dispatch, outputs)
+            else:
+                self._wake.wait(NOTHING_RAN_WAIT_SECONDS)
+                self._wake.clear()
+
+    # ---- back on the event loop ---------------------------------------------------------------------
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            queue = self._queues.get(output.request_id)
+            if queue is None:  # aborted by its client while this step ran
+                continue
+            if output.finished:
+                del self._queues[output.request_id]
+            queue.put_nowait(output)
+
+    def _fail_all(self, message: str) -> None:
+        for request_id, queue in list(self._queues.items()):
+            queue.put_nowait(RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ERROR,
+                                           error=message))
+            self._abort(request_id)

@@ -1,0 +1,56 @@
+"""What the routes work with once the model is loaded, and the request helpers they share."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from container.adapter_manager import AdapterManager
+from container.engine_loop import EngineLoop
+from container.generation import GenerationRunner
+from container.http_errors import ServiceUnavailableError
+from container.metrics import ServerMetrics
+from handler import Config, Engine
+from handler.errors import InvalidRequestError
+
+
+@dataclass
+class Runtime:
+    config: Config
+    engine: Engine
+    engine_loop: EngineLoop
+    runner: GenerationRunner
+    adapters: AdapterManager
+    # The base model's name in the OpenAI `model` field and /v1/models.
+    model_name: str
+
+
+@dataclass
+class ServerState:
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    runtime: Runtime | None = None
+    startup_error: str | None = None
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def require_runtime(request: Request) -> Runtime:
+    state = server_state(request)
+    if state.runtime is None:
+        raise ServiceUnavailableError(state.startup_error or "the model is still loading")
+    return state.runtime
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if not body.strip():
+        raise InvalidRequestError("the request body is empty: send a JSON object")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequestError(f"the request body is not valid JSON: {error}") from None
