@@ -1,0 +1,167 @@
+"""Multi-LoRA throughput: our engine with N adapters against itself on the base model and against PEFT.
+
+Same model and workload as bench_engine.py (64 requests, prompt and output lengths 16..128, eos ignored).
+Adapters of rank 8 and 16 on all seven projections; each request's adapter is drawn Zipf(1.0) from N.
+  (a) our engine with LoRA, (b) our engine on the base model alone, (c) PEFT with all N adapters loaded,
+  generating static batches of the same size with `adapter_names` (PEFT's mixed-batch inference).
+Then the time to first token of a request whose adapter is on disk only, next to one whose adapter is
+resident in a device slot.
+
+    .venv/bin/python scripts/bench_lora.py [--adapters 1 8 64 512] [--peft-max 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import BENCH_CACHE, bench_model_dir, machine_description, print_table, workload  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from handler import Engine, SamplingParams  # noqa: E402
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapters(model_dir: Path, count: int) -> list[Path]:
+    """PEFT-format adapters (adapter_config.json + adapter_model.safetensors with PEFT's tensor names),
+    ranks alternating 8 and 16, random weights; built once and cached."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+
+    root = BENCH_CACHE / f"{model_dir.name}-adapters"
+    paths = [root / f"adapter-{index:03d}" for index in range(count)]
+    missing = [p for p in paths if not (p / "adapter_model.safetensors").is_file()]
+    if not missing:
+        return paths
+    templates = {}
+    for rank in (8, 16):
+        # PEFT writes one adapter of each rank; the others reuse its config and tensor names.
+        template_dir = root / f"template-r{rank}"
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
+        get_peft_model(base, config).save_pretrained(str(template_dir))
+        with safe_open(str(template_dir / "adapter_model.safetensors"), framework="pt") as handle:
+            shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+        templates[rank] = (shapes, json.loads((template_dir / "adapter_config.json").read_text()))
+    for path in missing:
+        index = int(path.name.split("-")[1])
+        rank = 8 if index % 2 == 0 else 16
+        shapes, config = templates[rank]
+        generator = torch.Generator().manual_seed(index)
+        tensors = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (path / "adapter_config.json").write_text(json.dumps(config))
+    return paths
+
+
+def zipf_choices(count: int, num_adapters: int, seed: int = 1) -> list[int]:
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 1) for rank in range(num_adapters)]
+    return rng.choices(range(num_adapters), weights=weights, k=count)
+
+
+def engine_run(engine: Engine, requests, adapter_names) -> float:
+    params = [SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True) for r in requests]
+    started = time.perf_counter()
+    results = engine.generate([r.prompt_ids for r in requests], params, adapter_names)
+    elapsed = time.perf_counter() - started
+    assert all(result.finish_reason.value == "length" for result in results), [r.error for r in results][:3]
+    return sum(len(result.token_ids) for result in results) / elapsed
+
+
+def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batch_size: int) -> float:
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_paths[0]), adapter_name="a0")
+    for index, path in enumerate(adapter_paths[1:], start=1):
+        model.load_adapter(str(path), adapter_name=f"a{index}")
+    model.eval()
+    pad = base.config.pad_token_id
+    model.generation_config.eos_token_id = None
+    useful = 0
+    started = time.perf_counter()
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start : start + batch_size]
+        names = [f"a{choices[start + i]}" for i in range(len(batch))]
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
+        mask = (ids != pad).long()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, do_sample=False,
+                           max_new_tokens=max(r.max_new_tokens for r in batch), pad_token_id=pad)
+        useful += sum(r.max_new_tokens for r in batch)
+    return useful / (time.perf_counter() - started)
+
+
+def time_to_first_token(engine: Engine, prompt_ids, adapter: str) -> float:
+    engine.add_request(f"ttft-{adapter}", prompt_ids, SamplingParams(max_new_tokens=1, ignore_eos=True),
+                       adapter=adapter)
+    started = time.perf_counter()
+    while True:
+        if any(out.tokens for out in engine.step()):
+            return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64, 512])
+    parser.add_argument("--peft-max", type=int, default=64, help="skip PEFT above this many adapters")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-loras", type=int, default=32)
+    parser.add_argument("--max-cpu-loras", type=int, default=128)
+    args = parser.parse_args()
+
+    model_dir = bench_model_dir()
+    requests = workload(args.requests)
+    all_paths = make_adapters(model_dir, max(args.adapters))
+    engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=args.batch_size, enable_lora=True,
+                    max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=16)
+    engine.generate([requests[0].prompt_ids], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    base_throughput = engine_run(engine, requests, None)
+
+    rows = []
+    for count in args.adapters:
+        for name in [info.name for info in engine.list_adapters()]:
+            engine.unregister_adapter(name)
+        for index, path in enumerate(all_paths[:count]):
+            engine.register_adapter(f"a{index}", path, preload=False)
+        choices = zipf_choices(len(requests), count)
+        lora_throughput = engine_run(engine, requests, [f"a{c}" for c in choices])
+        peft_throughput = (peft_run(model_dir, all_paths[:count], requests, choices, args.batch_size)
+                           if count <= args.peft_max else None)
+        rows.append([count, len(set(choices)), lora_throughput, base_throughput, lora_throughput / base_throughput,
+                     peft_throughput if peft_throughput else "skipped",
+                     lora_throughput / peft_throughput if peft_throughput else ""])
+
+    # Time to first token: an adapter on disk only, next to one resident in a device slot.
+    probe = requests[1].prompt_ids
+    resident = "a0"
+    engine.generate([probe], SamplingParams(max_new_tokens=1), [resident])
+    engine.register_adapter("cold-probe", all_paths[-1], preload=False)
+    cold = time_to_first_token(engine, probe, "cold-probe")
+    warm = time_to_first_token(engine, probe, resident)
+
+    print(f"# bench_lora: {machine_description()}")
+    print(f"# {args.requests} requests, batch size {args.batch_size}, max_loras {args.max_loras}, "
+          f"max_cpu_loras {args.max_cpu_loras}; adapters rank 8/16 on all 7 projections, Zipf(1.0)")
+    print_table(["adapters N", "distinct used", "(a) LoRA tok/s", "(b) base tok/s", "(a)/(b)", "(c) PEFT tok/s",
+                 "(a)/(c)"], rows)
+    print()
+    print_table(["time to first token", "ms"], [["adapter on disk only", cold * 1e3],
+                                                 ["adapter resident in a slot", warm * 1e3]])
+
+
+if __name__ == "__main__":
+    main()
