@@ -15,6 +15,7 @@ ranks are read on the host (free on CPU; one sync per call on CUDA, where this p
 baseline and the fallback).
 """
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +30,14 @@ from .metadata import LoraBatchMeta
 GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE = 8_192
 GEMM_MIN_TOKEN_FEATURES_GATHERED = 65_536
 _EMBEDDING_BAG_SUM = 0  # torch.embedding_bag's mode code for "sum"
-_MODULE_CACHE_LIMIT = 4096
 
 
 @dataclass(frozen=True)
 class _ModuleViews:
     """Views of one module's slot buffers, made once: building them costs more than the math at decode."""
 
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
+    lora_a: weakref.ref
+    lora_b: weakref.ref
     rank_major: bool
     a_rows: torch.Tensor | None  # [S * H, R_max]: row (s, h) holds lora_a[s, :, h]
     b_rows: torch.Tensor | None  # [S * R_max, O]: row (s, j) holds lora_b[s, :, j]
@@ -112,19 +112,20 @@ def add_lora_torch(y, x, lora_a, lora_b, slot_ranks, meta: LoraBatchMeta) -> Non
 
 
 def _views(lora_a, lora_b) -> _ModuleViews:
-    # Keyed by object identity; the entry holds both tensors, so their ids cannot be reused by
-    # other tensors while it exists.
+    # Keyed by object identity. An entry leaves when either tensor is freed, so it never keeps a
+    # caller's buffers alive and an id is never reused while its entry exists.
     key = (id(lora_a), id(lora_b))
     views = _module_views.get(key)
-    if views is not None and views.lora_a is lora_a and views.lora_b is lora_b:
+    if views is not None and views.lora_a() is lora_a and views.lora_b() is lora_b:
         return views
-    if len(_module_views) >= _MODULE_CACHE_LIMIT:
-        _module_views.clear()
     num_slots, max_rank, hidden = lora_a.shape
     rank_major = is_rank_major(lora_a, lora_b)
     a_rows = lora_a.transpose(1, 2).view(num_slots * hidden, max_rank) if rank_major else None
     b_rows = lora_b.transpose(1, 2).view(num_slots * max_rank, lora_b.shape[1]) if rank_major else None
-    views = _module_views[key] = _ModuleViews(lora_a, lora_b, rank_major, a_rows, b_rows)
+    views = _ModuleViews(weakref.ref(lora_a), weakref.ref(lora_b), rank_major, a_rows, b_rows)
+    _module_views[key] = views
+    weakref.finalize(lora_a, _module_views.pop, key, None)
+    weakref.finalize(lora_b, _module_views.pop, key, None)
     return views
 
 
