@@ -69,9 +69,16 @@ def decode_slots(tokens, num_adapters, rng) -> list[int]:
     return slots
 
 
-def wall_time(fn, device, repeats, calls) -> float:
+def cpu_clock():
+    """With one torch thread all the work runs on this thread, so its CPU time is the work's cost
+    and ignores the time other processes hold the cores; with more threads, only wall time can tell."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def best_time(fn, device, repeats, calls) -> float:
     """Seconds per call: the best of `repeats` runs of `calls` calls (robust to a busy machine)."""
     fn()
+    clock = cpu_clock()
     best = float("inf")
     for _ in range(repeats):
         if device == "cuda":
@@ -83,10 +90,10 @@ def wall_time(fn, device, repeats, calls) -> float:
             torch.cuda.synchronize()
             best = min(best, start.elapsed_time(end) / 1e3 / calls)
         else:
-            begin = time.perf_counter()
+            begin = clock()
             for _ in range(calls):
                 fn()
-            best = min(best, (time.perf_counter() - begin) / calls)
+            best = min(best, (clock() - begin) / calls)
     return best
 
 
@@ -156,7 +163,7 @@ def cpu_call_table(repeats):
             x, y = torch.randn(tokens, hidden), torch.zeros(tokens, width)
             meta = kernels.LoraBatchMeta.build(token_slots, ENGINE_SLOTS)
             times = [
-                wall_time(fn, "cpu", repeats, calls=20)
+                best_time(fn, "cpu", repeats, calls=20)
                 for fn in (
                     lambda: module.add(y, x, token_slots, meta),
                     lambda: slot_loop(y, x, module, slots),
@@ -186,7 +193,7 @@ def cpu_route_table(repeats):
                         torch_path.GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE = threshold
                         torch_path.GEMM_MIN_TOKEN_FEATURES_GATHERED = threshold
                         meta = kernels.LoraBatchMeta.build(slots, 4)
-                        times.append(wall_time(lambda: module.add(y, x, slots, meta), "cpu", repeats, calls=20))
+                        times.append(best_time(lambda: module.add(y, x, slots, meta), "cpu", repeats, calls=20))
                     print(f"| {hidden} | {count} | {consecutive} | {times[0] * 1e6:.0f} | {times[1] * 1e6:.0f} |")
     finally:
         torch_path.GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE, torch_path.GEMM_MIN_TOKEN_FEATURES_GATHERED = saved
@@ -246,8 +253,8 @@ def cpu_step_table(repeats):
     for label, slots in batches:
         token_slots = torch.tensor(slots)
         x = torch.randn(len(slots), ENGINE_HIDDEN)
-        base = wall_time(lambda: stack.step(x, token_slots, False), "cpu", repeats, calls=2)
-        lora = wall_time(lambda: stack.step(x, token_slots, True), "cpu", repeats, calls=2)
+        base = best_time(lambda: stack.step(x, token_slots, False), "cpu", repeats, calls=2)
+        lora = best_time(lambda: stack.step(x, token_slots, True), "cpu", repeats, calls=2)
         print(f"| {label} | {base * 1e3:.1f} | {lora * 1e3:.1f} | {base / lora:.2f}x |")
 
 
@@ -299,9 +306,9 @@ def cuda_table(repeats, dtype):
                 x = torch.randn(tokens, CUDA_HIDDEN, device=device, dtype=dtype)
                 y = torch.zeros(tokens, CUDA_HIDDEN, device=device, dtype=dtype)
                 meta = kernels.LoraBatchMeta.build(token_slots, max_adapters)
-                triton_s = wall_time(lambda: module.add(y, x, token_slots, meta), device, repeats, calls=50)
-                torch_s = wall_time(lambda: module.add(y, x, token_slots, meta, "torch"), device, repeats, calls=10)
-                padded_s = wall_time(lambda: padded.add(y, x, token_slots, meta), device, repeats, calls=50)
+                triton_s = best_time(lambda: module.add(y, x, token_slots, meta), device, repeats, calls=50)
+                torch_s = best_time(lambda: module.add(y, x, token_slots, meta, "torch"), device, repeats, calls=10)
+                padded_s = best_time(lambda: padded.add(y, x, token_slots, meta), device, repeats, calls=50)
                 moved = bytes_moved(slots, ranks, CUDA_HIDDEN, CUDA_HIDDEN, x.element_size())
                 bandwidth = moved / triton_s
                 of_peak = f"{bandwidth / peak:.0%}" if peak else "-"
@@ -317,14 +324,20 @@ def main():
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--repeats", type=int, default=5, help="best of this many timed runs per cell")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="CUDA tables only")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads; 1 gives steadier figures on a machine shared with others"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU is available on this machine")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    clock = "CUDA events" if device == "cuda" else cpu_clock().__name__
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock {clock}, load average {os.getloadavg()[0]:.1f}")
     if device == "cuda":
         cuda_table(args.repeats, torch.bfloat16 if args.dtype == "bf16" else torch.float16)
         return
