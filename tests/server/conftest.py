@@ -18,6 +18,7 @@ import uvicorn
 from container.app import create_app
 from container.runtime import Runtime
 from tests.adapters import make_peft_adapter
+from tests.storage.conftest import aws_env, moto_endpoint, s3, s3_admin  # noqa: F401  (moto fixtures, reused)
 
 STARTUP_TIMEOUT_SECONDS = 180
 # Two adapters of different ranks and module sets, so that a batch mixing them mixes ranks.
