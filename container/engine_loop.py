@@ -14,8 +14,8 @@ import threading
 import uuid
 
 from handler import Engine, RequestOutput, SamplingParams
-from handler.errors import AdapterNotFoundError, InvalidRequestError
 from handler.sequence import FinishReason
+from handler.submission import add_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +80,7 @@ class EngineLoop:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = queue
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params, adapter)
-        except AdapterNotFoundError as error:
-            # In a generation request an unknown adapter is a bad argument (400), not a missing resource.
-            del self._queues[request_id]
-            raise InvalidRequestError(str(error)) from None
+            add_prompt(self.engine, request_id, prompt_token_ids, params, adapter)
         except BaseException:
             del self._queues[request_id]
             raise
