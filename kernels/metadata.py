@@ -48,11 +48,15 @@ class LoraBatchMeta:
         return self.sorted_token_ids.device
 
     @classmethod
-    def build(cls, token_slots: torch.Tensor, num_slots: int) -> "LoraBatchMeta":
-        """Group a step's tokens by slot. token_slots: [T] int, -1 = no adapter. Syncs once."""
+    def build(cls, token_slots: torch.Tensor, num_slots: int, device=None) -> "LoraBatchMeta":
+        """Group a step's tokens by slot. token_slots: [T] int, -1 = no adapter.
+
+        The metadata lands on `device` (default: token_slots' device). Reading token_slots is the one
+        sync; an engine that has them on the host passes a CPU tensor and device="cuda" to skip it.
+        """
         if token_slots.dim() != 1:
             raise ValueError(f"token_slots must be 1-D, got shape {tuple(token_slots.shape)}")
-        device = token_slots.device
+        device = token_slots.device if device is None else torch.device(device)
         slots = token_slots.to("cpu", torch.int64)
         if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= num_slots):
             raise ValueError(f"token_slots must lie in [-1, {num_slots}), got {slots.tolist()}")

@@ -61,3 +61,9 @@ def test_batch_without_adapters_has_no_work():
 def test_rejects_slots_out_of_range(bad_slot):
     with pytest.raises(ValueError, match="token_slots must lie in"):
         LoraBatchMeta.build(torch.tensor([0, bad_slot]), num_slots=4)
+
+
+def test_metadata_can_land_on_another_device_than_token_slots():
+    meta = LoraBatchMeta.build(torch.tensor([1, 0, 1]), num_slots=2, device="meta")
+    assert meta.sorted_token_ids.device.type == "meta" and meta.tiles.device.type == "meta"
+    assert meta.active_slots == (0, 1) and meta.segment_counts == (1, 2)
