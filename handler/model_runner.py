@@ -25,7 +25,7 @@ class ModelRunner:
         # calloc-backed zeros: pages are only touched when K/V are written, and masked-out padding
         # positions read zeros rather than NaN garbage.
         self.kv_cache = torch.zeros(
-            (model.num_layers, 2, block_manager.num_blocks, block_manager.block_size, model.num_kv_heads,
+            (model.num_layers, 2, model.num_kv_heads, block_manager.num_blocks, block_manager.block_size,
              model.head_dim),
             dtype=model.dtype,
             device=self.device,

@@ -176,7 +176,7 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: torch.Tensor) -> torch.Tensor:
-        """input_ids [T] -> final hidden states [T, H]; kv_cache [layers, 2, blocks, block_size, kv_heads, d]."""
+        """input_ids [T] -> final hidden states [T, H]; kv_cache [layers, 2, kv_heads, blocks, block_size, d]."""
         hidden = F.embedding(input_ids, self.embed_tokens)
         for layer in self.layers:
             hidden = layer.forward(hidden, ctx, kv_cache[layer.index, 0], kv_cache[layer.index, 1])
