@@ -43,13 +43,12 @@ def add_lora_packed(
     _check_shapes(y, x, lora_a_slices, lora_b_slices, token_slots, slot_ranks_slices)
     if meta is None:
         meta = LoraBatchMeta.build(token_slots, lora_a_slices[0].shape[0])
-    elif meta.num_tokens != x.shape[0]:
-        raise ValueError(f"meta was built for {meta.num_tokens} tokens, x has {x.shape[0]}")
+    elif meta.num_tokens != x.shape[0] or meta.device != x.device:
+        raise ValueError(
+            f"meta was built for {meta.num_tokens} tokens on {meta.device}, x has {x.shape[0]} on {x.device}"
+        )
     if _use_triton(backend, x):
         _triton_path().add_lora_packed_triton(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta)
-        return
-    if len(lora_b_slices) == 1:
-        add_lora_torch(y, x, lora_a_slices[0], lora_b_slices[0], slot_ranks_slices[0], meta)
         return
     offset = 0
     for lora_a, lora_b, slot_ranks in zip(lora_a_slices, lora_b_slices, slot_ranks_slices):

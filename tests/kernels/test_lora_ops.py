@@ -52,3 +52,6 @@ def test_rejects_mismatched_shapes():
         kernels.add_lora(batch.y, batch.x[:, :32], a, b, slots, ranks)
     with pytest.raises(ValueError, match="meta was built for 3 tokens"):
         kernels.add_lora(batch.y, batch.x, a, b, slots, ranks, kernels.LoraBatchMeta.build(slots[:3], batch.num_slots))
+    with pytest.raises(ValueError, match="on meta"):
+        meta_elsewhere = kernels.LoraBatchMeta.build(slots, batch.num_slots, device="meta")
+        kernels.add_lora(batch.y, batch.x, a, b, slots, ranks, meta_elsewhere)
