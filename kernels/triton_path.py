@@ -4,6 +4,7 @@ The fp32 intermediate `shrunk` is [slices, tokens with an adapter, R_max]: a few
 its round trip through memory costs far less than the weights the kernels stream.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -30,6 +31,13 @@ _slice_tables: dict = {}
 def add_lora_packed_triton(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta: LoraBatchMeta) -> None:
     if meta.num_tiles == 0:
         return
+    # Triton launches on the current CUDA device, which need not be x's on a multi-GPU host.
+    on_x_device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with on_x_device:
+        _launch(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta)
+
+
+def _launch(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta: LoraBatchMeta) -> None:
     num_slices = len(lora_a_slices)
     ranks_int64 = _ranks_are_int64(slot_ranks_slices)
     slice_table = _slice_table(lora_a_slices, lora_b_slices, slot_ranks_slices, x.device)
