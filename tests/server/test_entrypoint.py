@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,11 +32,14 @@ def launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_python_m_container_listens_on_sagemaker_bind_to_port(tiny_models, tmp_path):
-    model_dir = lmi_model_dir(tiny_models.get("llama", "llama"), tmp_path / "model",
-                              {"option.dtype": "fp32", "option.max_model_len": "128", "option.cpu_kv_cache_mb": "16"})
+def test_python_m_container_listens_on_sagemaker_bind_to_port(server_base, server_adapters, tmp_path):
+    """The repository's example serving.properties, unchanged, with adapters in the model directory."""
+    model_dir = lmi_model_dir(server_base, tmp_path / "model", {}, server_adapters)
+    shutil.copy(REPO_ROOT / "serving.properties", model_dir / "serving.properties")
     port = free_port()
-    process = launch(["--model-dir", str(model_dir), "--host", "127.0.0.1"], {"SAGEMAKER_BIND_TO_PORT": str(port)})
+    process = launch(["--model-dir", str(model_dir), "--host", "127.0.0.1"],
+                     {"SAGEMAKER_BIND_TO_PORT": str(port), "OPTION_MAX_MODEL_LEN": "128",
+                      "OPTION_CPU_KV_CACHE_MB": "16"})
     try:
         deadline = time.monotonic() + 120
         status = None
@@ -48,8 +52,9 @@ def test_python_m_container_listens_on_sagemaker_bind_to_port(tiny_models, tmp_p
                 break
             time.sleep(0.2)
         assert status == 200, process.stdout.read() if process.poll() is not None else "no answer"
-        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": "hello"}, timeout=30)
-        assert answer.status_code == 200 and "generated_text" in answer.json()
+        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": ["hello", "hi"],
+                                                                          "adapters": ["a1", "a2"]}, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()) == 2
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=30)

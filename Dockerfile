@@ -1,0 +1,18 @@
+# The serving container: a CUDA + PyTorch image, the project installed by the same scripts/setup that
+# developers and CI run (TORCH_SPEC=system keeps the image's own CUDA build of torch), port 8080.
+#   docker build -t lora-serving .
+#   docker run --gpus all -v $PWD/model:/opt/ml/model -p 8080:8080 lora-serving
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+WORKDIR /opt/lora-serving
+COPY pyproject.toml ./
+COPY scripts/setup scripts/setup
+COPY container container
+COPY handler handler
+COPY kernels kernels
+RUN PYTHON=python TORCH_SPEC=system scripts/setup
+
+ENV PATH=/opt/lora-serving/.venv/bin:$PATH
+EXPOSE 8080
+CMD ["python", "-m", "container"]
