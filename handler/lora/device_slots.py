@@ -39,6 +39,8 @@ class DeviceSlots:
         ]
         # ranks[layer, module, slot]: the adapter's real rank there; 0 = slot empty or module not targeted.
         self.ranks = torch.zeros(num_layers, len(SERVABLE_MODULES), num_slots, dtype=torch.int32, device=device)
+        # The same on the host, so that planning a step never reads back from the device.
+        self.host_ranks = torch.zeros(self.ranks.shape, dtype=torch.int32)
         # What the layers pass to kernels.add_lora_packed, per layer and projection group.
         self.group_args = [
             {
@@ -61,10 +63,12 @@ class DeviceSlots:
             lora_a[slot, :rank].copy_(lora.a, non_blocking=True)
             lora_b[slot, :, :rank].copy_(lora.b, non_blocking=True)
             ranks[layer, MODULE_INDEX[module]] = rank
+        self.host_ranks[:, :, slot] = ranks
         self.ranks[:, :, slot].copy_(ranks)
         self.owner[slot] = weights.version.content_hash
 
     def clear(self, slot: int) -> None:
+        self.host_ranks[:, :, slot] = 0
         self.ranks[:, :, slot] = 0
         self.owner[slot] = None
 
@@ -72,6 +76,6 @@ class DeviceSlots:
         """Projection groups that some adapter in `slots` targets; the others need no LoRA call this step."""
         if not slots:
             return set()
-        used = self.ranks[:, :, sorted(slots)].amax(dim=(0, 2)).tolist()
+        used = self.host_ranks[:, :, sorted(slots)].amax(dim=(0, 2)).tolist()
         targeted = {module for module, rank in zip(SERVABLE_MODULES, used) if rank > 0}
         return {group for group, modules in LORA_GROUPS.items() if targeted.intersection(modules)}

@@ -367,9 +367,11 @@ class LoraManager:
         if not active:
             return None
         groups = self.slots.groups_in_use(active)
-        slots_tensor = torch.tensor(token_slots, dtype=torch.int32, device=self.device)
-        meta = kernels.LoraBatchMeta.build(slots_tensor, self.slots.num_slots)
-        return LoraStepApplier(self.slots.group_args, slots_tensor, meta, groups)
+        # Built from a host tensor: the metadata needs no read back from the device.
+        host_slots = torch.tensor(token_slots, dtype=torch.int32)
+        meta = kernels.LoraBatchMeta.build(host_slots, self.slots.num_slots, device=self.device)
+        device_slots = host_slots.to(self.device, non_blocking=True)
+        return LoraStepApplier(self.slots.group_args, device_slots, meta, groups)
 
     def _slot_for(self, seq: Sequence) -> int:
         return -1 if seq.adapter_version is None else self._slot_of[seq.adapter_version.content_hash]
