@@ -10,12 +10,12 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 from pathlib import Path
 
 import httpx
 import pytest
 
-from container.demo import build
 from tests.server.conftest import LORA_PROPERTIES, lmi_model_dir, start_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +80,9 @@ def demo_stand_in(server_base, server_adapters, tmp_path, monkeypatch):
         for name, adapter_dir in server_adapters.items():
             archive.add(adapter_dir, arcname=name)
     built_into = []
-    monkeypatch.setattr(build, "ensure_demo_model", lambda cache_dir: built_into.append(cache_dir) or demo_dir)
+    stand_in = types.ModuleType("container.demo.build")
+    stand_in.ensure_demo_model = lambda cache_dir: built_into.append(cache_dir) or demo_dir
+    monkeypatch.setitem(sys.modules, "container.demo.build", stand_in)
     return built_into
 
 
