@@ -19,7 +19,7 @@ from container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamR
 from container.generation import RunningPrompt
 from container.openai_completions import CompletionRequest, completion, completion_chunks
 from container.runtime import Runtime, read_json, require_runtime
-from handler.chat_schema import ChatCompletionRequest
+from handler.chat_schema import parse_chat_request
 from handler.lmi_schema import PromptJob, validate_model
 from handler.output_format import encode_stream_record
 
@@ -42,7 +42,7 @@ async def list_models(request: Request) -> JSONResponse:
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     runtime = require_runtime(request)
-    chat = validate_model(ChatCompletionRequest, await read_json(request))
+    chat = parse_chat_request(await read_json(request))
     return await respond_to_chat(request, runtime, chat, _adapter(request, runtime, chat.model),
                                  stream_format="sse", openai_stream_end=True)
 

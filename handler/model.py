@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from djl_python import Input, Output
+from model_hosting_container_standards.sagemaker.lora.constants import SageMakerLoRAApiHeader
 
 from handler.chat_schema import parse_chat_request, render_chat_prompt
 from handler.config import Config
@@ -39,7 +40,6 @@ from handler.output_format import (
 from handler.sequence import FinishReason, RequestOutput
 from handler.submission import add_prompt
 
-ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
 JSON = "application/json"
 
 
@@ -81,7 +81,7 @@ class _Service:
             body = raw.get_as_json()
         except (ValueError, UnicodeDecodeError) as error:
             return InvalidRequestError(f"the request body is not valid JSON: {error}")
-        header_adapter = raw.get_property(ADAPTER_HEADER)
+        header_adapter = raw.get_property(SageMakerLoRAApiHeader.ADAPTER_IDENTIFIER)
         try:
             if is_chat_request(body):
                 chat = parse_chat_request(body)
