@@ -73,13 +73,19 @@ def _inside_allowed_roots(src: str, roots: list[Path]) -> Path:
         raise BadSourceError(f"adapter src {src!r} must be an absolute path or an s3:// URL")
     # Containment is checked before existence, so the answer does not reveal which paths
     # outside the roots exist.
-    resolved = path.resolve()
-    if not _is_inside(resolved, roots):
+    try:
+        resolved = path.resolve()
+        inside = _is_inside(resolved, roots)
+        exists = inside and resolved.exists()
+    except (OSError, ValueError) as error:  # a NUL byte, a name or path longer than the OS takes
+        reason = error.strerror if isinstance(error, OSError) else str(error)  # strerror: without the long name
+        raise BadSourceError(f"adapter src {src[:200]!r} is not a usable local path: {reason}") from None
+    if not inside:
         allowed = ", ".join(str(root) for root in roots) or "none configured"
         raise UnsafeSourceError(
             f"adapter src {src!r} resolves to {resolved}, outside the allowed local roots ({allowed})"
         )
-    if not resolved.exists():
+    if not exists:
         raise SourceNotFoundError(f"adapter src {src!r} does not exist")
     if resolved.is_dir():
         _refuse_links_leaving(resolved, roots, src)

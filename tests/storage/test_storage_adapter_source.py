@@ -107,6 +107,13 @@ def test_missing_local_path_is_not_found(roots):
         resolve(allowed / "absent", allowed, cache)
 
 
+@pytest.mark.parametrize("name", ["nul\x00byte", "x" * 5000, "deep/" * 1000 + "a1"], ids=["nul", "long-name", "long-path"])
+def test_paths_the_os_cannot_use_are_bad_sources(roots, name):
+    allowed, cache, _ = roots
+    with pytest.raises(BadSourceError, match="is not a usable local path"):
+        resolve(f"{allowed}/{name}", allowed, cache)
+
+
 def test_directory_without_adapter_files_is_invalid(roots):
     allowed, cache, _ = roots
     (allowed / "empty").mkdir()
