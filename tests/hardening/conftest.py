@@ -3,6 +3,8 @@ and share the checks below: an answer is a JSON error, nothing changed on disk, 
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import httpx
@@ -37,3 +39,15 @@ def paths_under(root: Path) -> dict[str, tuple[int, int]]:
     out: it changes whenever an entry is made and removed again inside it.)"""
     return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else None
             for path in sorted(root.rglob("*"))}
+
+
+def adapter_archive(archive: Path, adapter_dir: Path, extra_entries=(), arcname: str = "adapter") -> Path:
+    """A tar.gz of a real adapter under `arcname/`, followed by the given (TarInfo, payload) entries (from
+    tests/storage/storage_helpers.py), hostile ones included."""
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(adapter_dir, arcname=arcname)
+        for info, payload in extra_entries:
+            if payload is not None:
+                info.size = len(payload)
+            tar.addfile(info, None if payload is None else io.BytesIO(payload))
+    return archive

@@ -7,14 +7,18 @@ tests/storage checks the same refusals at the function level; this checks what r
 
 from __future__ import annotations
 
-import io
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.hardening.conftest import adapter_names, assert_json_error, assert_still_serving, paths_under
+from tests.hardening.conftest import (
+    adapter_archive,
+    adapter_names,
+    assert_json_error,
+    assert_still_serving,
+    paths_under,
+)
 from tests.server.conftest import LORA_PROPERTIES, lmi_model_dir, start_server
 from tests.storage.storage_helpers import file_entry
 from tests.storage.test_storage_archive import HOSTILE_ENTRIES
@@ -38,17 +42,6 @@ def workspace(server_base, server_adapters, tmp_path_factory):
         assert client.post("/adapters", json={"name": "good", "src": str(good)}).status_code == 200
         yield root, model_dir, client
     live.stop()
-
-
-def adapter_archive(archive: Path, adapter_dir: Path, extra_entries=()) -> Path:
-    """A real adapter under `adapter/`, followed by the given (TarInfo, payload) entries."""
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(adapter_dir, arcname="adapter")
-        for info, payload in extra_entries:
-            if payload is not None:
-                info.size = len(payload)
-            tar.addfile(info, None if payload is None else io.BytesIO(payload))
-    return archive
 
 
 def register(client, route: str, name: str, src: str):
