@@ -89,7 +89,8 @@ class LoraManager:
         self._tokens_served: Counter[str] = Counter()
         self._loader = ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="lora-load")
         self._loading: dict[str, Future] = {}
-        self._failed: dict[str, str] = {}
+        # content hash -> (the files that failed to load, the message)
+        self._failed: dict[str, tuple[Path, str]] = {}
         # Engine-thread state.
         self._slot_of: dict[str, int] = {}
         self._slot_last_used = [0] * max_loras
@@ -260,21 +261,24 @@ class LoraManager:
         except Exception as error:  # any failure must reach the waiting requests, not kill the pool
             logger.warning("loading adapter %s failed: %s", version.name, error)
             with self._lock:
-                self._failed[version.content_hash] = f"Adapter {version.name} failed to load: {error}"
+                self._failed[version.content_hash] = (version.path,
+                                                      f"Adapter {version.name} failed to load: {error}")
         finally:
             with self._lock:
                 self._loading.pop(version.content_hash, None)
 
     def take_failed(self, waiting: Iterable[Sequence]) -> list[tuple[Sequence, str]]:
-        """Waiting sequences whose adapter failed to load, with the message; the failure is then forgotten
-        so that a later request tries again."""
+        """Waiting sequences whose adapter failed to load from their own files, with the message; the failure
+        is then forgotten so that a later request tries again. A sequence whose adapter has the same content
+        under another name, from other files, keeps waiting: the next load reads its files."""
         with self._lock:
             if not self._failed:
                 return []
             failed = dict(self._failed)
             self._failed.clear()
-        return [(seq, failed[seq.adapter_version.content_hash]) for seq in waiting
-                if seq.adapter_version is not None and seq.adapter_version.content_hash in failed]
+        return [(seq, failed[seq.adapter_version.content_hash][1]) for seq in waiting
+                if seq.adapter_version is not None
+                and failed.get(seq.adapter_version.content_hash, (None,))[0] == seq.adapter_version.path]
 
     def wait_for_loads(self, timeout: float | None = None) -> None:
         """Block until the loads under way finish (tests and benchmarks use it)."""

@@ -281,6 +281,19 @@ def test_a_failed_load_fails_only_the_requests_waiting_for_it(engine, lora_base,
     assert results[2].token_ids == peft_greedy(lora_base, adapters["r1-qv"], prompts[2], 6)
 
 
+def test_a_failed_load_does_not_fail_another_name_with_the_same_files(engine, lora_base, adapters, tmp_path):
+    import shutil
+
+    twin = shutil.copytree(adapters["r8-all"], tmp_path / "twin")
+    engine.register_adapter("twin", twin, preload=False)
+    engine.register_adapter("original", adapters["r8-all"], preload=False)  # same content: one cache entry
+    shutil.rmtree(twin)
+    prompts = random_prompts(2, seed=47)
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=6), ["twin", "original"])
+    assert results[0].finish_reason.value == "error" and "Adapter twin failed to load" in results[0].error
+    assert results[1].token_ids == peft_greedy(lora_base, adapters["r8-all"], prompts[1], 6)
+
+
 def test_disk_loads_run_off_the_step_loop(engine, lora_base, adapters, monkeypatch):
     import threading
 
