@@ -53,6 +53,9 @@ class EngineCollector(Collector):
         yield _counter("engine_steps", "Engine steps run", stats.steps)
         yield _counter("preemptions", "Sequences preempted for lack of KV cache", stats.preemptions)
         if self._engine.config.enable_lora:
+            yield _gauge("adapter_slots", "Device slots for adapters (option.max_loras)", stats.num_adapter_slots)
+            yield _gauge("adapter_slots_busy", "Device slots used by sequences in the running batch",
+                         stats.num_busy_adapter_slots)
             yield from self._adapter_metrics()
 
     def _adapter_metrics(self) -> Iterator:

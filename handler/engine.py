@@ -54,6 +54,8 @@ class EngineStats:
     generated_tokens: int
     prompt_tokens: int
     preemptions: int
+    num_adapter_slots: int  # 0 without LoRA
+    num_busy_adapter_slots: int  # held by sequences in the running batch; the rest can take another adapter
 
 
 class Engine:
@@ -340,8 +342,9 @@ class Engine:
     # ---- introspection ------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
+        running = list(self.scheduler.running)  # a copy: the engine thread changes the list while we read
         return EngineStats(
-            num_running=len(self.scheduler.running),
+            num_running=len(running),
             num_waiting=len(self.scheduler.waiting) + len(self._new_requests),
             num_kv_blocks=self.block_manager.num_blocks,
             num_free_kv_blocks=self.block_manager.num_free_blocks,
@@ -349,6 +352,8 @@ class Engine:
             generated_tokens=self._generated_tokens,
             prompt_tokens=self._prompt_tokens,
             preemptions=self._preemptions,
+            num_adapter_slots=self.lora.slots.num_slots if self.lora is not None else 0,
+            num_busy_adapter_slots=self.lora.num_busy_slots(running) if self.lora is not None else 0,
         )
 
     def _auto_num_kv_blocks(self) -> int:

@@ -380,6 +380,12 @@ class LoraManager:
     def _slot_for(self, seq: Sequence) -> int:
         return -1 if seq.adapter_version is None else self._slot_of[seq.adapter_version.content_hash]
 
+    def num_busy_slots(self, running: Iterable[Sequence]) -> int:
+        """Distinct device slots that the running sequences use (any thread: a snapshot for metrics)."""
+        slots = {self._slot_of.get(seq.adapter_version.content_hash) for seq in running
+                 if seq.adapter_version is not None}
+        return len(slots - {None})
+
     def record_token(self, seq: Sequence) -> None:
         if seq.adapter is not None:
             self._tokens_served[seq.adapter] += 1
