@@ -63,6 +63,10 @@ class Sampler:
             remove_sorted[-1] = False
             scores = scores.masked_fill(remove_sorted.scatter(0, order, remove_sorted), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            # Extreme parameters overflowed the scaled logits: a temperature near 0 makes them all +-inf, whose
+            # softmax is NaN. Their limit is the greedy choice; raising instead would fail the whole step.
+            return int(row_logits.argmax())
         return int(torch.multinomial(probs, 1, generator=self._generator_for(seq)).item())
 
     def _generator_for(self, seq: Sequence) -> torch.Generator:

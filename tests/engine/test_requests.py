@@ -43,7 +43,7 @@ def test_a_request_larger_than_the_whole_cache_is_refused(tiny_models):
 @pytest.mark.parametrize(
     "field,value",
     [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),
-     ("repetition_penalty", 0.0), ("seed", -1), ("stop", [""]), ("max_new_tokens", "10")],
+     ("repetition_penalty", 0.0), ("seed", -1), ("seed", 2**64), ("stop", [""]), ("max_new_tokens", "10")],
 )
 def test_bad_sampling_parameters_name_the_parameter(field, value):
     with pytest.raises(InvalidRequestError, match=field):

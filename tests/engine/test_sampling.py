@@ -47,6 +47,24 @@ def test_sampling_degenerates_to_greedy(llama):
         assert engine.generate([prompt], params)[0].token_ids == greedy
 
 
+def test_extreme_parameters_never_fail_the_step(llama):
+    """Scaled logits that overflow to infinity (a tiny temperature or repetition penalty) take their limit
+    instead of making NaN probabilities, which would fail every request in the step."""
+    model_dir, engine = llama
+    prompts = random_prompts(6, seed=16)
+    extreme = [
+        SamplingParams(max_new_tokens=8, do_sample=True, temperature=1e-300, seed=7),
+        SamplingParams(max_new_tokens=8, do_sample=True, repetition_penalty=1e-300, seed=8),
+        SamplingParams(max_new_tokens=8, do_sample=True, repetition_penalty=1e300, temperature=1e-30, seed=9),
+        SamplingParams(max_new_tokens=8, do_sample=True, temperature=1e300, top_p=1e-300, seed=10),
+        SamplingParams(max_new_tokens=8, do_sample=True, temperature=float("inf"), top_k=2, seed=11),
+    ]
+    results = engine.generate(prompts, extreme + [SamplingParams(max_new_tokens=8)])
+    assert [result.finish_reason.value for result in results] == ["length"] * 6
+    assert results[0].token_ids == reference_greedy(model_dir, prompts[0], 8)  # the limit of temperature -> 0
+    assert results[5].token_ids == reference_greedy(model_dir, prompts[5], 8)
+
+
 def test_top_k_only_draws_from_the_k_most_likely_tokens(llama):
     model_dir, engine = llama
     prompt = random_prompts(1, seed=13)[0]
