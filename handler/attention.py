@@ -57,26 +57,32 @@ def _decode_attention(q, k_cache, v_cache, ctx: ForwardContext, sliding_window: 
     batch, q_heads, head_dim = q.shape
     kv_heads, _, block_size, _ = k_cache.shape
     block_ids = ctx.decode_block_tables.flatten()
-    max_len = ctx.decode_block_tables.shape[1] * block_size
-    # [kv_heads, B * max_blocks, block_size, d] -> [B, kv_heads, max_len, d] without moving data again.
-    keys = k_cache.index_select(1, block_ids).view(kv_heads, batch, max_len, head_dim).transpose(0, 1)
-    values = v_cache.index_select(1, block_ids).view(kv_heads, batch, max_len, head_dim).transpose(0, 1)
-    mask = _decode_mask(ctx, sliding_window, max_len)
+    padded_len = ctx.decode_block_tables.shape[1] * block_size
+    longest = ctx.decode_longest
+    # [kv_heads, B * max_blocks, block_size, d] -> [B, kv_heads, longest, d] without moving data again.
+    keys = k_cache.index_select(1, block_ids).view(kv_heads, batch, padded_len, head_dim)[:, :, :longest]
+    values = v_cache.index_select(1, block_ids).view(kv_heads, batch, padded_len, head_dim)[:, :, :longest]
+    mask = _decode_mask(ctx, sliding_window, longest)
     # Grouped-query attention without repeating K/V: the query heads that share a KV head become that
     # head's "query length" (head h uses KV head h // group, as in the reference implementation).
     grouped_q = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(grouped_q, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
+                                         scale=scale)
     return out.reshape(batch, q_heads, head_dim)
 
 
-def _decode_mask(ctx: ForwardContext, sliding_window: int | None, max_len: int) -> torch.Tensor:
+def _decode_mask(ctx: ForwardContext, sliding_window: int | None, longest: int) -> torch.Tensor | None:
+    """[B, 1, 1, longest] keys each decode may see; None when all see everything (the kernel's fast path)."""
+    window_cuts = sliding_window is not None and sliding_window < longest
+    if ctx.decode_shortest == longest and not window_cuts:
+        return None
     mask = ctx.decode_masks.get(sliding_window)
     if mask is None:
-        key_pos = torch.arange(max_len, device=ctx.decode_context_lens.device)[None, :]
+        key_pos = torch.arange(longest, device=ctx.decode_context_lens.device)[None, :]
         lengths = ctx.decode_context_lens[:, None]
         mask = key_pos < lengths
         if sliding_window is not None:
             mask &= key_pos > (lengths - 1) - sliding_window
-        mask = mask[:, None, None, :]  # [B, 1, 1, max_len]
+        mask = mask[:, None, None, :]
         ctx.decode_masks[sliding_window] = mask
     return mask

@@ -25,6 +25,8 @@ class ForwardContext:
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None  # [B_decode, max_blocks], padded with block 0
     decode_context_lens: torch.Tensor | None  # [B_decode] tokens each decode attends to, itself included
+    decode_longest: int  # the longest and shortest of those, known on the host
+    decode_shortest: int
     prefill_ranges: list[tuple[int, int]]  # [start, end) of each prefilling sequence in the token order
     lora: LoraApplier | None = None
     # Decode masks per sliding-window size (None = full attention), built on first use in the step.

@@ -88,6 +88,8 @@ class ModelRunner:
             num_decode_tokens=len(step.decode_seqs),
             decode_block_tables=block_tables,
             decode_context_lens=lengths,
+            decode_longest=max(decode_lengths, default=0),
+            decode_shortest=min(decode_lengths, default=0),
             prefill_ranges=prefill_ranges,
         )
         return (
