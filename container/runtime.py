@@ -51,6 +51,15 @@ async def read_json(request: Request) -> Any:
     if not body.strip():
         raise InvalidRequestError("the request body is empty: send a JSON object")
     try:
-        return json.loads(body)
+        parsed = json.loads(body)
+        # JSON may escape a lone surrogate ("\ud800"), which is no Unicode text: the tokenizer, and the encoder
+        # of any answer that quotes it, would raise on it.
+        json.dumps(parsed, ensure_ascii=False).encode()
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidRequestError(f"the request body is not valid JSON: {error}") from None
+    except UnicodeEncodeError:
+        raise InvalidRequestError("the request body is not valid Unicode: it holds a lone surrogate "
+                                  "(an escape in \\ud800-\\udfff that is not part of a pair)") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
+    return parsed
