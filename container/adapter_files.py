@@ -1,33 +1,13 @@
-"""What a LoRA adapter looks like on disk, and what an adapter may be called."""
+"""What a LoRA adapter looks like on disk."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from container.storage_errors import InvalidAdapterError
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # in order of preference
-MAX_ADAPTER_NAME_LENGTH = 128
-
-# ASCII only, and never a leading '.': a name becomes a directory name and a URL path segment.
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-
-
-def validate_adapter_name(name: str) -> str:
-    """Return `name` if it is a safe adapter name, else raise InvalidAdapterError saying why."""
-    if not isinstance(name, str) or not name:
-        raise InvalidAdapterError("adapter name is empty")
-    if len(name) > MAX_ADAPTER_NAME_LENGTH:
-        raise InvalidAdapterError(
-            f"adapter name {name[:32]!r}... is {len(name)} characters long, over {MAX_ADAPTER_NAME_LENGTH}"
-        )
-    if not _ADAPTER_NAME.fullmatch(name):
-        raise InvalidAdapterError(
-            f"adapter name {name!r} is invalid: use ASCII letters, digits, '-', '_' and '.', and do not start with '.'"
-        )
-    return name
 
 
 def adapter_weights_file(directory: Path) -> Path | None:

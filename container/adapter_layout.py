@@ -12,11 +12,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from container.adapter_files import is_adapter_dir, validate_adapter_name
+from container.adapter_files import is_adapter_dir
 from container.archive import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES, archive_digest, safe_extract_tar
 from container.s3 import is_s3_url
 from container.s3_cache import download_s3_object
 from container.storage_errors import InvalidAdapterError, SourceNotFoundError, StorageError
+from handler.errors import InvalidAdapterError as InvalidAdapterNameError
+from handler.lora.names import validate_adapter_name
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def discover_adapters(adapters_dir: str | Path) -> dict[str, Path]:
             continue
         try:
             adapters[validate_adapter_name(entry.name)] = entry
-        except InvalidAdapterError as error:
+        except InvalidAdapterNameError as error:
             log.warning("skipping %s: %s", entry, error)
     return adapters
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from container.adapter_files import validate_adapter_name
 from container.adapter_source import resolve_adapter_source
 from handler import Engine
+from handler.lora.names import validate_adapter_name
 from handler.errors import LoraNotEnabledError
 
 

@@ -13,7 +13,6 @@ slots and admission runs on the engine thread.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import Counter
@@ -33,13 +32,13 @@ from handler.errors import (
 )
 from handler.lora.device_slots import DeviceSlots
 from handler.lora.host_cache import HostCache
+from handler.lora.names import validate_adapter_name
 from handler.lora.peft_adapter import AdapterVersion, AdapterWeights, BaseModelShapes, load_peft_adapter
 from handler.scheduler import ScheduledStep
 from handler.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 LOADER_THREADS = 2
 
 
@@ -102,7 +101,7 @@ class LoraManager:
     # ---- registry (any thread) ----------------------------------------------------------------------
 
     def register(self, name: str, path: str | Path, *, pin: bool = False, preload: bool = True) -> AdapterInfo:
-        _check_name(name)
+        validate_adapter_name(name)
         with self._lock:
             if name in self._entries:
                 raise AdapterExistsError(f"Adapter {name} is already registered")
@@ -408,13 +407,6 @@ class LoraStepApplier:
             return
         lora_a, lora_b, ranks = self._group_args[layer_index][group]
         kernels.add_lora_packed(y, x, lora_a, lora_b, self._token_slots, ranks, self._meta)
-
-
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
-        raise InvalidAdapterError(
-            f"invalid adapter name {name!r}: use 1-128 letters, digits, '_', '-' or '.', not starting with '.' or '-'"
-        )
 
 
 def _entry_for(weights: AdapterWeights, pinned: bool, load_seconds: float | None) -> _Entry:

@@ -144,7 +144,7 @@ def test_registry_errors(engine, lora_base, adapters):
     with pytest.raises(AdapterNotFoundError, match="Adapter nope is not registered"):
         engine.add_request("x", [0, 5], SamplingParams(), adapter="nope")
     for bad_name in ("../etc", "a/b", "", ".hidden", "x" * 200):
-        with pytest.raises(InvalidAdapterError, match="invalid adapter name"):
+        with pytest.raises(InvalidAdapterError, match="adapter name"):
             engine.register_adapter(bad_name, adapters["r8-all"])
     plain = Engine(lora_base, dtype="float32")
     with pytest.raises(LoraNotEnabledError, match="LoRA is not enabled"):
