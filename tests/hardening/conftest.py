@@ -29,6 +29,11 @@ def assert_still_serving(client: httpx.Client) -> None:
     assert answer.status_code == 200, answer.text
 
 
+def token_ids(answer: dict) -> list[int]:
+    """The generated token ids of an LMI answer asked with `details`."""
+    return [token["id"] for token in answer["details"]["tokens"]]
+
+
 def adapter_names(client: httpx.Client) -> set[str]:
     return {adapter["name"] for adapter in client.get("/adapters", params={"limit": 1000}).json()["adapters"]}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.adapters import make_peft_adapter, peft_greedy
-from tests.hardening.conftest import adapter_names, assert_json_error, assert_still_serving
+from tests.hardening.conftest import adapter_names, assert_json_error, assert_still_serving, token_ids
 from tests.lora.test_registry import first_key, rewrite_tensors
 from tests.server.conftest import LORA_PROPERTIES, lmi_model_dir, start_server
 from tests.server.test_metrics_and_disconnects import scrape, value, wait_until_idle
@@ -43,12 +43,8 @@ def stream_records(live, body: dict, on_first_record=None) -> list[dict]:
     return records
 
 
-def token_ids(answer: dict) -> list[int]:
-    return [token["id"] for token in answer["details"]["tokens"]]
-
-
-def expected_ids(server_base, server_adapters, lora_server, prompt: str, adapter: str, new_tokens=NEW_TOKENS):
-    prompt_ids = lora_server.runtime.engine.tokenize(prompt)
+def expected_ids(server_base, server_adapters, live, prompt: str, adapter: str, new_tokens=NEW_TOKENS):
+    prompt_ids = live.runtime.engine.tokenize(prompt)
     return peft_greedy(server_base, server_adapters[adapter] if adapter else None, prompt_ids, new_tokens)
 
 

@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.hardening.conftest import assert_json_error, assert_still_serving
-from tests.hardening.test_faults_over_http import token_ids
+from tests.hardening.conftest import assert_json_error, assert_still_serving, token_ids
 from tests.server.test_s3_startup import PROMPT
 
 JSON_ROUTES = ["/invocations", "/predictions/model", "/v1/completions", "/v1/chat/completions", "/generate",
