@@ -230,6 +230,9 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.url and not (args.model_dir and args.pid):
         parser.error("--url needs --model-dir (for the reference answers) and --pid (for the RSS)")
+    cmdline = Path(f"/proc/{args.pid}/cmdline")
+    if args.pid and not (cmdline.exists() and b"container" in cmdline.read_bytes()):
+        parser.error(f"process {args.pid} is not `python -m container`: give the server's own process id")
     return args
 
 
