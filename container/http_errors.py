@@ -40,6 +40,10 @@ class ServiceUnavailableError(Exception):
     """The model is not loaded yet (or failed to load): answered 503, which SageMaker retries."""
 
 
+class PayloadTooLargeError(Exception):
+    """A request body over the server's bound: answered 413."""
+
+
 def storage_error_status(error: StorageError) -> int:
     for error_class, status in _STORAGE_STATUS:
         if isinstance(error, error_class):
@@ -80,6 +84,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_unavailable(request: Request, error: ServiceUnavailableError) -> JSONResponse:
         return error_response(request, HTTPStatus.SERVICE_UNAVAILABLE, str(error))
 
+    async def on_too_large(request: Request, error: PayloadTooLargeError) -> JSONResponse:
+        return error_response(request, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(error))
+
+    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+        # A bug, not the client's fault: the details go to the log, the client gets JSON like every answer.
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        return error_response(request, HTTPStatus.INTERNAL_SERVER_ERROR,
+                              f"internal error ({type(error).__name__}); the server logged the details")
+
     async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in detail['loc'])}: {detail['msg']}" for detail in error.errors()
@@ -95,5 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EngineError, on_engine_error)
     app.add_exception_handler(StorageError, on_storage_error)
     app.add_exception_handler(ServiceUnavailableError, on_unavailable)
+    app.add_exception_handler(PayloadTooLargeError, on_too_large)
+    app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -21,7 +21,7 @@ from model_hosting_container_standards.sagemaker.lora.constants import ResponseM
 from model_hosting_container_standards.sagemaker.lora.models import SageMakerRegisterLoRAAdapterRequest
 from pydantic import BaseModel, ConfigDict, Field
 
-from container.runtime import read_json, require_runtime
+from container.runtime import parse_json, read_body, require_runtime
 from handler.lmi_schema import validate_model
 
 router = APIRouter()
@@ -56,7 +56,8 @@ async def list_adapters(request: Request) -> JSONResponse:
 
 async def register_adapter(request: Request) -> JSONResponse:
     runtime = require_runtime(request)
-    arguments = await read_json(request) if (await request.body()).strip() else dict(request.query_params)
+    body = await read_body(request)
+    arguments = parse_json(body) if body.strip() else dict(request.query_params)
     registration = validate_model(SageMakerRegisterLoRAAdapterRequest, arguments)
     await asyncio.to_thread(runtime.adapters.register, registration.name, registration.src,
                             preload=registration.preload, pin=registration.pin)

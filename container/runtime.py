@@ -11,10 +11,14 @@ from fastapi import Request
 from container.adapter_manager import AdapterManager
 from container.engine_loop import EngineLoop
 from container.generation import GenerationRunner
-from container.http_errors import ServiceUnavailableError
+from container.http_errors import PayloadTooLargeError, ServiceUnavailableError
 from container.metrics import ServerMetrics
 from handler import Config, Engine
 from handler.errors import InvalidRequestError
+
+
+# Prompts are text: 16 MiB is far beyond any context window, and bounds what one client makes us hold.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -46,8 +50,26 @@ def require_runtime(request: Request) -> Runtime:
     return state.runtime
 
 
+async def read_body(request: Request) -> bytes:
+    """The request body, refused with 413 past MAX_REQUEST_BYTES before more of it is held in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+        raise PayloadTooLargeError(f"the request body is {int(declared)} bytes, over the {MAX_REQUEST_BYTES} allowed")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_REQUEST_BYTES:
+            raise PayloadTooLargeError(f"the request body is over the {MAX_REQUEST_BYTES} bytes allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_json(request: Request) -> Any:
-    body = await request.body()
+    return parse_json(await read_body(request))
+
+
+def parse_json(body: bytes) -> Any:
     if not body.strip():
         raise InvalidRequestError("the request body is empty: send a JSON object")
     try:

@@ -80,3 +80,33 @@ def test_extreme_sampling_parameters_affect_no_other_request(lora_server, client
     for answer in others:
         assert answer.result().status_code == 200, answer.result().text
         assert token_ids(answer.result().json()) == alone
+
+
+@pytest.mark.parametrize("path", ["/invocations", "/v1/completions", "/adapters"])
+def test_a_body_over_the_bound_is_413_before_it_is_held(client, path):
+    from container.runtime import MAX_REQUEST_BYTES
+
+    huge = b'{"inputs": "' + b"a" * (MAX_REQUEST_BYTES + 1) + b'"}'
+    assert_json_error(client.post(path, content=huge, headers={"Content-Type": "application/json"}), 413,
+                      "allowed")
+
+    def chunked():  # no Content-Length: the bound holds while the body streams in
+        yield b'{"inputs": "'
+        for _ in range(MAX_REQUEST_BYTES // 65536 + 1):
+            yield b"a" * 65536
+        yield b'"}'
+
+    assert_json_error(client.post(path, content=chunked(), headers={"Content-Type": "application/json"}), 413,
+                      "allowed")
+    assert_still_serving(client)
+
+
+def test_an_unexpected_failure_is_a_json_500_and_the_server_serves_on(client, lora_server, monkeypatch):
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(lora_server.runtime.adapters, "list", broken)
+    assert_json_error(client.get("/adapters"), 500, "internal error (RuntimeError)")
+    monkeypatch.undo()
+    assert client.get("/adapters").status_code == 200
+    assert_still_serving(client)
