@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from handler.attention import paged_attention
 from handler.errors import ModelLoadError
 from handler.forward_context import ForwardContext
+from handler.models.projection import project
 from handler.models.rope import RotaryTable
 from handler.models.weights import CheckpointTensors
 
@@ -76,7 +77,7 @@ class DecoderLayer:
         lora = ctx.lora
 
         x = rms_norm(hidden, self.input_norm, model.rms_norm_eps)
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = project(x, self.qkv_weight, self.qkv_bias)
         if lora is not None:
             lora.apply(self.index, "qkv", qkv, x)
         q, k, v = qkv.split([model.q_size, model.kv_size, model.kv_size], dim=-1)
@@ -85,18 +86,18 @@ class DecoderLayer:
         v = v.view(num_tokens, model.num_kv_heads, model.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, ctx, self.sliding_window, model.attention_scale)
         attn = attn.reshape(num_tokens, model.q_size)
-        o = F.linear(attn, self.o_weight, self.o_bias)
+        o = project(attn, self.o_weight, self.o_bias)
         if lora is not None:
             lora.apply(self.index, "o", o, attn)
         hidden = hidden + o
 
         x = rms_norm(hidden, self.post_attention_norm, model.rms_norm_eps)
-        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        gate_up = project(x, self.gate_up_weight, self.gate_up_bias)
         if lora is not None:
             lora.apply(self.index, "gate_up", gate_up, x)
         gate, up = gate_up.split([model.intermediate_size, model.intermediate_size], dim=-1)
         mlp_hidden = model.activation(gate) * up
-        down = F.linear(mlp_hidden, self.down_weight, self.down_bias)
+        down = project(mlp_hidden, self.down_weight, self.down_bias)
         if lora is not None:
             lora.apply(self.index, "down", down, mlp_hidden)
         return hidden + down
@@ -185,4 +186,4 @@ class LlamaModel:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] -> fp32 logits [B, V]."""
-        return F.linear(hidden, self.lm_head).float()
+        return project(hidden, self.lm_head).float()
