@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from handler.forward_context import ForwardContext
+from handler.forward_context import DecodeGroup, ForwardContext
 
 
 def paged_attention(
@@ -54,15 +54,26 @@ def _prefill_attention(q, k, v, sliding_window: int | None, scale: float) -> tor
 
 
 def _decode_attention(q, k_cache, v_cache, ctx: ForwardContext, sliding_window: int | None, scale: float):
+    groups = ctx.decode_groups
+    if len(groups) == 1 and groups[0].rows is None:
+        return _attend_group(q, k_cache, v_cache, groups[0], sliding_window, scale)
+    out = torch.empty_like(q)
+    for group in groups:
+        group_q = q.index_select(0, group.rows)
+        out.index_copy_(0, group.rows, _attend_group(group_q, k_cache, v_cache, group, sliding_window, scale))
+    return out
+
+
+def _attend_group(q, k_cache, v_cache, group: DecodeGroup, sliding_window: int | None, scale: float):
     batch, q_heads, head_dim = q.shape
     kv_heads, _, block_size, _ = k_cache.shape
-    block_ids = ctx.decode_block_tables.flatten()
-    padded_len = ctx.decode_block_tables.shape[1] * block_size
-    longest = ctx.decode_longest
+    block_ids = group.block_tables.flatten()
+    padded_len = group.block_tables.shape[1] * block_size
+    longest = group.longest
     # [kv_heads, B * max_blocks, block_size, d] -> [B, kv_heads, longest, d] without moving data again.
     keys = k_cache.index_select(1, block_ids).view(kv_heads, batch, padded_len, head_dim)[:, :, :longest]
     values = v_cache.index_select(1, block_ids).view(kv_heads, batch, padded_len, head_dim)[:, :, :longest]
-    mask = _decode_mask(ctx, sliding_window, longest)
+    mask = _decode_mask(group, sliding_window)
     # Grouped-query attention without repeating K/V: the query heads that share a KV head become that
     # head's "query length" (head h uses KV head h // group, as in the reference implementation).
     grouped_q = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)
@@ -71,18 +82,19 @@ def _decode_attention(q, k_cache, v_cache, ctx: ForwardContext, sliding_window: 
     return out.reshape(batch, q_heads, head_dim)
 
 
-def _decode_mask(ctx: ForwardContext, sliding_window: int | None, longest: int) -> torch.Tensor | None:
-    """[B, 1, 1, longest] keys each decode may see; None when all see everything (the kernel's fast path)."""
+def _decode_mask(group: DecodeGroup, sliding_window: int | None) -> torch.Tensor | None:
+    """[b, 1, 1, longest] keys each decode may see; None when all see everything (the kernel's fast path)."""
+    longest = group.longest
     window_cuts = sliding_window is not None and sliding_window < longest
-    if ctx.decode_shortest == longest and not window_cuts:
+    if group.shortest == longest and not window_cuts:
         return None
-    mask = ctx.decode_masks.get(sliding_window)
+    mask = group.masks.get(sliding_window)
     if mask is None:
-        key_pos = torch.arange(longest, device=ctx.decode_context_lens.device)[None, :]
-        lengths = ctx.decode_context_lens[:, None]
+        key_pos = torch.arange(longest, device=group.context_lens.device)[None, :]
+        lengths = group.context_lens[:, None]
         mask = key_pos < lengths
         if sliding_window is not None:
             mask &= key_pos > (lengths - 1) - sliding_window
         mask = mask[:, None, None, :]
-        ctx.decode_masks[sliding_window] = mask
+        group.masks[sliding_window] = mask
     return mask

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from handler.block_manager import BlockManager
-from handler.forward_context import ForwardContext, LoraApplier
+from handler.decode_groups import plan_decode_groups
+from handler.forward_context import DecodeGroup, ForwardContext, LoraApplier
 from handler.models import LlamaModel
 from handler.sampler import Sampler
 from handler.scheduler import ScheduledStep
@@ -76,20 +77,11 @@ class ModelRunner:
             last_token_index.append(start + count - 1)
 
         device = self.device
-        block_tables = lengths = None
-        if decode_tables:
-            width = max(len(table) for table in decode_tables)
-            padded = [table + [0] * (width - len(table)) for table in decode_tables]
-            block_tables = torch.tensor(padded, dtype=torch.long, device=device)
-            lengths = torch.tensor(decode_lengths, dtype=torch.long, device=device)
         ctx = ForwardContext(
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode_tokens=len(step.decode_seqs),
-            decode_block_tables=block_tables,
-            decode_context_lens=lengths,
-            decode_longest=max(decode_lengths, default=0),
-            decode_shortest=min(decode_lengths, default=0),
+            decode_groups=self._decode_groups(decode_tables, decode_lengths),
             prefill_ranges=prefill_ranges,
         )
         return (
@@ -97,3 +89,22 @@ class ModelRunner:
             torch.tensor(input_ids, dtype=torch.long, device=device),
             torch.tensor(last_token_index, dtype=torch.long, device=device),
         )
+
+    def _decode_groups(self, tables: list[list[int]], lengths: list[int]) -> list[DecodeGroup]:
+        device = self.device
+        rows_per_group = plan_decode_groups([len(table) for table in tables])
+        if len(rows_per_group) == 1:
+            rows_per_group = [list(range(len(tables)))]  # one group keeps the token order: no row shuffling
+        groups = []
+        for rows in rows_per_group:
+            width = max(len(tables[row]) for row in rows)
+            padded = [tables[row] + [0] * (width - len(tables[row])) for row in rows]
+            group_lengths = [lengths[row] for row in rows]
+            groups.append(DecodeGroup(
+                rows=None if len(rows_per_group) == 1 else torch.tensor(rows, dtype=torch.long, device=device),
+                block_tables=torch.tensor(padded, dtype=torch.long, device=device),
+                context_lens=torch.tensor(group_lengths, dtype=torch.long, device=device),
+                longest=max(group_lengths),
+                shortest=min(group_lengths),
+            ))
+        return groups
