@@ -17,7 +17,10 @@ MAX_CANDIDATE_CUTS = 32
 
 
 def plan_decode_groups(block_counts: list[int]) -> list[list[int]]:
-    """Rows (indices into block_counts) of each group, shortest group first; one group when none pays."""
+    """Rows (indices into block_counts) of each group, shortest group first.
+
+    When no split pays, the one group keeps the given order, so its tokens need no reordering.
+    """
     order = sorted(range(len(block_counts)), key=block_counts.__getitem__)
     if not order:
         return []
@@ -45,8 +48,11 @@ def plan_decode_groups(block_counts: list[int]) -> list[list[int]]:
             )
             for j in range(len(run_ends))
         ]
+    cuts = best[-1][1]
+    if len(cuts) == 1:
+        return [list(range(len(block_counts)))]
     groups, start = [], 0
-    for end in best[-1][1]:
+    for end in cuts:
         groups.append(order[start:end])
         start = end
     return groups

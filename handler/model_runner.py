@@ -93,8 +93,6 @@ class ModelRunner:
     def _decode_groups(self, tables: list[list[int]], lengths: list[int]) -> list[DecodeGroup]:
         device = self.device
         rows_per_group = plan_decode_groups([len(table) for table in tables])
-        if len(rows_per_group) == 1:
-            rows_per_group = [list(range(len(tables)))]  # one group keeps the token order: no row shuffling
         groups = []
         for rows in rows_per_group:
             width = max(len(tables[row]) for row in rows)

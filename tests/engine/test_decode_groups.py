@@ -35,8 +35,9 @@ def test_many_lengths_get_at_most_max_groups_sorted_by_length():
 
 
 def test_a_split_that_saves_less_than_its_cost_is_not_made():
-    # One long row among short ones saves 1 block per short row: 3 rows do not pay for a group.
-    assert len(plan_decode_groups([1, 1, 1, 3])) == 1
+    # One long row among short ones saves 1 block per short row: 3 rows do not pay for a group, and the
+    # one group keeps the rows in their given order.
+    assert plan_decode_groups([3, 1, 1, 1]) == [[0, 1, 2, 3]]
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 12 inside groups
