@@ -19,6 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     bench_model_dir,
+    engine_throughput,
+    left_padded_batch,
     machine_description,
     measure_memory_bandwidth,
     model_weight_bytes,
@@ -30,25 +32,13 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from handler import Engine, SamplingParams  # noqa: E402
 
 
-def engine_throughput(engine: Engine, requests) -> tuple[float, int]:
-    params = [SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True) for r in requests]
-    started = time.perf_counter()
-    results = engine.generate([r.prompt_ids for r in requests], params)
-    elapsed = time.perf_counter() - started
-    tokens = sum(len(result.token_ids) for result in results)
-    assert tokens == sum(r.max_new_tokens for r in requests)
-    return tokens / elapsed, tokens
-
-
 def transformers_throughput(model, requests, batch_size: int, pad_id: int) -> float:
     """Static batches in arrival order, left-padded; each batch runs to its longest requested output."""
     useful_tokens = 0
     started = time.perf_counter()
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
-        width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        ids, mask = left_padded_batch(batch, pad_id)
         model.generate(ids, attention_mask=mask, max_new_tokens=max(r.max_new_tokens for r in batch),
                        do_sample=False, pad_token_id=pad_id)
         useful_tokens += sum(r.max_new_tokens for r in batch)

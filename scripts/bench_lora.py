@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import BENCH_CACHE, bench_model_dir, machine_description, print_table, workload  # noqa: E402
+from benchlib import (  # noqa: E402
+    BENCH_CACHE,
+    bench_model_dir,
+    engine_throughput,
+    left_padded_batch,
+    machine_description,
+    print_table,
+    workload,
+)
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -70,15 +78,6 @@ def zipf_choices(count: int, num_adapters: int, seed: int = 1) -> list[int]:
     return rng.choices(range(num_adapters), weights=weights, k=count)
 
 
-def engine_run(engine: Engine, requests, adapter_names) -> float:
-    params = [SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True) for r in requests]
-    started = time.perf_counter()
-    results = engine.generate([r.prompt_ids for r in requests], params, adapter_names)
-    elapsed = time.perf_counter() - started
-    assert all(result.finish_reason.value == "length" for result in results), [r.error for r in results][:3]
-    return sum(len(result.token_ids) for result in results) / elapsed
-
-
 def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batch_size: int) -> float:
     from peft import PeftModel
 
@@ -94,9 +93,7 @@ def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batc
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         names = [f"a{choices[start + i]}" for i in range(len(batch))]
-        width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
-        mask = (ids != pad).long()
+        ids, mask = left_padded_batch(batch, pad)
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, do_sample=False,
                            max_new_tokens=max(r.max_new_tokens for r in batch), pad_token_id=pad)
@@ -143,8 +140,9 @@ def main() -> None:
         # on disk), as a server's first minutes would.
         base_throughput = lora_throughput = 0.0
         for _ in range(args.repeats):
-            lora_throughput = max(lora_throughput, engine_run(engine, requests, [f"a{c}" for c in choices]))
-            base_throughput = max(base_throughput, engine_run(engine, requests, None))
+            lora_run, _ = engine_throughput(engine, requests, [f"a{c}" for c in choices])
+            lora_throughput = max(lora_throughput, lora_run)
+            base_throughput = max(base_throughput, engine_throughput(engine, requests)[0])
         peft_throughput = (peft_run(model_dir, all_paths[:count], requests, choices, args.batch_size)
                            if count <= args.peft_max else None)
         rows.append([count, len(set(choices)), lora_throughput, base_throughput, lora_throughput / base_throughput,

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from container.demo.random_model import save_random_model
+from handler import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", REPO_ROOT / ".cache" / "bench"))
@@ -45,6 +46,26 @@ def workload(num_requests: int = 64, min_len: int = 16, max_len: int = 128, seed
                 rng.randint(min_len, max_len))
         for _ in range(num_requests)
     ]
+
+
+def left_padded_batch(batch: list[Request], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask of a static batch for generate(), prompts left-padded to the longest."""
+    width = max(len(r.prompt_ids) for r in batch)
+    ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+    return ids, mask
+
+
+def engine_throughput(engine, requests: list[Request], adapters=None) -> tuple[float, int]:
+    """Generated tokens per second of engine.generate over all requests (eos ignored), and the token count."""
+    params = [SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True) for r in requests]
+    started = time.perf_counter()
+    results = engine.generate([r.prompt_ids for r in requests], params, adapters)
+    elapsed = time.perf_counter() - started
+    assert all(result.finish_reason.value == "length" for result in results), [r.error for r in results][:3]
+    tokens = sum(len(result.token_ids) for result in results)
+    assert tokens == sum(r.max_new_tokens for r in requests)
+    return tokens / elapsed, tokens
 
 
 def measure_memory_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
