@@ -1,14 +1,21 @@
 """Bookkeeping of the paged KV cache: which fixed-size blocks each sequence owns. No tensors here.
 
 A sequence's token i lives in block `block_table[i // block_size]` at offset `i % block_size`. Blocks are
-handed out from a free list and returned the moment a sequence finishes or is preempted.
+taken from the free ones and returned the moment a sequence finishes or is preempted.
+
+Any free block serves any sequence (that is what paging buys), but the manager places each sequence so
+that its blocks are usually consecutive: decode attention then reads a sequence's K/V in place instead of
+gathering them (on CPU the gather was the largest cost of a decode step after the GEMMs). A new sequence
+starts where the blocks up to its full length (prompt + max_new_tokens) are free and not set aside for
+another; those blocks past its prompt are set aside for it, softly: it grows into them one by one, and
+when no other free block is left, anyone may take them.
 """
 
 from __future__ import annotations
 
-from collections import deque
-
 from handler.sequence import Sequence
+
+_USED, _FREE, _SET_ASIDE = 0, 1, 2  # one byte per block; _SET_ASIDE blocks are free too
 
 
 class BlockManager:
@@ -17,11 +24,14 @@ class BlockManager:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free_blocks: deque[int] = deque(range(num_blocks))
+        self._state = bytearray([_FREE]) * num_blocks  # bytearray.find searches runs in C
+        self._num_free = num_blocks
+        # Sequence -> (start, end): the blocks set aside for it to grow into.
+        self._set_aside: dict[Sequence, tuple[int, int]] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_blocks)
+        return self._num_free
 
     @property
     def capacity_tokens(self) -> int:
@@ -32,18 +42,25 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether `num_tokens` more tokens of `seq` fit, counting space left in its last block."""
-        return self._extra_blocks(seq, num_tokens) <= len(self._free_blocks)
+        return self._extra_blocks(seq, num_tokens) <= self._num_free
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow `seq`'s block table so that `num_tokens` more tokens (after its cached ones) have a place."""
         extra = self._extra_blocks(seq, num_tokens)
-        if extra > len(self._free_blocks):
-            raise RuntimeError(f"out of KV blocks: need {extra}, {len(self._free_blocks)} free")
+        if extra > self._num_free:
+            raise RuntimeError(f"out of KV blocks: need {extra}, {self._num_free} free")
+        table = seq.block_table
         for _ in range(extra):
-            seq.block_table.append(self._free_blocks.popleft())
+            block = self._next_block(seq)
+            self._state[block] = _USED
+            table.append(block)
+        self._num_free -= extra
 
     def free(self, seq: Sequence) -> None:
-        self._free_blocks.extend(seq.block_table)
+        self._release_set_aside(seq)
+        for block in seq.block_table:
+            self._state[block] = _FREE
+        self._num_free += len(seq.block_table)
         seq.block_table.clear()
         seq.num_cached_tokens = 0
 
@@ -54,3 +71,35 @@ class BlockManager:
     def _extra_blocks(self, seq: Sequence, num_tokens: int) -> int:
         needed = self.blocks_needed(seq.num_cached_tokens + num_tokens)
         return max(0, needed - len(seq.block_table))
+
+    def _next_block(self, seq: Sequence) -> int:
+        table = seq.block_table
+        if table:
+            following = table[-1] + 1
+            if following < self.num_blocks and self._state[following] != _USED:
+                return following
+        # A new run: where the rest of its full length fits among blocks nobody else is growing into
+        # (or as much of it as fits: halving the length asked for), else (the cache is nearly full) any
+        # free block, those set aside for others last.
+        self._release_set_aside(seq)
+        wanted = max(1, self.blocks_needed(seq.max_total_tokens) - len(table))
+        while wanted >= 1:
+            start = self._state.find(bytes([_FREE]) * wanted)
+            if start >= 0:
+                if wanted > 1:
+                    self._state[start + 1 : start + wanted] = bytes([_SET_ASIDE]) * (wanted - 1)
+                    self._set_aside[seq] = (start + 1, start + wanted)
+                return start
+            wanted //= 2
+        return self._state.find(_SET_ASIDE)
+
+    def _release_set_aside(self, seq: Sequence) -> None:
+        # A block of this span that another sequence took, freed and then had set aside for a third is
+        # handed back too: set-asides only steer placement, so that rare case costs contiguity, not room.
+        span = self._set_aside.pop(seq, None)
+        if span is None:
+            return
+        start, end = span
+        for block in range(start, end):
+            if self._state[block] == _SET_ASIDE:
+                self._state[block] = _FREE

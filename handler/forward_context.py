@@ -6,7 +6,7 @@ sequence's tokens, contiguous. Keeping this in one object keeps the layers' sign
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -19,20 +19,17 @@ class LoraApplier(Protocol):
 
 
 @dataclass(slots=True)
-class DecodeGroup:
-    """Decoding sequences of similar context length, whose K/V are gathered and attended together.
+class DecodeKV:
+    """Where one decoding sequence's cached K/V are, and how many tokens it attends to (itself included).
 
-    Padding every decode to the longest of the whole batch gathered and attended over 37% padding on
-    bench_engine's workload (contexts of 32..256 tokens); grouping by length cuts most of that.
+    Each decode attends on its own, straight from the cache: when its blocks are consecutive (the block
+    manager places sequences so that they usually are) its keys are a view of the cache, otherwise its
+    blocks are gathered. Gathering the whole batch into one padded tensor cost twice as much on CPU.
     """
 
-    rows: torch.Tensor | None  # [b] their rows among the step's decode tokens; None = all rows, in order
-    block_tables: torch.Tensor  # [b, max_blocks], padded with block 0
-    context_lens: torch.Tensor  # [b] tokens each attends to, itself included
-    longest: int  # the longest and shortest of those, known on the host
-    shortest: int
-    # Masks per sliding-window size (None = full attention), built on first use in the step.
-    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    length: int
+    first_block: int | None  # its blocks are first_block, first_block + 1, ...: read in place
+    block_ids: torch.Tensor | None  # otherwise its block table, to gather
 
 
 @dataclass(slots=True)
@@ -40,6 +37,6 @@ class ForwardContext:
     positions: torch.Tensor  # [T] position of each token in its sequence
     slot_mapping: torch.Tensor  # [T] flat KV-cache index each token's K/V is written to
     num_decode_tokens: int
-    decode_groups: list[DecodeGroup]  # every decode token is in exactly one
+    decode_kv: list[DecodeKV]  # one per decode token, in the same order
     prefill_ranges: list[tuple[int, int]]  # [start, end) of each prefilling sequence in the token order
     lora: LoraApplier | None = None

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from handler.block_manager import BlockManager
-from handler.decode_groups import plan_decode_groups
-from handler.forward_context import DecodeGroup, ForwardContext, LoraApplier
+from handler.forward_context import DecodeKV, ForwardContext, LoraApplier
 from handler.models import LlamaModel
 from handler.sampler import Sampler
 from handler.scheduler import ScheduledStep
@@ -54,16 +53,14 @@ class ModelRunner:
         slots: list[int] = []
         last_token_index: list[int] = []
 
-        decode_tables: list[list[int]] = []
-        decode_lengths: list[int] = []
+        decode_kv: list[DecodeKV] = []
         for seq in step.decode_seqs:
             position = seq.num_tokens - 1
             input_ids.append(seq.output_token_ids[-1])  # a decoding sequence has sampled at least once
             positions.append(position)
             slots.append(self.block_manager.slot_of(seq, position))
             last_token_index.append(len(input_ids) - 1)
-            decode_tables.append(seq.block_table)
-            decode_lengths.append(seq.num_tokens)
+            decode_kv.append(self._decode_kv(seq.block_table, seq.num_tokens))
 
         prefill_ranges: list[tuple[int, int]] = []
         for seq in step.prefill_seqs:
@@ -81,7 +78,7 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode_tokens=len(step.decode_seqs),
-            decode_groups=self._decode_groups(decode_tables, decode_lengths),
+            decode_kv=decode_kv,
             prefill_ranges=prefill_ranges,
         )
         return (
@@ -90,19 +87,9 @@ class ModelRunner:
             torch.tensor(last_token_index, dtype=torch.long, device=device),
         )
 
-    def _decode_groups(self, tables: list[list[int]], lengths: list[int]) -> list[DecodeGroup]:
-        device = self.device
-        rows_per_group = plan_decode_groups([len(table) for table in tables])
-        groups = []
-        for rows in rows_per_group:
-            width = max(len(tables[row]) for row in rows)
-            padded = [tables[row] + [0] * (width - len(tables[row])) for row in rows]
-            group_lengths = [lengths[row] for row in rows]
-            groups.append(DecodeGroup(
-                rows=None if len(rows_per_group) == 1 else torch.tensor(rows, dtype=torch.long, device=device),
-                block_tables=torch.tensor(padded, dtype=torch.long, device=device),
-                context_lens=torch.tensor(group_lengths, dtype=torch.long, device=device),
-                longest=max(group_lengths),
-                shortest=min(group_lengths),
-            ))
-        return groups
+    def _decode_kv(self, table: list[int], length: int) -> DecodeKV:
+        first = table[0]
+        if table[-1] - first == len(table) - 1 and table == list(range(first, first + len(table))):
+            return DecodeKV(length=length, first_block=first, block_ids=None)
+        return DecodeKV(length=length, first_block=None,
+                        block_ids=torch.tensor(table, dtype=torch.long, device=self.device))
