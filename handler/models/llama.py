@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from handler.attention import paged_attention
 from handler.errors import ModelLoadError
 from handler.forward_context import ForwardContext
-from handler.models.projection import project
+from handler.models.projection import Projection
 from handler.models.rope import RotaryTable
 from handler.models.weights import CheckpointTensors
 
@@ -58,18 +58,16 @@ class DecoderLayer:
         self.sliding_window = model.sliding_windows[index]
         self.input_norm = load("input_layernorm.weight")
         self.post_attention_norm = load("post_attention_layernorm.weight")
-        self.qkv_weight = torch.cat([load(f"self_attn.{p}.weight") for p in LORA_GROUPS["qkv"]])
-        self.qkv_bias = (
-            torch.cat([load(f"self_attn.{p}.bias") for p in LORA_GROUPS["qkv"]]) if model.qkv_bias else None
+        self.qkv = Projection(
+            torch.cat([load(f"self_attn.{p}.weight") for p in LORA_GROUPS["qkv"]]),
+            torch.cat([load(f"self_attn.{p}.bias") for p in LORA_GROUPS["qkv"]]) if model.qkv_bias else None,
         )
-        self.o_weight = load("self_attn.o_proj.weight")
-        self.o_bias = load_bias("self_attn.o_proj.bias", model.o_bias)
-        self.gate_up_weight = torch.cat([load(f"mlp.{p}.weight") for p in LORA_GROUPS["gate_up"]])
-        self.gate_up_bias = (
-            torch.cat([load(f"mlp.{p}.bias") for p in LORA_GROUPS["gate_up"]]) if model.mlp_bias else None
+        self.o = Projection(load("self_attn.o_proj.weight"), load_bias("self_attn.o_proj.bias", model.o_bias))
+        self.gate_up = Projection(
+            torch.cat([load(f"mlp.{p}.weight") for p in LORA_GROUPS["gate_up"]]),
+            torch.cat([load(f"mlp.{p}.bias") for p in LORA_GROUPS["gate_up"]]) if model.mlp_bias else None,
         )
-        self.down_weight = load("mlp.down_proj.weight")
-        self.down_bias = load_bias("mlp.down_proj.bias", model.mlp_bias)
+        self.down = Projection(load("mlp.down_proj.weight"), load_bias("mlp.down_proj.bias", model.mlp_bias))
 
     def forward(self, hidden: torch.Tensor, ctx: ForwardContext, k_cache, v_cache) -> torch.Tensor:
         model = self.model
@@ -77,7 +75,7 @@ class DecoderLayer:
         lora = ctx.lora
 
         x = rms_norm(hidden, self.input_norm, model.rms_norm_eps)
-        qkv = project(x, self.qkv_weight, self.qkv_bias)
+        qkv = self.qkv(x)
         if lora is not None:
             lora.apply(self.index, "qkv", qkv, x)
         q, k, v = qkv.split([model.q_size, model.kv_size, model.kv_size], dim=-1)
@@ -86,18 +84,18 @@ class DecoderLayer:
         v = v.view(num_tokens, model.num_kv_heads, model.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, ctx, self.sliding_window, model.attention_scale)
         attn = attn.reshape(num_tokens, model.q_size)
-        o = project(attn, self.o_weight, self.o_bias)
+        o = self.o(attn)
         if lora is not None:
             lora.apply(self.index, "o", o, attn)
         hidden = hidden + o
 
         x = rms_norm(hidden, self.post_attention_norm, model.rms_norm_eps)
-        gate_up = project(x, self.gate_up_weight, self.gate_up_bias)
+        gate_up = self.gate_up(x)
         if lora is not None:
             lora.apply(self.index, "gate_up", gate_up, x)
         gate, up = gate_up.split([model.intermediate_size, model.intermediate_size], dim=-1)
         mlp_hidden = model.activation(gate) * up
-        down = project(mlp_hidden, self.down_weight, self.down_bias)
+        down = self.down(mlp_hidden)
         if lora is not None:
             lora.apply(self.index, "down", down, mlp_hidden)
         return hidden + down
@@ -142,9 +140,9 @@ class LlamaModel:
         self.layers = [DecoderLayer(self, index, tensors) for index in range(self.num_layers)]
         self.final_norm = tensors.get("model.norm.weight", dtype).to(self.device)
         if getattr(hf_config, "tie_word_embeddings", False) or "lm_head.weight" not in tensors:
-            self.lm_head = self.embed_tokens
+            self.lm_head = Projection(self.embed_tokens)
         else:
-            self.lm_head = tensors.get("lm_head.weight", dtype).to(self.device)
+            self.lm_head = Projection(tensors.get("lm_head.weight", dtype).to(self.device))
 
     # ---- what differs between the family's members --------------------------------------------------
 
@@ -186,4 +184,4 @@ class LlamaModel:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] -> fp32 logits [B, V]."""
-        return project(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()

@@ -1,20 +1,40 @@
-"""project() is x @ W.T + b whichever operand order it picks for the row count."""
+"""Projection(W, b)(x) is x @ W.T + b, whichever backend and operand order it picks for the row count."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from handler.models.projection import WEIGHT_MAJOR_MAX_ROWS, project
+from handler.models.projection import WEIGHT_MAJOR_MAX_ROWS, Projection, onednn_usable_for
 
 
-@pytest.mark.parametrize("rows", [1, 2, 17, WEIGHT_MAJOR_MAX_ROWS, WEIGHT_MAJOR_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 2, 17, WEIGHT_MAJOR_MAX_ROWS, WEIGHT_MAJOR_MAX_ROWS + 1, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_project_equals_linear(rows, with_bias):
+@pytest.mark.parametrize("use_onednn", [False, True])
+def test_projection_equals_linear(rows, with_bias, use_onednn):
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 48, generator=generator)
     weight = torch.randn(80, 48, generator=generator)
     bias = torch.randn(80, generator=generator) if with_bias else None
-    out = project(x, weight, bias)
+    projection = Projection(weight, bias, use_onednn=use_onednn)
+    if use_onednn and not onednn_usable_for(weight):
+        pytest.skip("this torch build has no usable oneDNN prepacked linear")
+    assert projection.backend == ("onednn" if use_onednn else "dense")
+    out = projection(x)
     assert out.shape == (rows, 80)
     assert out.is_contiguous()
-    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_the_packed_form_replaces_the_plain_weight():
+    weight = torch.randn(80, 48)
+    if not onednn_usable_for(weight):
+        pytest.skip("this torch build has no usable oneDNN prepacked linear")
+    assert Projection(weight).weight is None
+
+
+def test_other_dtypes_keep_the_plain_weight():
+    weight = torch.randn(80, 48, dtype=torch.bfloat16)
+    projection = Projection(weight)
+    assert projection.backend == "dense" and projection.weight is weight
+    x = torch.randn(5, 48, dtype=torch.bfloat16)
+    torch.testing.assert_close(projection(x), F.linear(x, weight))
