@@ -4,8 +4,10 @@ On CPU with fp32 weights, each weight is repacked once at load into oneDNN's blo
 multiplied with oneDNN's inner product (the prepacked linear that torch's own CPU compiler emits).
 Measured on a 2-core AVX2 VM with torch 2.13, against MKL's sgemm on the plain weight: at 32 rows
 (a decode batch) 1.3x faster for the q/k/v projection and 1.6x for the 32000-wide LM head, at 1 row
-1.8x for the LM head, and no slower for prefills. The packed copy replaces the plain weight, so
-memory does not grow (except for an LM head tied to the embedding table, which both need).
+1.8x for the LM head; prefills go through in 64-row pieces, about as fast as MKL. The packed copy
+replaces the plain weight, the same size (an LM head tied to the embedding table needs both), but
+oneDNN keeps some state per input shape: bounded by the 64-row cap, about 100-180 MB on
+bench_engine's model.
 
 Without oneDNN (or for other dtypes, or on GPUs, where cuBLAS picks its own kernels) the plain weight
 is used. There MKL is markedly slower for a few activation rows against a wide weight when called as
@@ -23,6 +25,11 @@ import torch.nn.functional as F
 
 # Up to this many rows the weight-major call is used on CPU: the decode regime (one row per sequence).
 WEIGHT_MAJOR_MAX_ROWS = 64
+# oneDNN (through torch's ideep) keeps state per input shape that it does not give back: 1..64 rows on
+# the five projection shapes of bench_engine's model held ~180 MB for good, while ~2000 distinct row
+# counts held several GB. So it never sees more than 64 rows: longer inputs (prefills) go through in
+# 64-row pieces, which were as fast as whole (64 rows already keep the cores busy).
+ONEDNN_MAX_ROWS = 64
 # oneDNN tunes the packed layout for a batch size; from 8 rows up the hint changed little (measured).
 PACK_FOR_ROWS = 32
 
@@ -41,9 +48,18 @@ class Projection:
         return "onednn" if self._packed is not None else "dense"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return _dense_project(x, self.weight, self.bias)
+        if self._packed is None:
+            return _dense_project(x, self.weight, self.bias)
+        rows = x.shape[0]
+        if rows <= ONEDNN_MAX_ROWS:
+            return self._onednn(x)
+        out = torch.empty(rows, self.out_features, dtype=x.dtype, device=x.device)
+        for start in range(0, rows, ONEDNN_MAX_ROWS):
+            out[start : start + ONEDNN_MAX_ROWS] = self._onednn(x[start : start + ONEDNN_MAX_ROWS])
+        return out
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
 def onednn_usable_for(weight: torch.Tensor) -> bool:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from handler.models.projection import WEIGHT_MAJOR_MAX_ROWS, Projection, onednn_usable_for
+from handler.models.projection import ONEDNN_MAX_ROWS, WEIGHT_MAJOR_MAX_ROWS, Projection, onednn_usable_for
 
 
 @pytest.mark.parametrize("rows", [1, 2, 17, WEIGHT_MAJOR_MAX_ROWS, WEIGHT_MAJOR_MAX_ROWS + 1, 300])
@@ -38,3 +38,21 @@ def test_other_dtypes_keep_the_plain_weight():
     assert projection.backend == "dense" and projection.weight is weight
     x = torch.randn(5, 48, dtype=torch.bfloat16)
     torch.testing.assert_close(projection(x), F.linear(x, weight))
+
+
+def test_onednn_never_sees_more_than_its_row_cap():
+    # It keeps state per input shape for good: prefills must reach it in pieces of bounded size.
+    weight, x = torch.randn(80, 48), torch.randn(300, 48)
+    projection = Projection(weight)
+    if projection.backend != "onednn":
+        pytest.skip("this torch build has no usable oneDNN prepacked linear")
+    seen = []
+    inner = projection._onednn
+
+    def spy(rows):
+        seen.append(rows.shape[0])
+        return inner(rows)
+
+    projection._onednn = spy
+    torch.testing.assert_close(projection(x), F.linear(x, weight), rtol=1e-5, atol=1e-4)
+    assert seen == [ONEDNN_MAX_ROWS] * 4 + [300 - 4 * ONEDNN_MAX_ROWS]
