@@ -2,9 +2,11 @@
 
 The cache of one layer is `[kv_heads, num_blocks, block_size, head_dim]` for K and for V. Prefills attend
 to their own fresh K/V (a prefill always starts at position 0: a preempted sequence is recomputed whole).
-Each decode attends on its own to its cached K/V: head-major blocks make a sequence whose blocks are
-consecutive one strided view of the cache (no copy at all), and any other sequence one `index_select`
-whose result is already `[kv_heads, L, d]` with each head's keys contiguous.
+Decodes read their cached K/V in one of two ways. On CPU each attends on its own: head-major blocks make
+a sequence whose blocks are consecutive one strided view of the cache (no copy at all), and any other
+sequence one `index_select` whose result is already `[kv_heads, L, d]` with each head's keys contiguous.
+On GPUs, where that would be a kernel launch per sequence and layer, all are gathered into one padded
+`[B, kv_heads, L, d]` tensor (the same `index_select`) and attended in one call.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from handler.forward_context import DecodeKV, ForwardContext
+from handler.forward_context import DecodeKV, ForwardContext, PaddedDecodes
 
 
 def paged_attention(
@@ -54,6 +56,8 @@ def _prefill_attention(q, k, v, sliding_window: int | None, scale: float) -> tor
 
 
 def _decode_attention(q, k_cache, v_cache, ctx: ForwardContext, sliding_window: int | None, scale: float):
+    if isinstance(ctx.decode_kv, PaddedDecodes):
+        return _padded_decode_attention(q, k_cache, v_cache, ctx.decode_kv, sliding_window, scale)
     batch, q_heads, head_dim = q.shape
     kv_heads, _, block_size, _ = k_cache.shape
     # Grouped-query attention without repeating K/V: the query heads that share a KV head become that
@@ -77,3 +81,37 @@ def _cached(cache: torch.Tensor, seq: DecodeKV, start: int, block_size: int) -> 
     first = start // block_size
     gathered = cache.index_select(1, seq.block_ids[first:]).view(kv_heads, -1, head_dim)
     return gathered[:, start - first * block_size : seq.length - first * block_size]
+
+
+def _padded_decode_attention(q, k_cache, v_cache, decodes: PaddedDecodes, sliding_window: int | None,
+                             scale: float):
+    batch, q_heads, head_dim = q.shape
+    kv_heads, _, block_size, _ = k_cache.shape
+    block_ids = decodes.block_tables.flatten()
+    padded_len = decodes.block_tables.shape[1] * block_size
+    longest = decodes.longest
+    # [kv_heads, B * max_blocks, block_size, d] -> [B, kv_heads, longest, d] without moving data again.
+    keys = k_cache.index_select(1, block_ids).view(kv_heads, batch, padded_len, head_dim)[:, :, :longest]
+    values = v_cache.index_select(1, block_ids).view(kv_heads, batch, padded_len, head_dim)[:, :, :longest]
+    grouped_q = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # GQA as in _decode_attention
+    out = F.scaled_dot_product_attention(grouped_q, keys.transpose(0, 1), values.transpose(0, 1),
+                                         attn_mask=_padded_decode_mask(decodes, sliding_window), scale=scale)
+    return out.reshape(batch, q_heads, head_dim)
+
+
+def _padded_decode_mask(decodes: PaddedDecodes, sliding_window: int | None) -> torch.Tensor | None:
+    """[B, 1, 1, longest] keys each decode may see; None when all see everything (the kernel's fast path)."""
+    longest = decodes.longest
+    window_cuts = sliding_window is not None and sliding_window < longest
+    if decodes.shortest == longest and not window_cuts:
+        return None
+    mask = decodes.masks.get(sliding_window)
+    if mask is None:
+        key_pos = torch.arange(longest, device=decodes.context_lens.device)[None, :]
+        lengths = decodes.context_lens[:, None]
+        mask = key_pos < lengths
+        if sliding_window is not None:
+            mask &= key_pos > (lengths - 1) - sliding_window
+        mask = mask[:, None, None, :]
+        decodes.masks[sliding_window] = mask
+    return mask

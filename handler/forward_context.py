@@ -6,7 +6,7 @@ sequence's tokens, contiguous. Keeping this in one object keeps the layers' sign
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -22,9 +22,10 @@ class LoraApplier(Protocol):
 class DecodeKV:
     """Where one decoding sequence's cached K/V are, and how many tokens it attends to (itself included).
 
-    Each decode attends on its own, straight from the cache: when its blocks are consecutive (the block
-    manager places sequences so that they usually are) its keys are a view of the cache, otherwise its
-    blocks are gathered. Gathering the whole batch into one padded tensor cost twice as much on CPU.
+    The form for CPUs: each decode attends on its own, straight from the cache. When its blocks are
+    consecutive (the block manager places sequences so that they usually are) its keys are a view of
+    the cache, otherwise its blocks are gathered. Gathering the whole batch into one padded tensor
+    (PaddedDecodes) cost about twice as much on CPU.
     """
 
     length: int
@@ -33,10 +34,28 @@ class DecodeKV:
 
 
 @dataclass(slots=True)
+class PaddedDecodes:
+    """All decoding sequences' blocks, gathered into one padded tensor and attended in one call.
+
+    The form for GPUs, where one attention per sequence would cost a kernel launch per sequence and
+    layer, and a gather is cheap next to that.
+    """
+
+    block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
+    context_lens: torch.Tensor  # [B] tokens each attends to, itself included
+    longest: int  # the longest and shortest of those, known on the host
+    shortest: int
+    # Masks per sliding-window size (None = full attention), built on first use in the step.
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class ForwardContext:
     positions: torch.Tensor  # [T] position of each token in its sequence
     slot_mapping: torch.Tensor  # [T] flat KV-cache index each token's K/V is written to
     num_decode_tokens: int
-    decode_kv: list[DecodeKV]  # one per decode token, in the same order
+    # The decodes' cached K/V in one of two forms (see each): one per decode token in the same order,
+    # or all padded together.
+    decode_kv: list[DecodeKV] | PaddedDecodes
     prefill_ranges: list[tuple[int, int]]  # [start, end) of each prefilling sequence in the token order
     lora: LoraApplier | None = None

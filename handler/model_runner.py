@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from handler.block_manager import BlockManager
-from handler.forward_context import DecodeKV, ForwardContext, LoraApplier
+from handler.forward_context import DecodeKV, ForwardContext, LoraApplier, PaddedDecodes
 from handler.models import LlamaModel
 from handler.sampler import Sampler
 from handler.scheduler import ScheduledStep
@@ -31,6 +31,9 @@ class ModelRunner:
             device=self.device,
         )
         self.sampler = Sampler(self.device)
+        # How decodes read their K/V (handler/forward_context.py): all padded together on GPUs, each on
+        # its own on CPU. Tests switch it to run the other form on CPU.
+        self.pad_decodes = self.device.type == "cuda"
 
     def execute(self, step: ScheduledStep, lora: LoraApplier | None = None) -> tuple[list[int], list[float]]:
         """Run one forward pass over the step's tokens; return each sequence's next token and log-prob.
@@ -53,14 +56,16 @@ class ModelRunner:
         slots: list[int] = []
         last_token_index: list[int] = []
 
-        decode_kv: list[DecodeKV] = []
+        decode_tables: list[list[int]] = []
+        decode_lengths: list[int] = []
         for seq in step.decode_seqs:
             position = seq.num_tokens - 1
             input_ids.append(seq.output_token_ids[-1])  # a decoding sequence has sampled at least once
             positions.append(position)
             slots.append(self.block_manager.slot_of(seq, position))
             last_token_index.append(len(input_ids) - 1)
-            decode_kv.append(self._decode_kv(seq.block_table, seq.num_tokens))
+            decode_tables.append(seq.block_table)
+            decode_lengths.append(seq.num_tokens)
 
         prefill_ranges: list[tuple[int, int]] = []
         for seq in step.prefill_seqs:
@@ -78,7 +83,7 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode_tokens=len(step.decode_seqs),
-            decode_kv=decode_kv,
+            decode_kv=self._decode_kv(decode_tables, decode_lengths),
             prefill_ranges=prefill_ranges,
         )
         return (
@@ -87,9 +92,23 @@ class ModelRunner:
             torch.tensor(last_token_index, dtype=torch.long, device=device),
         )
 
-    def _decode_kv(self, table: list[int], length: int) -> DecodeKV:
-        first = table[0]
-        if table[-1] - first == len(table) - 1 and table == list(range(first, first + len(table))):
-            return DecodeKV(length=length, first_block=first, block_ids=None)
-        return DecodeKV(length=length, first_block=None,
-                        block_ids=torch.tensor(table, dtype=torch.long, device=self.device))
+    def _decode_kv(self, tables: list[list[int]], lengths: list[int]) -> list[DecodeKV] | PaddedDecodes:
+        device = self.device
+        if self.pad_decodes and tables:
+            width = max(len(table) for table in tables)
+            return PaddedDecodes(
+                block_tables=torch.tensor([table + [0] * (width - len(table)) for table in tables],
+                                          dtype=torch.long, device=device),
+                context_lens=torch.tensor(lengths, dtype=torch.long, device=device),
+                longest=max(lengths),
+                shortest=min(lengths),
+            )
+        decode_kv = []
+        for table, length in zip(tables, lengths):
+            first = table[0]
+            if table[-1] - first == len(table) - 1 and table == list(range(first, first + len(table))):
+                decode_kv.append(DecodeKV(length=length, first_block=first, block_ids=None))
+            else:
+                decode_kv.append(DecodeKV(length=length, first_block=None,
+                                          block_ids=torch.tensor(table, dtype=torch.long, device=device)))
+        return decode_kv

@@ -1,16 +1,21 @@
 """Decode attention straight from the paged cache, against an fp32 softmax written out by hand.
 
-A sequence whose blocks are consecutive is read in place, any other is gathered: both must give the
-reference's answer, with grouped-query heads and with a sliding window.
+On CPU a sequence whose blocks are consecutive is read in place, any other is gathered; on GPUs all are
+gathered into one padded batch. Every form must give the reference's answer, with grouped-query heads
+and with a sliding window, and the engine must still equal transformers with the GPU form.
 """
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
+from handler import Engine, SamplingParams
 from handler.attention import paged_attention
-from handler.forward_context import DecodeKV, ForwardContext
+from handler.forward_context import DecodeKV, ForwardContext, PaddedDecodes
+from tests.models import reference_greedy
 
 KV_HEADS, Q_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 4, 8, 4, 12
 
@@ -35,8 +40,16 @@ def decode_kv(table: list[int], length: int) -> DecodeKV:
     return DecodeKV(length=length, first_block=None, block_ids=torch.tensor(table))
 
 
+def padded(layouts) -> PaddedDecodes:
+    width = max(len(table) for table, _ in layouts)
+    lengths = [length for _, length in layouts]
+    return PaddedDecodes(block_tables=torch.tensor([table + [0] * (width - len(table)) for table, _ in layouts]),
+                         context_lens=torch.tensor(lengths), longest=max(lengths), shortest=min(lengths))
+
+
 @pytest.mark.parametrize("window", [None, 5])
-def test_in_place_and_gathered_sequences_match_the_reference(window):
+@pytest.mark.parametrize("form", ["per sequence", "padded"])
+def test_every_form_of_decode_attention_matches_the_reference(window, form):
     gen = torch.Generator().manual_seed(0)
     # Three decoding sequences: consecutive blocks, scattered blocks, and one that ends mid-block.
     layouts = [([2, 3, 4], 10), ([9, 0, 6], 12), ([7, 11], 5)]
@@ -63,11 +76,38 @@ def test_in_place_and_gathered_sequences_match_the_reference(window):
         positions=torch.tensor([length - 1 for _, length in layouts]),
         slot_mapping=torch.tensor(slots),
         num_decode_tokens=len(layouts),
-        decode_kv=[decode_kv(table, length) for table, length in layouts],
+        decode_kv=[decode_kv(table, length) for table, length in layouts] if form == "per sequence"
+        else padded(layouts),
         prefill_ranges=[],
     )
-    assert [kv.first_block for kv in ctx.decode_kv] == [2, None, None]
+    if form == "per sequence":
+        assert [kv.first_block for kv in ctx.decode_kv] == [2, None, None]
     scale = HEAD_DIM**-0.5
     out = paged_attention(q, torch.stack(new_k), torch.stack(new_v), k_cache, v_cache, ctx, window, scale)
     for row, (keys, values) in enumerate(history):
         torch.testing.assert_close(out[row], reference(q[row], keys, values, scale, window), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 12
+def test_the_padded_form_matches_transformers_in_the_engine(tiny_models, family):
+    model_dir = tiny_models.get(family, family)
+    engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=16, block_size=4)
+    engine.runner.pad_decodes = True  # the GPU form, on CPU
+    forms = []
+    build = engine.runner._decode_kv
+
+    def spy(tables, lengths):
+        built = build(tables, lengths)
+        if tables:
+            forms.append(type(built))
+        return built
+
+    engine.runner._decode_kv = spy
+    rng = random.Random(7)
+    short = [[0] + [rng.randrange(3, 1024) for _ in range(rng.randint(2, 6))] for _ in range(8)]
+    long = [[0] + [rng.randrange(3, 1024) for _ in range(rng.randint(60, 80))] for _ in range(8)]
+    prompts = [prompt for pair in zip(short, long) for prompt in pair]
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=12))
+    assert PaddedDecodes in forms and list not in forms
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == reference_greedy(model_dir, prompt, 12)
