@@ -5,8 +5,9 @@ to their own fresh K/V (a prefill always starts at position 0: a preempted seque
 Decodes read their cached K/V in one of two ways. On CPU each attends on its own: head-major blocks make
 a sequence whose blocks are consecutive one strided view of the cache (no copy at all), and any other
 sequence one `index_select` whose result is already `[kv_heads, L, d]` with each head's keys contiguous.
-On GPUs, where that would be a kernel launch per sequence and layer, all are gathered into one padded
-`[B, kv_heads, L, d]` tensor (the same `index_select`) and attended in one call.
+On GPUs, where that would be a kernel launch per sequence and layer, and on CPU while the result is
+small, all are gathered into one padded `[B, kv_heads, L, d]` tensor (the same `index_select`) and
+attended in one call.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ class LoraApplier(Protocol):
 class DecodeKV:
     """Where one decoding sequence's cached K/V are, and how many tokens it attends to (itself included).
 
-    The form for CPUs: each decode attends on its own, straight from the cache. When its blocks are
+    The form for CPUs (above a small batch): each decode attends on its own, straight from the cache. When its blocks are
     consecutive (the block manager places sequences so that they usually are) its keys are a view of
     the cache, otherwise its blocks are gathered. Gathering the whole batch into one padded tensor
     (PaddedDecodes) cost about twice as much on CPU.
@@ -38,7 +38,8 @@ class PaddedDecodes:
     """All decoding sequences' blocks, gathered into one padded tensor and attended in one call.
 
     The form for GPUs, where one attention per sequence would cost a kernel launch per sequence and
-    layer, and a gather is cheap next to that.
+    layer, and a gather is cheap next to that; and on CPU while the padded tensor is small (a small
+    model, short contexts), where per-call overhead outweighs the copy.
     """
 
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0

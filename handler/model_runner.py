@@ -12,6 +12,13 @@ from handler.scheduler import ScheduledStep
 from handler.sequence import Sequence
 
 
+# On CPU, up to this many K elements per layer in the padded [B, kv_heads, longest, d] tensor, one gather
+# and one attention call for all decodes beat one call per sequence (small models, short contexts:
+# per-call overhead dominates); above it, per sequence won, up to 4x at bench_engine's shapes.
+# Measured crossover on 2 cores: between 0.26M (padded 1.6x faster) and 0.82-1.05M (per sequence 1.1-1.4x).
+PAD_DECODES_MAX_ELEMENTS = 2**19
+
+
 def kv_bytes_per_token(model: LlamaModel) -> int:
     element_size = torch.empty((), dtype=model.dtype).element_size()
     return 2 * model.num_layers * model.num_kv_heads * model.head_dim * element_size
@@ -31,9 +38,9 @@ class ModelRunner:
             device=self.device,
         )
         self.sampler = Sampler(self.device)
-        # How decodes read their K/V (handler/forward_context.py): all padded together on GPUs, each on
-        # its own on CPU. Tests switch it to run the other form on CPU.
-        self.pad_decodes = self.device.type == "cuda"
+        # How decodes read their K/V (handler/forward_context.py): "padded" (always, on GPUs),
+        # "per_sequence", or "auto" (CPU): padded while the padded tensor is small. Tests force each.
+        self.decode_form = "padded" if self.device.type == "cuda" else "auto"
 
     def execute(self, step: ScheduledStep, lora: LoraApplier | None = None) -> tuple[list[int], list[float]]:
         """Run one forward pass over the step's tokens; return each sequence's next token and log-prob.
@@ -94,7 +101,7 @@ class ModelRunner:
 
     def _decode_kv(self, tables: list[list[int]], lengths: list[int]) -> list[DecodeKV] | PaddedDecodes:
         device = self.device
-        if self.pad_decodes and tables:
+        if tables and self._pads(tables):
             width = max(len(table) for table in tables)
             return PaddedDecodes(
                 block_tables=torch.tensor([table + [0] * (width - len(table)) for table in tables],
@@ -112,3 +119,9 @@ class ModelRunner:
                 decode_kv.append(DecodeKV(length=length, first_block=None,
                                           block_ids=torch.tensor(table, dtype=torch.long, device=device)))
         return decode_kv
+
+    def _pads(self, tables: list[list[int]]) -> bool:
+        if self.decode_form != "auto":
+            return self.decode_form == "padded"
+        padded_tokens = len(tables) * max(len(table) for table in tables) * self.block_manager.block_size
+        return padded_tokens * self.model.num_kv_heads * self.model.head_dim <= PAD_DECODES_MAX_ELEMENTS

@@ -30,6 +30,9 @@ WEIGHT_MAJOR_MAX_ROWS = 64
 # counts held several GB. So it never sees more than 64 rows: longer inputs (prefills) go through in
 # 64-row pieces, which were as fast as whole (64 rows already keep the cores busy).
 ONEDNN_MAX_ROWS = 64
+# A oneDNN call costs ~45 us however small the product (MKL's ~15 us): weights below this many elements
+# (a toy model's) multiplied as fast or faster through MKL on 2 cores, so they are not packed.
+ONEDNN_MIN_WEIGHT_ELEMENTS = 2**17
 # oneDNN tunes the packed layout for a batch size; from 8 rows up the hint changed little (measured).
 PACK_FOR_ROWS = 32
 
@@ -63,7 +66,8 @@ class Projection:
 
 
 def onednn_usable_for(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and _onednn_works()
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS and _onednn_works())
 
 
 @functools.cache

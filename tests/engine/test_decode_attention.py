@@ -15,6 +15,7 @@ import torch
 from handler import Engine, SamplingParams
 from handler.attention import paged_attention
 from handler.forward_context import DecodeKV, ForwardContext, PaddedDecodes
+from handler.model_runner import PAD_DECODES_MAX_ELEMENTS
 from tests.models import reference_greedy
 
 KV_HEADS, Q_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 4, 8, 4, 12
@@ -88,11 +89,12 @@ def test_every_form_of_decode_attention_matches_the_reference(window, form):
         torch.testing.assert_close(out[row], reference(q[row], keys, values, scale, window), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["padded", "per_sequence"])
 @pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 12
-def test_the_padded_form_matches_transformers_in_the_engine(tiny_models, family):
+def test_each_form_matches_transformers_in_the_engine(tiny_models, family, form):
     model_dir = tiny_models.get(family, family)
     engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=16, block_size=4)
-    engine.runner.pad_decodes = True  # the GPU form, on CPU
+    engine.runner.decode_form = form  # "padded" is the GPU form, here on CPU
     forms = []
     build = engine.runner._decode_kv
 
@@ -108,6 +110,17 @@ def test_the_padded_form_matches_transformers_in_the_engine(tiny_models, family)
     long = [[0] + [rng.randrange(3, 1024) for _ in range(rng.randint(60, 80))] for _ in range(8)]
     prompts = [prompt for pair in zip(short, long) for prompt in pair]
     results = engine.generate(prompts, SamplingParams(max_new_tokens=12))
-    assert PaddedDecodes in forms and list not in forms
+    assert set(forms) == {PaddedDecodes if form == "padded" else list}
     for prompt, result in zip(prompts, results):
         assert result.token_ids == reference_greedy(model_dir, prompt, 12)
+
+
+def test_auto_pads_small_batches_and_attends_large_ones_per_sequence(tiny_models):
+    engine = Engine(tiny_models.get("llama", "llama"), dtype="float32", block_size=4)
+    runner = engine.runner
+    assert runner.decode_form == "auto"
+    per_token = runner.model.num_kv_heads * runner.model.head_dim * 4  # K elements per 4-token block
+    small = [[1, 2]] * 2
+    large = [list(range(PAD_DECODES_MAX_ELEMENTS // per_token + 1))]
+    assert isinstance(runner._decode_kv(small, [8, 8]), PaddedDecodes)
+    assert isinstance(runner._decode_kv(large, [4 * len(large[0])]), list)
