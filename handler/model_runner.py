@@ -101,8 +101,8 @@ class ModelRunner:
 
     def _decode_kv(self, tables: list[list[int]], lengths: list[int]) -> list[DecodeKV] | PaddedDecodes:
         device = self.device
-        if tables and self._pads(tables):
-            width = max(len(table) for table in tables)
+        width = max((len(table) for table in tables), default=0)
+        if tables and self._pads(len(tables), width):
             return PaddedDecodes(
                 block_tables=torch.tensor([table + [0] * (width - len(table)) for table in tables],
                                           dtype=torch.long, device=device),
@@ -120,8 +120,8 @@ class ModelRunner:
                                           block_ids=torch.tensor(table, dtype=torch.long, device=device)))
         return decode_kv
 
-    def _pads(self, tables: list[list[int]]) -> bool:
+    def _pads(self, num_decodes: int, width: int) -> bool:
         if self.decode_form != "auto":
             return self.decode_form == "padded"
-        padded_tokens = len(tables) * max(len(table) for table in tables) * self.block_manager.block_size
+        padded_tokens = num_decodes * width * self.block_manager.block_size
         return padded_tokens * self.model.num_kv_heads * self.model.head_dim <= PAD_DECODES_MAX_ELEMENTS
