@@ -22,10 +22,10 @@ class LoraApplier(Protocol):
 class DecodeKV:
     """Where one decoding sequence's cached K/V are, and how many tokens it attends to (itself included).
 
-    The form for CPUs (above a small batch): each decode attends on its own, straight from the cache. When its blocks are
-    consecutive (the block manager places sequences so that they usually are) its keys are a view of
-    the cache, otherwise its blocks are gathered. Gathering the whole batch into one padded tensor
-    (PaddedDecodes) cost about twice as much on CPU.
+    The form for CPUs (above a small batch): each decode attends on its own, straight from the cache.
+    When its blocks are consecutive (the block manager places sequences so that they usually are) its
+    keys are a view of the cache, otherwise its blocks are gathered. Gathering the whole batch into one
+    padded tensor (PaddedDecodes) cost about twice as much on CPU.
     """
 
     length: int

@@ -41,7 +41,7 @@ class Projection:
     """One projection's weight (and bias), called as `projection(x)`: x [T, in] -> [T, out], contiguous."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, use_onednn: bool = True) -> None:
-        self.out_features, self.in_features = weight.shape
+        self.out_features = weight.shape[0]
         self.bias = bias
         self._packed = _pack_for_onednn(weight) if use_onednn and onednn_usable_for(weight) else None
         self.weight = weight if self._packed is None else None
