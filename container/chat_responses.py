@@ -17,13 +17,7 @@ from container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamR
 from container.runtime import Runtime
 from handler.chat_schema import ChatCompletionRequest, render_chat_prompt
 from handler.lmi_schema import PromptJob, StreamFormat
-from handler.output_format import (
-    chat_completion,
-    chat_completion_chunks,
-    chat_usage_chunk,
-    encode_stream_record,
-    stream_media_type,
-)
+from handler.output_format import ChatChunks, chat_completion, encode_stream_record, stream_media_type
 
 OPENAI_STREAM_END = "data: [DONE]\n\n"
 
@@ -56,13 +50,10 @@ async def respond_to_chat(
 
 async def _chat_stream(runtime: Runtime, running, chat: ChatCompletionRequest, identity: dict,
                        stream_format: StreamFormat, openai_stream_end: bool) -> AsyncIterator[str]:
-    first = True
+    chunks = ChatChunks(running.generation, logprobs=chat.logprobs, include_usage=chat.include_usage_in_stream,
+                        **identity)
     async for output in runtime.runner.follow(running):
-        for chunk in chat_completion_chunks(running.generation, output, logprobs=chat.logprobs, first=first,
-                                            **identity):
+        for chunk in chunks.for_output(output):
             yield encode_stream_record(chunk, stream_format)
-        first = False
-    if chat.include_usage_in_stream:
-        yield encode_stream_record(chat_usage_chunk(running.generation, **identity), stream_format)
     if openai_stream_end:
         yield OPENAI_STREAM_END

@@ -16,7 +16,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from container.generation import RunningPrompt, abort_all
+from handler.generation_runner import RunningPrompt, abort_all
 
 T = TypeVar("T")
 

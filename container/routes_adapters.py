@@ -17,14 +17,31 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from model_hosting_container_standards.sagemaker.lora.constants import ResponseMessage
-from model_hosting_container_standards.sagemaker.lora.models import SageMakerRegisterLoRAAdapterRequest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from container.runtime import parse_json, read_body, require_runtime
-from handler.lmi_schema import validate_model
+from container.runtime import read_body, require_runtime
+from handler.lmi_schema import parse_json, validate_model
+from handler.sagemaker_api import adapter_registered, adapter_unregistered, adapter_updated
 
 router = APIRouter()
+
+
+class AdapterRegistration(BaseModel):
+    """SageMaker's register body (and DJL's query parameters): `src` a local path or an s3:// url."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    src: str
+    preload: bool = True
+    pin: bool = False
+
+    @field_validator("name", "src")
+    @classmethod
+    def _not_empty(cls, value: str, info) -> str:
+        if not value:
+            raise ValueError(f"the parameter {info.field_name} cannot be an empty string")
+        return value
 
 
 class AdapterUpdate(BaseModel):
@@ -58,10 +75,10 @@ async def register_adapter(request: Request) -> JSONResponse:
     runtime = require_runtime(request)
     body = await read_body(request)
     arguments = parse_json(body) if body.strip() else dict(request.query_params)
-    registration = validate_model(SageMakerRegisterLoRAAdapterRequest, arguments)
+    registration = validate_model(AdapterRegistration, arguments)
     await asyncio.to_thread(runtime.adapters.register, registration.name, registration.src,
                             preload=registration.preload, pin=registration.pin)
-    return JSONResponse({"status": ResponseMessage.ADAPTER_REGISTERED.format(alias=registration.name)})
+    return JSONResponse({"status": adapter_registered(registration.name)})
 
 
 async def describe_adapter(request: Request) -> JSONResponse:
@@ -75,14 +92,14 @@ async def update_adapter(request: Request) -> JSONResponse:
     name = request.path_params["adapter_name"]
     update = validate_model(AdapterUpdate, dict(request.query_params), "query")
     await asyncio.to_thread(runtime.adapters.update, name, src=update.src, pin=update.pin)
-    return JSONResponse({"status": ResponseMessage.ADAPTER_UPDATED.format(alias=name)})
+    return JSONResponse({"status": adapter_updated(name)})
 
 
 async def unregister_adapter(request: Request) -> JSONResponse:
     runtime = require_runtime(request)
     name = request.path_params["adapter_name"]
     await asyncio.to_thread(runtime.adapters.unregister, name)
-    return JSONResponse({"status": ResponseMessage.ADAPTER_UNREGISTERED.format(alias=name)})
+    return JSONResponse({"status": adapter_unregistered(name)})
 
 
 for prefix in ("", "/models/{model_name}"):

@@ -12,16 +12,16 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from model_hosting_container_standards.sagemaker.lora.constants import SageMakerLoRAApiHeader
 
 from container.chat_responses import OPENAI_STREAM_END, respond_to_chat
 from container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamResponse, until_disconnected
-from container.generation import RunningPrompt
 from container.openai_completions import CompletionRequest, completion, completion_chunks
 from container.runtime import Runtime, read_json, require_runtime
 from handler.chat_schema import parse_chat_request
+from handler.generation_runner import RunningPrompt
 from handler.lmi_schema import PromptJob, validate_model
 from handler.output_format import encode_stream_record
+from handler.sagemaker_api import ADAPTER_IDENTIFIER_HEADER
 
 router = APIRouter(prefix="/v1")
 
@@ -73,7 +73,7 @@ async def _completion_stream(runtime: Runtime, running: RunningPrompt, identity:
 
 
 def _adapter(request: Request, runtime: Runtime, model: str | None) -> str | None:
-    header_adapter = request.headers.get(SageMakerLoRAApiHeader.ADAPTER_IDENTIFIER)
+    header_adapter = request.headers.get(ADAPTER_IDENTIFIER_HEADER)
     if header_adapter:
         return header_adapter
     return None if not model or model == runtime.model_name else model

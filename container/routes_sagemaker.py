@@ -11,15 +11,15 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from model_hosting_container_standards.sagemaker.lora.constants import SageMakerLoRAApiHeader
 
 from container.chat_responses import respond_to_chat
 from container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamResponse, until_disconnected
-from container.generation import GenerationRunner, RunningPrompt
 from container.runtime import read_json, require_runtime, server_state
 from handler.chat_schema import parse_chat_request
+from handler.generation_runner import GenerationRunner, RunningPrompt
 from handler.lmi_schema import TextGenerationRequest, is_chat_request, parse_text_generation
 from handler.output_format import encode_stream_record, lmi_response, lmi_stream_records, stream_media_type
+from handler.sagemaker_api import ADAPTER_IDENTIFIER_HEADER
 
 router = APIRouter()
 
@@ -41,7 +41,7 @@ async def ping(request: Request) -> JSONResponse:
 async def invocations(request: Request) -> Response:
     runtime = require_runtime(request)
     body = await read_json(request)
-    header_adapter = request.headers.get(SageMakerLoRAApiHeader.ADAPTER_IDENTIFIER)
+    header_adapter = request.headers.get(ADAPTER_IDENTIFIER_HEADER)
     query_adapter = request.query_params.get("adapter")
     if is_chat_request(body):
         chat = parse_chat_request(body)

@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from model_hosting_container_standards.sagemaker.lora.constants import SageMakerLoRAApiHeader
 
 from container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamResponse, until_disconnected
-from container.generation import RunningPrompt
 from container.runtime import Runtime, read_json, require_runtime
 from container.tgi_api import TgiRequest, generate_response, stream_events
+from handler.generation_runner import RunningPrompt
 from handler.lmi_schema import PromptJob, validate_model
 from handler.output_format import encode_stream_record
+from handler.sagemaker_api import ADAPTER_IDENTIFIER_HEADER
 
 router = APIRouter()
 
@@ -39,7 +39,7 @@ async def _answer(request: Request, *, stream: bool | None, as_list: bool) -> Re
     """`stream` None: as the body says. TGI's compat route answers a list of one."""
     runtime = require_runtime(request)
     body = validate_model(TgiRequest, await read_json(request))
-    adapter = request.headers.get(SageMakerLoRAApiHeader.ADAPTER_IDENTIFIER) or body.parameters.adapter_id or None
+    adapter = request.headers.get(ADAPTER_IDENTIFIER_HEADER) or body.parameters.adapter_id or None
     job = PromptJob(body.inputs, body.parameters.sampling_params(), adapter)
     running = await runtime.runner.start([job], with_prefill=body.parameters.decoder_input_details)
     special_ids = frozenset(runtime.engine.tokenizer.all_special_ids)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
 from container.adapter_manager import AdapterManager
-from container.engine_loop import EngineLoop
-from container.generation import GenerationRunner
 from container.http_errors import PayloadTooLargeError, ServiceUnavailableError
 from container.metrics import ServerMetrics
 from handler import Config, Engine
-from handler.errors import InvalidRequestError
-
+from handler.engine_loop import EngineLoop
+from handler.generation_runner import GenerationRunner
+from handler.lmi_schema import parse_json
 
 # Prompts are text: 16 MiB is far beyond any context window, and bounds what one client makes us hold.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
@@ -67,21 +65,3 @@ async def read_body(request: Request) -> bytes:
 
 async def read_json(request: Request) -> Any:
     return parse_json(await read_body(request))
-
-
-def parse_json(body: bytes) -> Any:
-    if not body.strip():
-        raise InvalidRequestError("the request body is empty: send a JSON object")
-    try:
-        parsed = json.loads(body)
-        # JSON may escape a lone surrogate ("\ud800"), which is no Unicode text: the tokenizer, and the encoder
-        # of any answer that quotes it, would raise on it.
-        json.dumps(parsed, ensure_ascii=False).encode()
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidRequestError(f"the request body is not valid JSON: {error}") from None
-    except UnicodeEncodeError:
-        raise InvalidRequestError("the request body is not valid Unicode: it holds a lone surrogate "
-                                  "(an escape in \\ud800-\\udfff that is not part of a pair)") from None
-    except RecursionError:
-        raise InvalidRequestError("the request body is nested too deeply") from None
-    return parsed

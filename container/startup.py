@@ -13,14 +13,14 @@ from pathlib import Path
 
 from container.adapter_layout import ADAPTERS_ARCHIVE, ADAPTERS_DIR, find_startup_adapters
 from container.adapter_manager import AdapterManager
-from container.engine_loop import EngineLoop
-from container.generation import GenerationRunner
 from container.metrics import ServerMetrics
 from container.runtime import Runtime
 from container.s3 import is_s3_url, make_s3_client
 from container.s3_cache import download_s3_prefix
 from handler import Config, Engine
+from handler.engine_loop import EngineLoop
 from handler.errors import ConfigError
+from handler.generation_runner import GenerationRunner
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ def load_runtime(model_dir: Path, env: Mapping[str, str], event_loop: asyncio.Ab
     config = Config.load(model_dir, env)
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else DEFAULT_CACHE_DIR
     if not _model_configured(model_dir, config):
-        from container.demo.build import ensure_demo_model  # the demo's training code is not needed otherwise
+        from container.demo.build import (
+            ensure_demo_model,  # the demo's training code is not needed otherwise
+        )
 
         logger.warning("no model in %s and no option.model_id / HF_MODEL_ID: serving the demo model", model_dir)
         model_dir = ensure_demo_model(cache_dir)
@@ -68,8 +70,10 @@ def load_runtime(model_dir: Path, env: Mapping[str, str], event_loop: asyncio.Ab
     engine_loop = EngineLoop(engine, event_loop)
     engine_loop.start()
     metrics.watch_engine(engine)
-    return Runtime(config=config, engine=engine, engine_loop=engine_loop,
-                   runner=GenerationRunner(engine_loop, metrics), adapters=adapters, model_name=model_name)
+    runner = GenerationRunner(engine_loop, on_first_token=metrics.time_to_first_token.observe,
+                              on_next_token=metrics.inter_token_latency.observe)
+    return Runtime(config=config, engine=engine, engine_loop=engine_loop, runner=runner, adapters=adapters,
+                   model_name=model_name)
 
 
 def _model_configured(model_dir: Path, config: Config) -> bool:

@@ -9,6 +9,7 @@ handler, which both use this module, answer a bad request the same way.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -166,6 +167,25 @@ def _adapters_per_prompt(
             )
         return [name or None for name in body_adapters]
     return [query_adapter or None] * num_prompts
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON, or an InvalidRequestError saying what is wrong with it."""
+    if not body.strip():
+        raise InvalidRequestError("the request body is empty: send a JSON object")
+    try:
+        parsed = json.loads(body)
+        # JSON may escape a lone surrogate ("\ud800"), which is no Unicode text: the tokenizer, and the encoder
+        # of any answer that quotes it, would raise on it.
+        json.dumps(parsed, ensure_ascii=False).encode()
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidRequestError(f"the request body is not valid JSON: {error}") from None
+    except UnicodeEncodeError:
+        raise InvalidRequestError("the request body is not valid Unicode: it holds a lone surrogate "
+                                  "(an escape in \\ud800-\\udfff that is not part of a pair)") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body is nested too deeply") from None
+    return parsed
 
 
 def validate_model(model: type[ModelT], data: Any, where: str = "") -> ModelT:

@@ -201,3 +201,26 @@ def chat_usage_chunk(generation: Generation, *, completion_id: str, model: str, 
     """The last streamed chunk when the client asked for `stream_options.include_usage`."""
     return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [], "usage": usage(generation)}
+
+
+class ChatChunks:
+    """The chunks of one streamed chat answer, engine step by engine step: the first carries the role, the
+    last the finish reason, followed by a usage chunk when the client asked for `include_usage`."""
+
+    def __init__(self, generation: Generation, *, completion_id: str, model: str, created: int, logprobs: bool,
+                 include_usage: bool) -> None:
+        self._generation = generation
+        self._identity = {"completion_id": completion_id, "model": model, "created": created}
+        self._logprobs = logprobs
+        self._include_usage = include_usage
+        self._first = True
+
+    def for_output(self, output: RequestOutput) -> list[dict]:
+        """What `output` (already added to the generation) adds to the stream."""
+        chunks = chat_completion_chunks(self._generation, output, logprobs=self._logprobs, first=self._first,
+                                        **self._identity)
+        self._first = False
+        if output.finished and self._include_usage:
+            chunks.append(chat_usage_chunk(self._generation, **self._identity))
+        return chunks
+

@@ -1,9 +1,11 @@
-"""The bridge between the engine, which one thread must step, and the asyncio server.
+"""The bridge between the engine, which one thread must step, and an asyncio event loop (the HTTP server's,
+or DJL's worker in async mode).
 
 The engine thread steps while any request is unfinished and sleeps on an event otherwise. Each step's
 outputs are handed to the event loop in one call, which puts each on the queue of the request it belongs
 to. A `RequestStream` is that queue seen from the server; aborting it (the client left, the response
-failed) aborts the request in the engine at its next step, which frees its KV blocks and batch slot.
+failed, the caller dropped it) aborts the request in the engine at its next step, which frees its KV blocks
+and batch slot.
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ class EngineLoop:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 
-    async def submit(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None) -> RequestStream:
-        """Queue a request and return its stream; raises the engine's error if the request is refused."""
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None) -> RequestStream:
+        """Queue a request and return its stream; raises the engine's error if the request is refused. Call it
+        on the event loop's thread."""
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = queue

@@ -1,27 +1,30 @@
-"""Running prompts through the engine loop for the HTTP routes: submit, follow, time, collect.
+"""Running prompts through an EngineLoop from asyncio code: submit, follow, time, collect.
 
-Every route (LMI, OpenAI, TGI) starts its prompts here, so that tokenisation, the refusal of bad requests
-before any byte of the answer is sent, latency metrics and the abort of unfinished requests happen in one
-place whatever the API.
+Every HTTP route (LMI, OpenAI, TGI) and the DJL handler's async mode start their prompts here, so that
+tokenisation, the refusal of bad requests before any byte of the answer is sent, latency observation and
+the abort of unfinished requests happen in one place whatever the API.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
-from container.engine_loop import EngineLoop, RequestStream
-from container.metrics import ServerMetrics
+from handler.engine_loop import EngineLoop, RequestStream
 from handler.errors import EngineError
 from handler.lmi_schema import PromptJob
-from handler.output_format import Generation, prefill_tokens
+from handler.output_format import Generation
 from handler.sequence import FinishReason, RequestOutput
+from handler.submission import start_prompts
+
+# Called with seconds: from submission to the first token, or between two tokens.
+LatencyObserver = Callable[[float], None]
 
 
 class GenerationFailedError(EngineError):
-    """The engine failed a request after accepting it (answered 500)."""
+    """The engine failed a request after accepting it."""
 
 
 @dataclass(eq=False)
@@ -33,28 +36,22 @@ class RunningPrompt:
 
 
 class GenerationRunner:
-    def __init__(self, engine_loop: EngineLoop, metrics: ServerMetrics) -> None:
+    def __init__(self, engine_loop: EngineLoop, *, on_first_token: LatencyObserver | None = None,
+                 on_next_token: LatencyObserver | None = None) -> None:
         self._engine_loop = engine_loop
         self._engine = engine_loop.engine
-        self._metrics = metrics
+        self._on_first_token = on_first_token
+        self._on_next_token = on_next_token
 
     async def start(self, jobs: Iterable[PromptJob], *, with_prefill: bool = False) -> list[RunningPrompt]:
-        """Submit every job, or none: if the engine refuses one, those already submitted are aborted and
-        the refusal is raised (before the response starts, so it becomes a 4xx)."""
-        started: list[RunningPrompt] = []
-        try:
-            for job in jobs:
-                prompt_token_ids = self._engine.tokenize(job.prompt)
-                prefill = prefill_tokens(self._engine.tokenizer, prompt_token_ids) if with_prefill else None
-                stream = await self._engine_loop.submit(prompt_token_ids, job.params, job.adapter)
-                started.append(RunningPrompt(Generation(job.prompt, prompt_token_ids, prefill), stream))
-        except BaseException:
-            abort_all(started)
-            raise
-        return started
+        """Submit every job, or none (handler.submission.start_prompts)."""
+        started = start_prompts(self._engine, jobs, with_prefill=with_prefill, submit=self._engine_loop.submit,
+                                abort=RequestStream.abort)
+        return [RunningPrompt(generation, stream) for generation, stream in started]
 
     async def follow(self, running: RunningPrompt) -> AsyncIterator[RequestOutput]:
-        """Each output of the request, already added to its Generation."""
+        """Each output of the request, already added to its Generation; the request is aborted if the
+        caller stops following before it finished."""
         try:
             async for output in running.stream:
                 running.generation.add(output)
@@ -82,9 +79,10 @@ class GenerationRunner:
     def _record_latency(self, running: RunningPrompt) -> None:
         now = time.perf_counter()
         if running.last_token_at is None:
-            self._metrics.time_to_first_token.observe(now - running.submitted_at)
-        else:
-            self._metrics.inter_token_latency.observe(now - running.last_token_at)
+            if self._on_first_token is not None:
+                self._on_first_token(now - running.submitted_at)
+        elif self._on_next_token is not None:
+            self._on_next_token(now - running.last_token_at)
         running.last_token_at = now
 
 
