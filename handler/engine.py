@@ -59,7 +59,10 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path | None = None, *, config: Config | None = None, **options) -> None:
+    def __init__(self, model_dir: str | Path | None = None, *, config: Config | None = None,
+                 adapters_from_model_dir: bool = True, **options) -> None:
+        """`adapters_from_model_dir`: register every `<model_dir>/adapters/<name>/` (with LoRA enabled); a
+        front end that registers them itself (DJL does) turns it off."""
         if config is None:
             config = Config.from_options(model_dir, **options)
         elif model_dir is not None or options:
@@ -119,7 +122,7 @@ class Engine:
         self._generated_tokens = 0
         self._prompt_tokens = 0
         self._preemptions = 0
-        if self.lora is not None:
+        if self.lora is not None and adapters_from_model_dir:
             self._register_model_dir_adapters()
 
     # ---- requests -----------------------------------------------------------------------------------
