@@ -16,14 +16,18 @@ import logging, sys
 logging.basicConfig(stream=sys.stdout, format="%(levelname)s::%(message)s", level=logging.INFO)
 root = logging.getLogger()
 before = (root.level, list(root.handlers), logging.root.manager.disable)
+import os
+assert "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules
 import handler.model
 after = (root.level, list(root.handlers), logging.root.manager.disable)
 assert before == after, (before, after)
 logging.info("still heard")
+# Set before torch loaded OpenMP: idle OpenMP workers must sleep, not spin, beside DJL's threads.
+assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
 """
 
 
-def test_importing_the_handler_leaves_logging_alone(djl_python_importable):
+def test_importing_the_handler_leaves_logging_alone_and_quiets_openmp(djl_python_importable):
     result = subprocess.run([sys.executable, "-c", IMPORT_AND_CHECK], cwd=REPO_ROOT, capture_output=True, text=True,
                             env={"PYTHONPATH": f"{REPO_ROOT}:{djl_python_importable}", "PATH": "/usr/bin:/bin"},
                             timeout=120)
