@@ -68,6 +68,7 @@ class Response:
     chunks: list[bytes] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     items: int = 0  # answer items received (one per rolling-batch iteration the request took part in)
+    first_chunk_at: float | None = None  # time.monotonic() of the first piece of the body
     finished_at: float | None = None  # time.monotonic() of the last item
     next_token: str | None = None
     last: bool = False
@@ -100,6 +101,8 @@ class Response:
         self._append(json.dumps({"code": code, "message": message}).encode(), last=True)
 
     def _append(self, data: bytes, last: bool) -> None:
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.monotonic()
         self.chunks.append(data)
         if last:
             self.finished_at = time.monotonic()
