@@ -74,6 +74,19 @@ def running_worker(djl_dir: Path, model_dir: Path, sock_dir: Path, extra_env: di
         front_end.stop()
 
 
+def front_end_fixture(mode: str):
+    """A module-scoped `front_end` fixture: a worker in `mode` over the tiny model with adapters a1, a2."""
+
+    @pytest.fixture(scope="module")
+    def front_end(djl_dir, server_base, server_adapters, tmp_path_factory):  # noqa: F811
+        root = tmp_path_factory.mktemp(f"djl-{mode}")
+        model_dir = djl_model_dir(server_base, server_adapters, root / "model", mode)
+        with running_worker(djl_dir, model_dir, root) as running:
+            yield running
+
+    return front_end
+
+
 def djl_model_dir(base: Path, adapters: dict[str, Path], out_dir: Path, mode: str, **extra: str) -> Path:
     properties = {**DJL_PROPERTIES, **MODES[mode], **{f"option.{key}": value for key, value in extra.items()}}
     return lmi_model_dir(base, out_dir, properties, adapters)

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.djl.conftest import PROMPT, djl_model_dir, generate, running_worker, token_ids
+from tests.djl.conftest import PROMPT, front_end_fixture, generate, token_ids
+
+front_end_rolling_batch = front_end_fixture("rolling_batch")
+front_end_async = front_end_fixture("async")
+front_end_plain = front_end_fixture("plain")
 
 
-@pytest.fixture(scope="module", params=["rolling_batch", "async", "plain"])
-def front_end(request, djl_dir, server_base, server_adapters, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"djl-adapters-{request.param}")
-    model_dir = djl_model_dir(server_base, server_adapters, root / "model", request.param)
-    with running_worker(djl_dir, model_dir, root) as front_end:
-        yield front_end
+@pytest.fixture(params=["rolling_batch", "async", "plain"])
+def front_end(request):
+    return request.getfixturevalue(f"front_end_{request.param}")
 
 
 def call(front_end, handler: str, name: str, src=None, alias=None, **options: str):

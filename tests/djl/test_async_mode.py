@@ -8,21 +8,18 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
-
-from tests.djl.conftest import OTHER_PROMPT, PROMPT, djl_model_dir, generate, running_worker, streamed_ids, token_ids
+from tests.djl.conftest import (
+    OTHER_PROMPT,
+    PROMPT,
+    djl_model_dir,
+    front_end_fixture,
+    generate,
+    streamed_ids,
+    token_ids,
+)
 from tests.djl.front_end import ClientRequest
 
-
-@pytest.fixture(scope="module")
-def model_dir(server_base, server_adapters, tmp_path_factory):
-    return djl_model_dir(server_base, server_adapters, tmp_path_factory.mktemp("djl-async") / "model", "async")
-
-
-@pytest.fixture(scope="module")
-def front_end(djl_dir, model_dir, tmp_path_factory):
-    with running_worker(djl_dir, model_dir, tmp_path_factory.mktemp("sock")) as front_end:
-        yield front_end
+front_end = front_end_fixture("async")
 
 
 def test_concurrent_requests_mixing_adapters_and_streams(front_end, expected):

@@ -7,19 +7,17 @@ import json
 
 import pytest
 
-from tests.djl.conftest import OTHER_PROMPT, PROMPT, djl_model_dir, generate, running_worker, streamed_ids, token_ids
+from tests.djl.conftest import (
+    OTHER_PROMPT,
+    PROMPT,
+    front_end_fixture,
+    generate,
+    streamed_ids,
+    token_ids,
+)
 from tests.djl.front_end import ClientRequest
 
-
-@pytest.fixture(scope="module")
-def model_dir(server_base, server_adapters, tmp_path_factory):
-    return djl_model_dir(server_base, server_adapters, tmp_path_factory.mktemp("djl-plain") / "model", "plain")
-
-
-@pytest.fixture(scope="module")
-def front_end(djl_dir, model_dir, tmp_path_factory):
-    with running_worker(djl_dir, model_dir, tmp_path_factory.mktemp("sock")) as front_end:
-        yield front_end
+front_end = front_end_fixture("plain")
 
 
 def test_a_request_alone(front_end, expected):

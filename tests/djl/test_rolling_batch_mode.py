@@ -14,26 +14,15 @@ from tests.djl.conftest import (
     NEW_TOKENS,
     OTHER_PROMPT,
     PROMPT,
-    djl_model_dir,
+    front_end_fixture,
     generate,
-    running_worker,
     streamed_ids,
     token_ids,
 )
 from tests.djl.front_end import ClientRequest
 from tests.lora.test_registry import first_key, rewrite_tensors
 
-
-@pytest.fixture(scope="module")
-def model_dir(server_base, server_adapters, tmp_path_factory):
-    return djl_model_dir(server_base, server_adapters, tmp_path_factory.mktemp("djl-rolling") / "model",
-                         "rolling_batch")
-
-
-@pytest.fixture(scope="module")
-def front_end(djl_dir, model_dir, tmp_path_factory):
-    with running_worker(djl_dir, model_dir, tmp_path_factory.mktemp("sock")) as front_end:
-        yield front_end
+front_end = front_end_fixture("rolling_batch")
 
 
 def wait_for(condition, timeout: float = 60) -> None:
