@@ -25,10 +25,14 @@ from handler.sequence import StructuredOutput
 
 # Compiled specs kept per engine: a service with one schema per customer adapter reuses a few hundred.
 GRAMMAR_CACHE_SIZE = 256
+# JSON is written as json.dumps writes it, with no other whitespace: a model free to add whitespace can add
+# it forever (a small one does), and an answer cut off by max_new_tokens is no JSON at all. A schema may
+# say otherwise in its "x-guidance" key (llguidance's own options).
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # (kind, value) -> the grammar llguidance builds from it.
 _FROM_SPEC = {
-    "json_schema": llguidance.LLMatcher.grammar_from_json_schema,
-    "json_object": lambda _: llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}),
+    "json_schema": lambda value: llguidance.LLMatcher.grammar_from_json_schema(value, defaults=JSON_LAYOUT),
+    "json_object": lambda _: llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT),
     "regex": llguidance.LLMatcher.grammar_from_regex,
     "choice": lambda value: llguidance.LLMatcher.grammar_from_lark(
         "start: " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in json.loads(value))),
