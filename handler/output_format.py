@@ -67,7 +67,7 @@ class Generation:
                 token["log_prob"] = log_prob
 
     def returned(self) -> list[Choice]:
-        """The n choices answered, best first when best_of > n (handler.request_sequences)."""
+        """The n choices answered, best first when best_of is given (handler.request_sequences)."""
         return returned_choices(self.choices, self.params, lambda choice: choice.log_probs)
 
     @property

@@ -53,10 +53,10 @@ class RequestSequences:
 
 
 def returned_choices(choices: Iterable[Choice], params: SamplingParams, log_probs_of) -> list[Choice]:
-    """The n choices a request answers with, from its best_of sequences (in index order): all of them in
-    order when best_of is n, else the n with the highest cumulative log-probability, best first (vLLM's
-    rule). `log_probs_of(choice)` gives a choice's token log-probabilities."""
+    """The n choices a request answers with, from its sequences (in index order): with best_of given, the
+    n with the highest cumulative log-probability, best first (vLLM's and TGI's rule), else all of them in
+    order. `log_probs_of(choice)` gives a choice's token log-probabilities."""
     choices = list(choices)
-    if params.num_sequences == params.n:
+    if params.best_of is None:
         return choices
     return sorted(choices, key=lambda choice: sum(log_probs_of(choice)), reverse=True)[: params.n]
