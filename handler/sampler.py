@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from handler.logits_processors import process_row, warp_row
+from handler.logits_processors import process_rows, warp_row
 from handler.sequence import Sequence
 from handler.structured_output import apply_masks, fill_masks
 
@@ -62,9 +62,7 @@ class Sampler:
     def _process(logits: torch.Tensor, changed: list[int], seqs: list[Sequence]) -> torch.Tensor:
         """A copy of the `changed` rows, each with its request's processors and grammar mask applied."""
         changed_logits = logits.index_select(0, torch.tensor(changed, dtype=torch.long, device=logits.device))
-        for index, row in enumerate(changed):
-            if seqs[row].params.processes_logits:
-                process_row(changed_logits[index], seqs[row])
+        process_rows(changed_logits, [seqs[row] for row in changed])  # rows without processors add nothing
         masked = [index for index, row in enumerate(changed) if seqs[row].grammar is not None]
         if masked:
             bitmasks = fill_masks([seqs[changed[index]].grammar for index in masked], logits.shape[1])
