@@ -1,7 +1,10 @@
 """Attention over the paged KV cache, in plain torch (scaled_dot_product_attention).
 
-The cache of one layer is `[kv_heads, num_blocks, block_size, head_dim]` for K and for V. Prefills attend
-to their own fresh K/V (a prefill always starts at position 0: a preempted sequence is recomputed whole).
+The cache of one layer is `[kv_heads, num_blocks, block_size, head_dim]` for K and for V. A prefill from
+position 0 attends to its own fresh K/V (the fast path: causal attention over contiguous tensors). A
+prefill that starts later (after a prefix-cache hit, or a chunk after earlier chunks) reads the whole
+sequence's K/V from the cache, its new ones written there first, with a causal mask aligned to the bottom
+right: its query at position p sees keys 0..p (the last `sliding_window` of them, with a window).
 Decodes read their cached K/V in one of two ways. On CPU each attends on its own: head-major blocks make
 a sequence whose blocks are consecutive one strided view of the cache (no copy at all), and any other
 sequence one `index_select` whose result is already `[kv_heads, L, d]` with each head's keys contiguous.
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from handler.forward_context import DecodeKV, ForwardContext, PaddedDecodes
+from handler.forward_context import CachedKV, ForwardContext, PaddedDecodes, PrefillSpan
 
 
 def paged_attention(
@@ -31,14 +34,18 @@ def paged_attention(
     kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(kv_heads, -1, head_dim).index_copy_(1, ctx.slot_mapping, k.transpose(0, 1))
     v_cache.view(kv_heads, -1, head_dim).index_copy_(1, ctx.slot_mapping, v.transpose(0, 1))
-    if not ctx.prefill_ranges:
+    if not ctx.prefills:
         return _decode_attention(q, k_cache, v_cache, ctx, sliding_window, scale)
     out = torch.empty_like(q)
     num_decode = ctx.num_decode_tokens
     if num_decode:
         out[:num_decode] = _decode_attention(q[:num_decode], k_cache, v_cache, ctx, sliding_window, scale)
-    for start, end in ctx.prefill_ranges:
-        out[start:end] = _prefill_attention(q[start:end], k[start:end], v[start:end], sliding_window, scale)
+    for prefill in ctx.prefills:
+        start, end = prefill.start, prefill.end
+        if prefill.cached is None:
+            out[start:end] = _prefill_attention(q[start:end], k[start:end], v[start:end], sliding_window, scale)
+        else:
+            out[start:end] = _prefill_after_context(q[start:end], k_cache, v_cache, prefill, sliding_window, scale)
     return out
 
 
@@ -53,6 +60,29 @@ def _prefill_attention(q, k, v, sliding_window: int | None, scale: float) -> tor
         key_pos = torch.arange(length, device=q.device)[None, :]
         mask = (key_pos <= query_pos) & (key_pos > query_pos - sliding_window)
         out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _prefill_after_context(q, k_cache, v_cache, prefill: PrefillSpan, sliding_window: int | None,
+                           scale: float) -> torch.Tensor:
+    length = q.shape[0]
+    context = prefill.context_len
+    # The first query (at position `context`) sees the oldest key any of them sees.
+    first_key = 0 if sliding_window is None else max(0, context + 1 - sliding_window)
+    block_size = k_cache.shape[2]
+    keys = _cached(k_cache, prefill.cached, first_key, block_size).unsqueeze(0)  # [1, kv_heads, S, d]
+    values = _cached(v_cache, prefill.cached, first_key, block_size).unsqueeze(0)
+    mask = prefill.masks.get(sliding_window)
+    if mask is None:
+        query_pos = torch.arange(context, context + length, device=q.device)[:, None]
+        key_pos = torch.arange(first_key, context + length, device=q.device)[None, :]
+        mask = key_pos <= query_pos
+        if sliding_window is not None:
+            mask &= key_pos > query_pos - sliding_window
+        prefill.masks[sliding_window] = mask
+    q4 = q.transpose(0, 1).unsqueeze(0)  # [1, q_heads, L, d]
+    out = F.scaled_dot_product_attention(q4, keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[1] != keys.shape[1])
     return out.squeeze(0).transpose(0, 1)
 
 
@@ -73,7 +103,7 @@ def _decode_attention(q, k_cache, v_cache, ctx: ForwardContext, sliding_window: 
     return torch.stack(outputs).view(batch, q_heads, head_dim)
 
 
-def _cached(cache: torch.Tensor, seq: DecodeKV, start: int, block_size: int) -> torch.Tensor:
+def _cached(cache: torch.Tensor, seq: CachedKV, start: int, block_size: int) -> torch.Tensor:
     """[kv_heads, length - start, d]: tokens start..length-1 of one sequence, a view when possible."""
     kv_heads, num_blocks, _, head_dim = cache.shape
     if seq.first_block is not None:

@@ -10,20 +10,28 @@ starts where the blocks up to its full length (prompt + max_new_tokens) are free
 another; those blocks past its prompt are set aside for it, softly: it grows into them one by one, and
 when no other free block is left, anyone may take them.
 
-The sequences of one request (n / best_of) share their prompt's blocks: `fork` gives a sequence another's
-blocks, counted by reference, and a sequence about to write into a block that others still hold first gets
-its own copy of it (copy on write). The copies the device must make are queued for `take_copies`.
+Blocks are shared, counted by reference, in two ways, and one rule keeps shared K/V intact: a sequence
+about to write into a block that others still hold first gets its own copy of it (copy on write; the
+copies the device must make are queued for `take_copies`).
+- The sequences of one request (n / best_of): `fork` gives a sequence another's blocks.
+- The prefix cache (with `enable_prefix_caching`): every full block a sequence has computed goes into the
+  index (handler/prefix_cache.py); a new sequence whose chain of blocks matches starts with those blocks
+  and computes only the rest. A full block is never written again, so sharing it needs no copy. When its
+  last holder lets it go, a block in the index is parked rather than freed: it still counts as free, but
+  is handed out (and forgotten) only when no truly free block is left, the one parked first going first.
 """
 
 from __future__ import annotations
 
+from handler.prefix_cache import PrefixIndex, extend_block_hashes
 from handler.sequence import Sequence
 
-_USED, _FREE, _SET_ASIDE = 0, 1, 2  # one byte per block; _SET_ASIDE blocks are free too
+# One byte per block. _SET_ASIDE and _PARKED blocks count as free too.
+_USED, _FREE, _SET_ASIDE, _PARKED = 0, 1, 2, 3
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
@@ -36,10 +44,17 @@ class BlockManager:
         self._holders: dict[int, int] = {}
         # (source, destination) block copies owed before the next forward pass.
         self._copies: list[tuple[int, int]] = []
+        self._prefix = PrefixIndex() if enable_prefix_caching else None
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks a sequence may take, parked prefix-cache blocks included."""
         return self._num_free
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Parked blocks: held by no sequence, kept for the prefix cache (and free)."""
+        return self._prefix.num_parked if self._prefix is not None else 0
 
     @property
     def capacity_tokens(self) -> int:
@@ -47,6 +62,50 @@ class BlockManager:
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    # ---- admission ----------------------------------------------------------------------------------
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """The blocks of the longest cached prefix that `seq` (waiting, holding no blocks) may reuse."""
+        if self._prefix is None:
+            return []
+        num_blocks = seq.num_reusable_tokens // self.block_size
+        if num_blocks == 0:
+            return []
+        return self._prefix.longest_match(extend_block_hashes(seq, num_blocks, self.block_size)[:num_blocks])
+
+    def can_admit(self, seq: Sequence, cached: list[int]) -> bool:
+        """Whether `seq` fits whole, starting with the `cached` blocks."""
+        parked = sum(1 for block in cached if self._state[block] == _PARKED)
+        return self.blocks_needed(seq.num_tokens) - len(cached) + parked <= self._num_free
+
+    def admit(self, seq: Sequence, cached: list[int]) -> None:
+        """Give `seq` the `cached` blocks (their K/V are its first tokens') and room for all its other tokens."""
+        for block in cached:
+            if self._state[block] == _PARKED:
+                self._prefix.unpark(block)
+                self._state[block] = _USED
+                self._num_free -= 1
+            else:
+                self._holders[block] = self._holders.get(block, 1) + 1
+        seq.block_table = list(cached)
+        seq.num_cached_tokens = len(cached) * self.block_size
+        self.allocate(seq, seq.num_tokens - seq.num_cached_tokens)
+
+    def commit(self, seq: Sequence, num_computed: int) -> None:
+        """`num_computed` more tokens of `seq` have their K/V in the cache now (after its cached ones): the
+        blocks they filled join the prefix cache."""
+        start = seq.num_cached_tokens
+        seq.num_cached_tokens = start + num_computed
+        if self._prefix is None:
+            return
+        first, end = start // self.block_size, seq.num_cached_tokens // self.block_size
+        if end > first:
+            hashes = extend_block_hashes(seq, end, self.block_size)
+            for index in range(first, end):
+                self._prefix.add(seq.block_table[index], hashes[index])
+
+    # ---- growth, sharing, release -------------------------------------------------------------------
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether `num_tokens` more tokens of `seq` fit, counting space left in its last block (and the copy
@@ -77,6 +136,8 @@ class BlockManager:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` shares all of `parent`'s blocks (and whatever K/V they hold or are about to)."""
         child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_cached_tokens = parent.num_cached_tokens
         for block in child.block_table:
             self._holders[block] = self._holders.get(block, 1) + 1
 
@@ -88,7 +149,9 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         self._release_set_aside(seq)
-        for block in seq.block_table:
+        # Last block first: parked blocks are evicted in the order they were parked, and a chain's tail is
+        # the part least likely to be asked for again (its head is what other prompts share).
+        for block in reversed(seq.block_table):
             self._drop_holder(block)
         seq.block_table.clear()
         seq.num_cached_tokens = 0
@@ -100,7 +163,8 @@ class BlockManager:
     def _drop_holder(self, block: int) -> None:
         holders = self._holders.get(block)
         if holders is None:
-            self._state[block] = _FREE
+            parked = self._prefix is not None and self._prefix.park(block)
+            self._state[block] = _PARKED if parked else _FREE
             self._num_free += 1
         elif holders == 2:
             del self._holders[block]
@@ -122,11 +186,11 @@ class BlockManager:
         table = seq.block_table
         if table:
             following = table[-1] + 1
-            if following < self.num_blocks and self._state[following] != _USED:
+            if following < self.num_blocks and self._state[following] in (_FREE, _SET_ASIDE):
                 return following
         # A new run: where the rest of its full length fits among blocks nobody else is growing into
         # (or as much of it as fits: halving the length asked for), else (the cache is nearly full) any
-        # free block, those set aside for others last.
+        # free block, those set aside for others last, and parked prefix-cache blocks after them.
         self._release_set_aside(seq)
         wanted = max(1, self.blocks_needed(seq.max_total_tokens) - len(table))
         while wanted >= 1:
@@ -137,7 +201,8 @@ class BlockManager:
                     self._set_aside[seq] = (start + 1, start + wanted)
                 return start
             wanted //= 2
-        return self._state.find(_SET_ASIDE)
+        block = self._state.find(_SET_ASIDE)
+        return block if block >= 0 else self._prefix.evict_oldest()
 
     def _release_set_aside(self, seq: Sequence) -> None:
         # A block of this span that another sequence took, freed and then had set aside for a third is

@@ -73,8 +73,13 @@ class Config:
     # None: sized from memory (gpu_memory_utilization on CUDA, cpu_kv_cache_mb on CPU).
     num_kv_blocks: int | None = None
     cpu_kv_cache_mb: int = 2048
-    # Tokens one step may process (prefill budget); a prompt longer than this still runs, alone.
+    # Tokens one step may compute, decodes and prefills together. With chunked prefill a longer prompt is
+    # computed over several steps, alongside the running decodes; without, it still runs, as the only prefill.
     max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    # Keep full KV blocks after their sequence ends and reuse them for prompts that start the same way
+    # (with the same adapter content).
+    enable_prefix_caching: bool = True
     # Where downloaded models and adapters are cached; an s3:// url of an adapters.tar.gz.
     cache_dir: str = ""
     adapters_url: str = ""

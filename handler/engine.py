@@ -27,7 +27,7 @@ from handler.models import load_hf_config, load_model
 from handler.output_processor import RequestTextState
 from handler.offline import generate_offline
 from handler.request_sequences import RequestSequences
-from handler.scheduler import Scheduler
+from handler.scheduler import ScheduledStep, Scheduler
 from handler.sequence import (
     FinishReason,
     GenerationResult,
@@ -56,6 +56,13 @@ class EngineStats:
     generated_tokens: int
     prompt_tokens: int
     preemptions: int
+    # Prefix cache: prompt tokens looked up at admission and found there (their K/V reused, not computed),
+    # and blocks kept for reuse that no sequence holds (counted in num_free_kv_blocks: they are reclaimable).
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_cached_kv_blocks: int
+    # Steps in which the token budget cut a prefill short (chunked prefill).
+    chunked_prefill_steps: int
     num_adapter_slots: int  # 0 without LoRA
     num_busy_adapter_slots: int  # held by sequences in the running batch; the rest can take another adapter
 
@@ -99,12 +106,15 @@ class Engine:
                 device=self.device,
             )
         num_blocks = config.num_kv_blocks or self._auto_num_kv_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,
             max_running=config.max_rolling_batch_size,
+            # Every running sequence's decode fits, whatever the setting.
             max_batched_tokens=max(config.max_num_batched_tokens, config.max_rolling_batch_size),
             gate=self.lora,
+            chunked_prefill=config.enable_chunked_prefill,
         )
         self.runner = ModelRunner(self.model, self.block_manager)
         logger.info(
@@ -128,6 +138,9 @@ class Engine:
         self._generated_tokens = 0
         self._prompt_tokens = 0
         self._preemptions = 0
+        self._cache_queried_tokens = 0
+        self._cache_hit_tokens = 0
+        self._chunked_steps = 0
         if self.lora is not None and adapters_from_model_dir:
             self._register_model_dir_adapters()
 
@@ -223,17 +236,18 @@ class Engine:
                 # Everything waits on an adapter load: yield the CPU to the loader instead of spinning.
                 time.sleep(IDLE_WAIT_SECONDS)
             return outputs
-        self._steps += 1
-        self._prompt_tokens += sum(seq.num_tokens for seq in step.prefill_seqs if not seq.output_token_ids)
+        self._count(step)
         seqs, _ = step.sampling_rows()
         try:
             lora_step = self.lora.step_applier(step) if self.lora is not None else None
             sampled = self.runner.execute(step, lora_step)
         except Exception as error:  # a failed forward must not take the engine (or other steps) down
-            logger.exception("forward pass failed for %d sequences", len(seqs))
-            for seq in seqs:
+            failed = step.seqs + [child for children in step.forks.values() for child in children]
+            logger.exception("forward pass failed for %d sequences", len(failed))
+            for seq in failed:
                 outputs.extend(self._finish(seq, FinishReason.ERROR, error=f"internal error: {error}"))
             return outputs
+        self.scheduler.complete(step)
         for seq, token_id, log_prob, top in zip(seqs, sampled.token_ids, sampled.log_probs, sampled.top):
             text_state = self._text_states[seq]
             token, finish = text_state.process(seq, token_id, log_prob, top)
@@ -250,6 +264,16 @@ class Engine:
                 output.prompt_log_probs = prompt_log_probs
                 outputs.append(output)
         return outputs
+
+    def _count(self, step: ScheduledStep) -> None:
+        self._steps += 1
+        self._chunked_steps += step.is_chunked
+        self._cache_queried_tokens += step.cache_queried_tokens
+        self._cache_hit_tokens += step.cache_hit_tokens
+        # Prompt tokens computed (not those whose K/V came from the prefix cache).
+        self._prompt_tokens += sum(max(0, min(seq.num_cached_tokens + length, len(seq.prompt_token_ids))
+                                          - seq.num_cached_tokens)
+                                   for seq, length in zip(step.prefill_seqs, step.prefill_lengths))
 
     def _take_queued(self, outputs: list[RequestOutput]) -> None:
         with self._lock:
@@ -354,6 +378,10 @@ class Engine:
             generated_tokens=self._generated_tokens,
             prompt_tokens=self._prompt_tokens,
             preemptions=self._preemptions,
+            prefix_cache_queried_tokens=self._cache_queried_tokens,
+            prefix_cache_hit_tokens=self._cache_hit_tokens,
+            num_cached_kv_blocks=self.block_manager.num_cached_blocks,
+            chunked_prefill_steps=self._chunked_steps,
             num_adapter_slots=self.lora.slots.num_slots if self.lora is not None else 0,
             num_busy_adapter_slots=self.lora.num_busy_slots(running) if self.lora is not None else 0,
         )

@@ -1,7 +1,8 @@
 """What one forward pass needs to know about the step, built once by the model runner, read by layers.
 
 Token order in a step: the decode tokens first (one per decoding sequence), then each prefilling
-sequence's tokens, contiguous. Keeping this in one object keeps the layers' signatures plain.
+sequence's tokens (all it has left, or a chunk of them), contiguous. Keeping this in one object keeps the
+layers' signatures plain.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ class LoraApplier(Protocol):
 
 
 @dataclass(slots=True)
-class DecodeKV:
-    """Where one decoding sequence's cached K/V are, and how many tokens it attends to (itself included).
+class CachedKV:
+    """Where one sequence's K/V are in the cache, and how many tokens it attends to (its new ones included).
 
-    The form for CPUs (above a small batch): each decode attends on its own, straight from the cache.
-    When its blocks are consecutive (the block manager places sequences so that they usually are) its
-    keys are a view of the cache, otherwise its blocks are gathered. Gathering the whole batch into one
-    padded tensor (PaddedDecodes) cost about twice as much on CPU.
+    A decode's form on CPUs (above a small batch), where each decode attends on its own, straight from the
+    cache; and a prefill's that starts after cached tokens (a prefix-cache hit, an earlier chunk). When its
+    blocks are consecutive (the block manager places sequences so that they usually are) its keys are a
+    view of the cache, otherwise its blocks are gathered. Gathering all decodes into one padded tensor
+    (PaddedDecodes) cost about twice as much on CPU.
     """
 
     length: int
@@ -51,12 +53,27 @@ class PaddedDecodes:
 
 
 @dataclass(slots=True)
+class PrefillSpan:
+    """One prefilling sequence's tokens in the step: [start, end) in the token order, at positions
+    context_len .. context_len + (end - start) - 1 of the sequence."""
+
+    start: int
+    end: int
+    context_len: int  # tokens before these whose K/V are in the cache already
+    # With context: where all its K/V are (the new ones are written before attention reads them), and the
+    # attention masks built for it, per sliding-window size. None from position 0: it attends to its
+    # fresh K/V only.
+    cached: CachedKV | None = None
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class ForwardContext:
     positions: torch.Tensor  # [T] position of each token in its sequence
     slot_mapping: torch.Tensor  # [T] flat KV-cache index each token's K/V is written to
     num_decode_tokens: int
     # The decodes' cached K/V in one of two forms (see each): one per decode token in the same order,
     # or all padded together.
-    decode_kv: list[DecodeKV] | PaddedDecodes
-    prefill_ranges: list[tuple[int, int]]  # [start, end) of each prefilling sequence in the token order
+    decode_kv: list[CachedKV] | PaddedDecodes
+    prefills: list[PrefillSpan]
     lora: LoraApplier | None = None

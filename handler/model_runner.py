@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from handler.block_manager import BlockManager
-from handler.forward_context import DecodeKV, ForwardContext, LoraApplier, PaddedDecodes
+from handler.forward_context import CachedKV, ForwardContext, LoraApplier, PaddedDecodes, PrefillSpan
 from handler.models import LlamaModel
 from handler.sampler import SampledTokens, Sampler
 from handler.scheduler import ScheduledStep
@@ -43,16 +43,17 @@ class ModelRunner:
 
     def execute(self, step: ScheduledStep, lora: LoraApplier | None = None) -> SampledTokens:
         """Run one forward pass over the step's tokens; return each sampling sequence's next token and
-        log-prob, in `step.sampling_rows()` order (decodes, prefills, then sequences forked this step)."""
+        log-prob, in `step.sampling_rows()` order (decodes, completing prefills, then sequences forked this
+        step). A prefill chunk that does not complete its sequence samples nothing."""
         self._copy_blocks(self.block_manager.take_copies())
         ctx, input_ids, last_token_index = self._prepare(step)
         ctx.lora = lora
         hidden = self.model.forward(input_ids, ctx, self.kv_cache)
-        self._score_prompts(step, ctx, input_ids, hidden)
-        logits = self.model.compute_logits(hidden[last_token_index])
+        self._score_prompts(step, ctx, hidden)
         seqs, rows = step.sampling_rows()
-        for seq in seqs:
-            seq.num_cached_tokens = seq.num_tokens
+        if not seqs:
+            return SampledTokens([], [], [])
+        logits = self.model.compute_logits(hidden[last_token_index])
         return self.sampler.sample(logits, seqs, rows)
 
     # ---- for the generation parameters (handler/sampler.py) -----------------------------------------
@@ -63,17 +64,25 @@ class ModelRunner:
             sources, destinations = (torch.tensor(side, dtype=torch.long, device=self.device) for side in zip(*copies))
             self.kv_cache[:, :, :, destinations] = self.kv_cache[:, :, :, sources]
 
-    def _score_prompts(self, step: ScheduledStep, ctx: ForwardContext, input_ids: torch.Tensor,
-                       hidden: torch.Tensor) -> None:
-        """Each prompt token's log-probability for the prefills that asked (once), from the hidden states
-        of the tokens before it."""
-        for seq, (start, _) in zip(step.prefill_seqs, ctx.prefill_ranges):
-            # A request's first sequence scores the prompt; the others share it (and, preempted, skip it).
-            if seq.params.prompt_log_probs and seq.prompt_log_probs is None and seq.index == 0:
-                prompt_end = start + len(seq.prompt_token_ids)
-                log_probs = torch.log_softmax(self.model.compute_logits(hidden[start : prompt_end - 1]).float(), -1)
-                scored = log_probs.gather(1, input_ids[start + 1 : prompt_end, None]).squeeze(1)
-                seq.prompt_log_probs = [None, *scored.tolist()]
+    def _score_prompts(self, step: ScheduledStep, ctx: ForwardContext, hidden: torch.Tensor) -> None:
+        """Each prompt token's log-probability for the prefills that asked, from the hidden state of the token
+        before it: chunk by chunk, each scoring the tokens after its own that are not scored yet (a sequence
+        preempted mid-prompt computes some again)."""
+        for seq, prefill in zip(step.prefill_seqs, ctx.prefills):
+            if not seq.scores_prompt:
+                continue
+            if seq.prompt_log_probs is None:
+                seq.prompt_log_probs = [None]  # nothing comes before the first token
+            context = prefill.context_len
+            # Offsets in this chunk of the hidden states that score a prompt token not scored yet.
+            first = len(seq.prompt_log_probs) - 1 - context
+            end = min(prefill.end - prefill.start, len(seq.prompt_token_ids) - 1 - context)
+            if end <= first:
+                continue
+            logits = self.model.compute_logits(hidden[prefill.start + first : prefill.start + end])
+            targets = torch.tensor(seq.prompt_token_ids[context + first + 1 : context + end + 1], device=self.device)
+            scored = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+            seq.prompt_log_probs.extend(scored.tolist())
 
     def _prepare(self, step: ScheduledStep) -> tuple[ForwardContext, torch.Tensor, torch.Tensor]:
         block_size = self.block_manager.block_size
@@ -93,16 +102,19 @@ class ModelRunner:
             decode_tables.append(seq.block_table)
             decode_lengths.append(seq.num_tokens)
 
-        prefill_ranges: list[tuple[int, int]] = []
-        for seq in step.prefill_seqs:
+        prefills: list[PrefillSpan] = []
+        for seq, length, completes in zip(step.prefill_seqs, step.prefill_lengths, step.prefill_completes):
             start = len(input_ids)
-            count = seq.num_tokens
-            input_ids.extend(seq.token_ids)
-            positions.extend(range(count))
+            context = seq.num_cached_tokens
+            end = context + length
+            input_ids.extend(seq.token_ids[context:end])
+            positions.extend(range(context, end))
             table = seq.block_table
-            slots.extend(table[i // block_size] * block_size + i % block_size for i in range(count))
-            prefill_ranges.append((start, start + count))
-            last_token_index.append(start + count - 1)
+            slots.extend(table[i // block_size] * block_size + i % block_size for i in range(context, end))
+            cached = self._cached_kv(table[: self.block_manager.blocks_needed(end)], end) if context else None
+            prefills.append(PrefillSpan(start, start + length, context, cached))
+            if completes:
+                last_token_index.append(start + length - 1)
 
         device = self.device
         ctx = ForwardContext(
@@ -110,7 +122,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode_tokens=len(step.decode_seqs),
             decode_kv=self._decode_kv(decode_tables, decode_lengths),
-            prefill_ranges=prefill_ranges,
+            prefills=prefills,
         )
         return (
             ctx,
@@ -118,7 +130,7 @@ class ModelRunner:
             torch.tensor(last_token_index, dtype=torch.long, device=device),
         )
 
-    def _decode_kv(self, tables: list[list[int]], lengths: list[int]) -> list[DecodeKV] | PaddedDecodes:
+    def _decode_kv(self, tables: list[list[int]], lengths: list[int]) -> list[CachedKV] | PaddedDecodes:
         device = self.device
         width = max((len(table) for table in tables), default=0)
         if tables and self._pads(len(tables), width):
@@ -129,15 +141,15 @@ class ModelRunner:
                 longest=max(lengths),
                 shortest=min(lengths),
             )
-        decode_kv = []
-        for table, length in zip(tables, lengths):
-            first = table[0]
-            if table[-1] - first == len(table) - 1 and table == list(range(first, first + len(table))):
-                decode_kv.append(DecodeKV(length=length, first_block=first, block_ids=None))
-            else:
-                decode_kv.append(DecodeKV(length=length, first_block=None,
-                                          block_ids=torch.tensor(table, dtype=torch.long, device=device)))
-        return decode_kv
+        return [self._cached_kv(table, length) for table, length in zip(tables, lengths)]
+
+    def _cached_kv(self, table: list[int], length: int) -> CachedKV:
+        """The first `length` tokens of the sequence whose blocks are `table`: in place or to gather."""
+        first = table[0]
+        if table[-1] - first == len(table) - 1 and table == list(range(first, first + len(table))):
+            return CachedKV(length=length, first_block=first, block_ids=None)
+        return CachedKV(length=length, first_block=None,
+                        block_ids=torch.tensor(table, dtype=torch.long, device=self.device))
 
     def _pads(self, num_decodes: int, width: int) -> bool:
         if self.decode_form != "auto":

@@ -141,6 +141,9 @@ def _is_int(value: object) -> bool:
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    # Admitted: its tokens are being computed, over several steps when the prefill is chunked. It samples
+    # when the last of them is, and runs (decodes) from then on.
+    PREFILLING = "prefilling"
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -176,8 +179,11 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_log_probs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    # Tokens whose K/V are in the cache; 0 after admission or preemption (everything is recomputed).
+    # Tokens whose K/V are in the cache (from the prefix cache, or computed since admission); 0 while waiting.
     num_cached_tokens: int = 0
+    # The prefix cache's hash chain over this sequence's full blocks, as far as it was needed
+    # (handler/prefix_cache.py); tokens are only ever appended, so it stays valid.
+    block_hashes: list[bytes] = field(default_factory=list)
     arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
@@ -187,7 +193,8 @@ class Sequence:
     min_tokens_suppressed: tuple[int, ...] = ()
     # The structured-output state: what the grammar allows next.
     grammar: "GrammarMatcher | None" = None
-    # Each prompt token's log-probability (None for the first), once computed, when params.prompt_log_probs.
+    # Each prompt token's log-probability (None for the first), when params.prompt_log_probs: filled as the
+    # prefill computes the prompt, chunk by chunk; whole by the first sampled token.
     prompt_log_probs: list[float | None] | None = None
 
     @property
@@ -205,6 +212,22 @@ class Sequence:
     @property
     def max_total_tokens(self) -> int:
         return len(self.prompt_token_ids) + self.params.max_new_tokens
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether this sequence still has prompt tokens to score: a request's first sequence scores its
+        prompt once; the others share the scores (and, preempted, none scores again)."""
+        return (self.params.prompt_log_probs and self.index == 0
+                and (self.prompt_log_probs is None or len(self.prompt_log_probs) < len(self.prompt_token_ids)))
+
+    @property
+    def num_reusable_tokens(self) -> int:
+        """Leading tokens whose K/V may come from the prefix cache: all but the last, whose logits the
+        sequence needs; and while it scores its prompt, only those whose scores it has (scoring a token
+        needs the hidden state of the one before it, which the cache does not keep)."""
+        if self.scores_prompt:
+            return len(self.prompt_log_probs) - 1 if self.prompt_log_probs else 0
+        return self.num_tokens - 1
 
 
 @dataclass(slots=True)

@@ -364,8 +364,8 @@ class LoraManager:
         token_slots: list[int] = []
         for seq in step.decode_seqs:
             token_slots.append(self._slot_for(seq))
-        for seq in step.prefill_seqs:
-            token_slots.extend([self._slot_for(seq)] * seq.num_tokens)
+        for seq, length in zip(step.prefill_seqs, step.prefill_lengths):
+            token_slots.extend([self._slot_for(seq)] * length)
         active = {slot for slot in token_slots if slot >= 0}
         if not active:
             return None

@@ -67,6 +67,8 @@ def test_properties_file_wins_over_environment_and_aliases_apply(tmp_path):
         ("rolling_batch", "static", "option.rolling_batch='static'"),
         ("output_formatter", "xml", "option.output_formatter"),
         ("max_cpu_loras", "1", "must be at least max_loras"),
+        ("enable_prefix_caching", "sometimes", "option.enable_prefix_caching='sometimes'"),
+        ("max_num_batched_tokens", "0", "must be a positive integer"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, key, value, fragment):
@@ -82,6 +84,16 @@ def test_every_lmi_spelling_of_rolling_batch_and_dtype_is_accepted():
                 "bfloat16": "bfloat16", "float32": "float32", "auto": "auto"}
     for name, torch_name in expected.items():
         assert Config.from_options(dtype=name).torch_dtype_name == torch_name
+
+
+def test_prefix_caching_and_chunked_prefill_are_on_unless_turned_off(tmp_path):
+    assert Config.load(tmp_path, env={}).enable_prefix_caching and Config.load(tmp_path, env={}).enable_chunked_prefill
+    (tmp_path / "serving.properties").write_text("option.enable_prefix_caching=false\n"
+                                                 "option.enable_chunked_prefill=false\n"
+                                                 "option.max_num_batched_tokens=512\n")
+    config = Config.load(tmp_path, env={})
+    assert (config.enable_prefix_caching, config.enable_chunked_prefill, config.max_num_batched_tokens) == (
+        False, False, 512)
 
 
 def test_tensor_parallel_max_means_this_one_device():

@@ -14,7 +14,7 @@ import torch
 
 from handler import Engine, SamplingParams
 from handler.attention import paged_attention
-from handler.forward_context import DecodeKV, ForwardContext, PaddedDecodes
+from handler.forward_context import CachedKV, ForwardContext, PaddedDecodes
 from handler.model_runner import PAD_DECODES_MAX_ELEMENTS
 from tests.models import reference_greedy
 
@@ -35,10 +35,10 @@ def reference(q, keys, values, scale, window):
     return out
 
 
-def decode_kv(table: list[int], length: int) -> DecodeKV:
+def decode_kv(table: list[int], length: int) -> CachedKV:
     if table == list(range(table[0], table[0] + len(table))):
-        return DecodeKV(length=length, first_block=table[0], block_ids=None)
-    return DecodeKV(length=length, first_block=None, block_ids=torch.tensor(table))
+        return CachedKV(length=length, first_block=table[0], block_ids=None)
+    return CachedKV(length=length, first_block=None, block_ids=torch.tensor(table))
 
 
 def padded(layouts) -> PaddedDecodes:
@@ -79,7 +79,7 @@ def test_every_form_of_decode_attention_matches_the_reference(window, form):
         num_decode_tokens=len(layouts),
         decode_kv=[decode_kv(table, length) for table, length in layouts] if form == "per sequence"
         else padded(layouts),
-        prefill_ranges=[],
+        prefills=[],
     )
     if form == "per sequence":
         assert [kv.first_block for kv in ctx.decode_kv] == [2, None, None]
