@@ -46,12 +46,24 @@ class EngineCollector(Collector):
         yield _gauge("running_sequences", "Sequences in the running batch", stats.num_running)
         yield _gauge("kv_cache_blocks", "KV cache blocks in total", stats.num_kv_blocks)
         used = stats.num_kv_blocks - stats.num_free_kv_blocks
-        yield _gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks in use",
+        yield _gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks held by sequences",
                      used / stats.num_kv_blocks if stats.num_kv_blocks else 0.0)
         yield _counter("generated_tokens", "Tokens generated", stats.generated_tokens)
-        yield _counter("prompt_tokens", "Prompt tokens prefilled", stats.prompt_tokens)
+        yield _counter("prompt_tokens", "Prompt tokens computed (not those reused from the prefix cache)",
+                       stats.prompt_tokens)
         yield _counter("engine_steps", "Engine steps run", stats.steps)
         yield _counter("preemptions", "Sequences preempted for lack of KV cache", stats.preemptions)
+        yield _counter("prefix_cache_queries", "Tokens of admitted sequences looked up in the prefix cache",
+                       stats.prefix_cache_queried_tokens)
+        yield _counter("prefix_cache_hits", "Tokens whose K/V came from the prefix cache",
+                       stats.prefix_cache_hit_tokens)
+        queried = stats.prefix_cache_queried_tokens
+        yield _gauge("prefix_cache_hit_rate", "Share of looked-up tokens found in the prefix cache, since start",
+                     stats.prefix_cache_hit_tokens / queried if queried else 0.0)
+        yield _gauge("kv_cache_cached_blocks", "KV blocks kept for the prefix cache that no sequence holds "
+                     "(free: taken last, oldest first)", stats.num_cached_kv_blocks)
+        yield _counter("chunked_prefill_steps", "Steps in which the token budget cut a prompt's prefill short",
+                       stats.chunked_prefill_steps)
         if self._engine.config.enable_lora:
             yield _gauge("adapter_slots", "Device slots for adapters (option.max_loras)", stats.num_adapter_slots)
             yield _gauge("adapter_slots_busy", "Device slots used by sequences in the running batch",

@@ -25,6 +25,11 @@ def value(samples, name: str, **labels) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+def increase(before, after, name: str, **labels) -> float:
+    """How much a counter grew between two scrapes (from 0 if the first had no such sample)."""
+    return value(after, name, **labels) - before.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
 def test_metrics_count_requests_tokens_and_adapters(client):
     before = scrape(client)
     for adapter in ("a1", "a1", "a2"):
@@ -35,7 +40,7 @@ def test_metrics_count_requests_tokens_and_adapters(client):
     after = scrape(client)
 
     def delta(name, **labels):
-        return value(after, name, **labels) - before.get((name, tuple(sorted(labels.items()))), 0.0)
+        return increase(before, after, name, **labels)
 
     assert delta("lora_serving_requests_total", route="/invocations", status="200") == 3
     assert delta("lora_serving_requests_total", route="/invocations", status="400") == 1
@@ -55,6 +60,24 @@ def test_metrics_count_requests_tokens_and_adapters(client):
         assert value(after, "lora_serving_adapter_load_seconds", adapter=adapter) > 0
         assert value(after, "lora_serving_adapter_pinned", adapter=adapter) == 0
     assert value(after, "lora_serving_adapters_registered") >= 2
+
+
+def test_metrics_count_prefix_cache_hits(client):
+    before = scrape(client)
+    prompt = " ".join(["the red cat sees a small dog"] * 8)  # several full blocks of 16 tokens
+    for _ in range(2):
+        response = client.post("/invocations", json={"inputs": prompt, "adapters": "a2",
+                                                     "parameters": {"max_new_tokens": 2}})
+        assert response.status_code == 200
+    after = scrape(client)
+    queried = increase(before, after, "lora_serving_prefix_cache_queries_total")
+    hits = increase(before, after, "lora_serving_prefix_cache_hits_total")
+    # The second request reuses every full block of the first's prompt but the one holding its last token.
+    assert queried > 2 * 16 and hits >= queried / 2 - 16
+    assert 0 < value(after, "lora_serving_prefix_cache_hit_rate") <= 1
+    assert value(after, "lora_serving_kv_cache_cached_blocks") >= hits // 16
+    assert value(after, "lora_serving_kv_cache_usage_ratio") == 0  # cached blocks are held by no sequence
+    assert value(after, "lora_serving_chunked_prefill_steps_total") == 0  # prompts far under the step's budget
 
 
 def wait_until_idle(engine, timeout: float = 10.0) -> None:
