@@ -6,12 +6,17 @@ inputs, one adapter each), with the adapter header, streamed as jsonlines and as
 streamed chat; TGI generate and generate_stream; sampled requests; clients that leave mid-stream or before a
 whole answer; invalid requests. Greedy answers must equal transformers + PEFT's, token for token.
 
+With `--churn-every S`, adapter names are registered, updated to other files and unregistered every S
+seconds while the clients also send requests naming them (scripts/soak_churn.py): each answer must be
+the one of the version registered when the server accepted the request.
+
 Then it checks: every valid request got a whole answer equal to the reference where greedy; no 5xx (seen
 by the clients or counted by the server); at the end the server holds no request, KV block or adapter slot;
 the server's RSS after warm-up grew by no more than the allowed bound. It prints a table and exits 1 when a
 check fails.
 
     .venv/bin/python scripts/soak.py --clients 32 --duration 600        # the demo model, built once
+    .venv/bin/python scripts/soak.py --clients 32 --duration 600 --churn-every 3
     .venv/bin/python scripts/soak.py --model-dir ./model --clients 8 --duration 30
     .venv/bin/python scripts/soak.py --url http://127.0.0.1:8080 --pid 1234 --model-dir ./model
 """
@@ -38,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import cpu_name, percentile  # noqa: E402
 from benchlib import print_table  # noqa: E402
+from soak_churn import Churn, build_churn, change, churn_kinds, churn_loop, churn_prompts  # noqa: E402
 from soak_reference import chat_prompt, greedy_references  # noqa: E402
 from soak_traffic import REQUEST_TIMEOUT_SECONDS, Case, Outcome, Traffic, one_request, request_deck  # noqa: E402
 
@@ -115,8 +121,9 @@ def wait_until_idle(url: str) -> dict[tuple[str, tuple], float]:
 
 # ---- references and load ----------------------------------------------------------------------------------
 
-def greedy_cases(url: str, model_dir: Path, max_new_tokens: int) -> tuple[list[Case], list[Case], str]:
-    """Every (prompt, adapter) with its reference answer, plain and chat; and the base model's OpenAI name."""
+def greedy_cases(url: str, model_dir: Path, max_new_tokens: int) -> tuple[list[Case], list[Case], str, dict[str, Path]]:
+    """Every (prompt, adapter) with its reference answer, plain and chat; the base model's OpenAI name; the
+    adapters' directories."""
     adapters = httpx.get(f"{url}/adapters", params={"limit": 1000}, timeout=30).json()["adapters"]
     adapter_dirs = {adapter["name"]: Path(adapter["src"]) for adapter in adapters if Path(adapter["src"]).is_dir()}
     prompts = [plain_prompt(sentence) for sentence in DEMO_SENTENCES]
@@ -129,15 +136,22 @@ def greedy_cases(url: str, model_dir: Path, max_new_tokens: int) -> tuple[list[C
         chat_cases = [Case(sentence, adapter, chat_references[chat_prompts[sentence], adapter])
                       for sentence in DEMO_SENTENCES for adapter in ["", *adapter_dirs]]
     base_model_name = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-    return cases, chat_cases, base_model_name
+    return cases, chat_cases, base_model_name, adapter_dirs
 
 
-async def drive(url: str, clients: int, duration: float, traffic_args: dict, seed: int, run: Run) -> None:
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+async def drive(url: str, clients: int, duration: float, traffic_args: dict, seed: int, run: Run,
+                churn: Churn | None, churn_every: float) -> None:
+    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
     async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_SECONDS, limits=limits) as client:
         traffic = Traffic(client=client, **traffic_args)
-        deck = request_deck(with_chat=bool(traffic.chat_cases))
+        deck = request_deck(with_chat=bool(traffic.chat_cases), extra=churn_kinds(churn) if churn else [])
         deadline = time.monotonic() + duration
+        churning = []
+        if churn is not None:
+            churn_rng = random.Random(seed)
+            for name in churn.names:  # each starts registered
+                await change(client, churn, name, churn_rng, run.outcomes)
+            churning.append(churn_loop(client, churn, churn_every, deadline, churn_rng, run.outcomes))
 
         async def client_loop(index: int) -> None:
             rng = random.Random(seed * 1000 + index)
@@ -149,7 +163,7 @@ async def drive(url: str, clients: int, duration: float, traffic_args: dict, see
                         return
                     run.outcomes[name].append(await one_request(traffic, kind, rng))
 
-        await asyncio.gather(*(client_loop(index) for index in range(clients)))
+        await asyncio.gather(*(client_loop(index) for index in range(clients)), *churning)
 
 
 # ---- report -----------------------------------------------------------------------------------------------
@@ -189,7 +203,9 @@ def report_server(before: dict, final: dict) -> list[str]:
                                       * final[("lora_serving_kv_cache_blocks", ())]),
             "busy adapter slots": final.get(("lora_serving_adapter_slots_busy", ()), 0)}
     counted = {what: final[(name, ())] - before[(name, ())] for name, what in (
-        ("lora_serving_preemptions_total", "preemptions"), ("lora_serving_generated_tokens_total", "tokens generated"))}
+        ("lora_serving_preemptions_total", "preemptions"), ("lora_serving_generated_tokens_total", "tokens generated"),
+        ("lora_serving_prefix_cache_hits_total", "prompt tokens from the prefix cache"),
+        ("lora_serving_chunked_prefill_steps_total", "chunked prefill steps"))}
     print(f"\nserver: {sum(served_5xx.values()):.0f} answers 5xx; at the end "
           + ", ".join(f"{value:.0f} {what}" for what, value in held.items()) + "; during the run "
           + ", ".join(f"{value:.0f} {what}" for what, value in counted.items()))
@@ -223,6 +239,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help="seconds before the RSS baseline (default: a fifth, at most 60)")
     parser.add_argument("--max-new-tokens", type=int, default=DEMO_MAX_NEW_TOKENS, help="of greedy requests")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--churn-every", type=float, default=0,
+                        help="seconds between adapter registrations / updates / unregistrations (0: none)")
+    parser.add_argument("--churn-names", type=int, default=3, help="adapter names churned")
     parser.add_argument("--rss-limit-mb", type=float, default=50, help="allowed RSS growth after warm-up ...")
     parser.add_argument("--rss-limit-percent", type=float, default=10, help="... or this share, if larger")
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("OPTION_CACHE_DIR",
@@ -253,10 +272,18 @@ def main() -> int:
         url, pid = f"http://127.0.0.1:{port}", process.pid
     try:
         wait_until_healthy(url, process, log_path)
-        cases, chat_cases, base_model_name = greedy_cases(url, model_dir, args.max_new_tokens)
+        cases, chat_cases, base_model_name, adapter_dirs = greedy_cases(url, model_dir, args.max_new_tokens)
+        churn = None
+        if args.churn_every:
+            if len(adapter_dirs) < 2:
+                sys.exit("--churn-every needs at least two adapters with local directories to churn between")
+            prompts = churn_prompts(list(DEMO_SENTENCES))
+            churn = build_churn(greedy_references(model_dir, adapter_dirs, prompts, args.max_new_tokens),
+                                {name: str(path) for name, path in adapter_dirs.items()}, args.churn_names)
         print(f"soak: {args.clients} clients for {args.duration:.0f} s against {url} ({model_dir}); "
-              f"{len(cases)} greedy cases, {len(chat_cases)} chat cases; "
-              f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+              f"{len(cases)} greedy cases, {len(chat_cases)} chat cases"
+              + (f"; {args.churn_names} adapter names churned every {args.churn_every:g} s" if churn else "")
+              + f"; {datetime.datetime.now().isoformat(timespec='seconds')}")
         print(f"machine: {os.cpu_count()} CPUs ({cpu_name()}), shared by the server and the clients\n")
         before = scrape(url)
         run = Run()
@@ -266,7 +293,7 @@ def main() -> int:
         sampler.start()
         traffic_args = dict(cases=cases, chat_cases=chat_cases, base_model_name=base_model_name,
                             max_new_tokens=args.max_new_tokens)
-        asyncio.run(drive(url, args.clients, args.duration, traffic_args, args.seed, run))
+        asyncio.run(drive(url, args.clients, args.duration, traffic_args, args.seed, run, churn, args.churn_every))
         final = wait_until_idle(url)
         run.rss_samples.append((time.monotonic() - started, rss_bytes(pid)))
         stop.set()

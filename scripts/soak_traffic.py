@@ -274,9 +274,9 @@ async def invalid(traffic: Traffic, rng: random.Random) -> Outcome:
     return Outcome(response.status_code, time.perf_counter() - started, True, counts_latency=False)
 
 
-def request_deck(with_chat: bool) -> list[tuple[str, Kind]]:
-    """Every kind of request, named, as many times as its share: a client deals its requests from a shuffled
-    deck, so even a short run sends every kind."""
+def request_deck(with_chat: bool, extra: list[tuple[str, Kind, int]] = ()) -> list[tuple[str, Kind]]:
+    """Every kind of request, named, as many times as its share (`extra`: more kinds, with their shares): a
+    client deals its requests from a shuffled deck, so even a short run sends every kind."""
     mix = [("lmi", lmi, 3), ("lmi batch", lmi_batch, 2), ("lmi header", lmi_header, 1),
            ("lmi jsonlines", _lmi_stream("jsonlines"), 2), ("lmi sse", _lmi_stream("sse"), 1),
            ("openai completion", openai_completion, 1), ("tgi generate", tgi_generate, 1),
@@ -284,6 +284,7 @@ def request_deck(with_chat: bool) -> list[tuple[str, Kind]]:
            ("leaves before answer", leaves_before_answer, 1), ("invalid", invalid, 1)]
     if with_chat:
         mix.append(("openai chat stream", openai_chat_stream, 1))
+    mix.extend(extra)
     return [(name, kind) for name, kind, copies in mix for _ in range(copies)]
 
 
