@@ -1,4 +1,4 @@
-"""Bookkeeping of the paged KV cache: which fixed-size blocks each sequence owns. No tensors here.
+"""Bookkeeping of the paged KV cache: which fixed-size blocks each sequence owns. Nothing on the device here.
 
 A sequence's token i lives in block `block_table[i // block_size]` at offset `i % block_size`. Blocks are
 taken from the free ones and returned the moment a sequence finishes or is preempted.
@@ -18,12 +18,17 @@ copies the device must make are queued for `take_copies`).
   index (handler/prefix_cache.py); a new sequence whose chain of blocks matches starts with those blocks
   and computes only the rest. A full block is never written again, so sharing it needs no copy. When its
   last holder lets it go, a block in the index is parked rather than freed: it still counts as free, but
-  is handed out (and forgotten) only when no truly free block is left, the one parked first going first.
+  is handed out (and forgotten) only when the free blocks cannot hold a new run of blocks that a sequence
+  needs now. Then the run of parked (and free) blocks whose most recently parked block was parked longest
+  ago goes: least recently used, a run at a time, so that the sequence taking it still reads its K/V in
+  place (a sequence parks its blocks last first, so its own run ages together).
 """
 
 from __future__ import annotations
 
-from handler.prefix_cache import PrefixIndex, extend_block_hashes
+import torch
+
+from handler.prefix_cache import NOT_PARKED, PrefixIndex, extend_block_hashes
 from handler.sequence import Sequence
 
 # One byte per block. _SET_ASIDE and _PARKED blocks count as free too.
@@ -44,7 +49,7 @@ class BlockManager:
         self._holders: dict[int, int] = {}
         # (source, destination) block copies owed before the next forward pass.
         self._copies: list[tuple[int, int]] = []
-        self._prefix = PrefixIndex() if enable_prefix_caching else None
+        self._prefix = PrefixIndex(num_blocks) if enable_prefix_caching else None
 
     @property
     def num_free_blocks(self) -> int:
@@ -122,13 +127,13 @@ class BlockManager:
         if copy:
             shared = table.pop()
             self._drop_holder(shared)
-            own = self._next_block(seq)
+            own = self._next_block(seq, 1)
             self._state[own] = _USED
             table.append(own)
             self._num_free -= 1
             self._copies.append((shared, own))
-        for _ in range(extra):
-            block = self._next_block(seq)
+        for taken in range(extra):
+            block = self._next_block(seq, extra - taken)
             self._state[block] = _USED
             table.append(block)
         self._num_free -= extra
@@ -182,27 +187,79 @@ class BlockManager:
         needed = self.blocks_needed(seq.num_cached_tokens + num_tokens)
         return max(0, needed - len(seq.block_table))
 
-    def _next_block(self, seq: Sequence) -> int:
+    def _next_block(self, seq: Sequence, needed: int) -> int:
+        """A block for `seq`, which needs `needed` more now."""
         table = seq.block_table
         if table:
             following = table[-1] + 1
-            if following < self.num_blocks and self._state[following] in (_FREE, _SET_ASIDE):
-                return following
-        # A new run: where the rest of its full length fits among blocks nobody else is growing into
-        # (or as much of it as fits: halving the length asked for), else (the cache is nearly full) any
-        # free block, those set aside for others last, and parked prefix-cache blocks after them.
+            if following < self.num_blocks:
+                state = self._state[following]
+                if state == _FREE or state == _SET_ASIDE:
+                    return following
+                start, end = self._set_aside.get(seq, (0, 0))
+                if state == _PARKED and start <= following < end:
+                    self._prefix.evict(following)  # set aside for it when it was placed: taken as it grows
+                    return following
+        # A new run: where the rest of its full length fits among blocks nobody else is growing into, or as
+        # much of it as fits (halving the length asked for) as long as that holds what it needs now. Else,
+        # if blocks are parked, in the run of free and parked blocks (as long as asked for, or as long as
+        # needed now) whose youngest parked block was parked longest ago: it is set aside for the sequence,
+        # and each parked block in it is evicted when the sequence grows into it. Else any free block,
+        # those set aside for others last. A sequence scattered over the free blocks left here and there
+        # (the partly filled last blocks of finished sequences) would gather its K/V at every step: with
+        # a cache full of parked blocks, that cost a fifth of the decode throughput.
         self._release_set_aside(seq)
         wanted = max(1, self.blocks_needed(seq.max_total_tokens) - len(table))
-        while wanted >= 1:
-            start = self._state.find(bytes([_FREE]) * wanted)
-            if start >= 0:
-                if wanted > 1:
-                    self._state[start + 1 : start + wanted] = bytes([_SET_ASIDE]) * (wanted - 1)
-                    self._set_aside[seq] = (start + 1, start + wanted)
-                return start
-            wanted //= 2
+        length = wanted
+        start = self._state.find(bytes([_FREE]) * length)
+        while start < 0 and length // 2 >= needed:
+            length //= 2
+            start = self._state.find(bytes([_FREE]) * length)
+        if start < 0 and length > needed:
+            length = needed
+            start = self._state.find(bytes([_FREE]) * length)
+        if start < 0 and self.num_cached_blocks:
+            evicted = self._evict_oldest_run(seq, wanted, needed)
+            if evicted is not None:
+                return evicted
+        while start < 0 and length > 1:
+            length //= 2
+            start = self._state.find(bytes([_FREE]) * length)
+        if start >= 0:
+            self._set_aside_run(seq, start, length)
+            return start
         block = self._state.find(_SET_ASIDE)
-        return block if block >= 0 else self._prefix.evict_oldest()
+        return block if block >= 0 else self._evict_oldest_run(seq, 1, 1, spare_set_asides=False)
+
+    def _evict_oldest_run(self, seq: Sequence, wanted: int, needed: int,
+                          spare_set_asides: bool = True) -> int | None:
+        """The first block of the run of free and parked blocks, `wanted` long (else `needed` long), whose
+        most recently parked block was parked longest ago, evicted if parked; `seq` grows into the rest
+        of the run. Parked blocks set aside for another sequence are spared unless `spare_set_asides` is
+        false. None if there is no such run."""
+        ages = self._prefix.parked_at.clone()  # free blocks cost nothing; held ones cannot be taken
+        ages[torch.frombuffer(self._state, dtype=torch.uint8) == _FREE] = 0
+        if spare_set_asides:
+            for start, end in self._set_aside.values():
+                ages[start:end] = NOT_PARKED
+        for length in dict.fromkeys((wanted, needed)):
+            if length > self.num_blocks:
+                continue
+            youngest = ages.unfold(0, length, 1).amax(1)
+            start = int(youngest.argmin())
+            if youngest[start] < NOT_PARKED:
+                if self._state[start] == _PARKED:
+                    self._prefix.evict(start)
+                self._set_aside_run(seq, start, length)
+                return start
+        return None
+
+    def _set_aside_run(self, seq: Sequence, start: int, length: int) -> None:
+        """Blocks start + 1 .. start + length - 1 (free or parked) are set aside for `seq` to grow into."""
+        if length > 1:
+            span = self._state[start + 1 : start + length]
+            self._state[start + 1 : start + length] = span.replace(bytes([_FREE]), bytes([_SET_ASIDE]))
+            self._set_aside[seq] = (start + 1, start + length)
 
     def _release_set_aside(self, seq: Sequence) -> None:
         # A block of this span that another sequence took, freed and then had set aside for a third is

@@ -1,4 +1,4 @@
-"""The prefix cache's index: full KV blocks found again by what they hold. No tensors here.
+"""The prefix cache's index: full KV blocks found again by what they hold.
 
 A full block's K/V depend on every token up to and including it and on the weights that computed them: with
 LoRA on k_proj / v_proj (or on any layer below), the same tokens give other K/V under another adapter, or
@@ -11,17 +11,23 @@ SHA-256, not Python's hash(): a collision would hand one tenant's K/V to another
 clients.
 
 The block manager (handler/block_manager.py) owns the blocks and their reference counts; this index only
-remembers which block holds which link, and, among the blocks no sequence holds any more, which was
-released first: those are evicted, oldest first, when no free block is left.
+remembers which block holds which link, and, for the blocks no sequence holds any more (parked), when
+each was released: the block manager evicts the oldest. Those ages are a CPU tensor, so that choosing
+which run of blocks to evict is a few vector operations over all blocks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
-from collections import OrderedDict
+
+import torch
 
 from handler.sequence import Sequence
+
+# The age of a block that is not parked: never the oldest.
+NOT_PARKED = 2**62
 
 
 def extend_block_hashes(seq: Sequence, num_blocks: int, block_size: int) -> list[bytes]:
@@ -44,15 +50,13 @@ def _chain_root(seq: Sequence) -> bytes:
 
 
 class PrefixIndex:
-    def __init__(self) -> None:
+    def __init__(self, num_blocks: int) -> None:
         self._block_of: dict[bytes, int] = {}
         self._hash_of: dict[int, bytes] = {}
-        # Blocks in the index that no sequence holds, the first released first: the eviction order.
-        self._parked: OrderedDict[int, None] = OrderedDict()
-
-    @property
-    def num_parked(self) -> int:
-        return len(self._parked)
+        # Per block: when it was parked (a counter: larger is later), NOT_PARKED if it is not.
+        self.parked_at = torch.full((num_blocks,), NOT_PARKED, dtype=torch.int64)
+        self._releases = itertools.count(1)
+        self.num_parked = 0
 
     def longest_match(self, hashes: list[bytes]) -> list[int]:
         """The blocks holding the longest prefix of the chain `hashes`."""
@@ -75,18 +79,16 @@ class PrefixIndex:
         """The last holder of `block` let it go: keep it for reuse if it is in the index (True)."""
         if block not in self._hash_of:
             return False
-        self._parked[block] = None
+        self.parked_at[block] = next(self._releases)
+        self.num_parked += 1
         return True
-
-    def is_parked(self, block: int) -> bool:
-        return block in self._parked
 
     def unpark(self, block: int) -> None:
         """A sequence takes a parked block again (a cache hit)."""
-        del self._parked[block]
+        self.parked_at[block] = NOT_PARKED
+        self.num_parked -= 1
 
-    def evict_oldest(self) -> int:
-        """Forget the parked block released first, and hand it out as a free block."""
-        block, _ = self._parked.popitem(last=False)
+    def evict(self, block: int) -> None:
+        """Forget a parked block: it becomes a free block."""
+        self.unpark(block)
         del self._block_of[self._hash_of.pop(block)]
-        return block

@@ -181,24 +181,27 @@ def _admit_and_compute(manager: BlockManager, seq: Sequence) -> list[int]:
     return cached
 
 
-def test_parked_blocks_are_taken_last_and_oldest_first():
+def test_parked_blocks_go_last_a_run_at_a_time_the_oldest_first():
     manager = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
     first = _seq(range(100, 109), max_new_tokens=1)  # 9 tokens: blocks 0, 1 full, block 2 partial
     _admit_and_compute(manager, first)
     assert first.block_table == [0, 1, 2]
     manager.free(first)  # 0 and 1 parked (1 first: a chain's tail goes first), 2 free
     assert manager.num_free_blocks == 8 and manager.num_cached_blocks == 2
-
-    filler = _seq(range(200, 224), max_new_tokens=1)  # 6 blocks: every block that is not parked
-    _admit_and_compute(manager, filler)
-    assert sorted(filler.block_table) == [2, 3, 4, 5, 6, 7] and manager.num_cached_blocks == 2
     again = _seq([*range(100, 108), 9], max_new_tokens=1)  # the first two blocks again, then another token
     assert manager.cached_prefix(again) == [0, 1]
 
-    newcomer = _seq(range(300, 304), max_new_tokens=1)  # one block more than is free: block 1 goes
+    second = _seq(range(200, 212), max_new_tokens=1)  # 3 blocks now: free ones, not the parked
+    _admit_and_compute(manager, second)
+    assert second.block_table == [2, 3, 4] and manager.num_cached_blocks == 2
+    manager.free(second)  # 4, 3, 2 parked after 1 and 0; 5, 6, 7 free
+
+    # 4 blocks now, 5 with its answer: the free ones cannot hold it, so a run of parked ones goes, the one
+    # whose youngest block is oldest (3, 4 with the free 5..7), for it to read its K/V in place.
+    newcomer = _seq(range(300, 316), max_new_tokens=1)
     _admit_and_compute(manager, newcomer)
-    assert newcomer.block_table == [1] and manager.num_cached_blocks == 1
-    assert manager.cached_prefix(again) == [0]
+    assert newcomer.block_table == [3, 4, 5, 6] and manager.num_cached_blocks == 3
+    assert manager.cached_prefix(again) == [0, 1]
 
 
 def test_random_traffic_never_shares_a_block_it_should_not():
