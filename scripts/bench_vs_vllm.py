@@ -141,6 +141,10 @@ class Worker:
 # ---- the comparison ---------------------------------------------------------------------------------
 
 
+def rate(result: dict) -> float:
+    return result["tokens"] / result["seconds"]
+
+
 def busy_core() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
@@ -148,8 +152,14 @@ def busy_core() -> subprocess.Popen:
 def compare(args) -> None:
     sys.path.insert(0, str(SCRIPTS))
     from bench_lora import make_adapters, zipf_choices
-    from benchlib import bench_model_dir, machine_description, measure_memory_bandwidth, model_weight_bytes
-    from benchlib import print_table, workload
+    from benchlib import (
+        bench_model_dir,
+        machine_description,
+        measure_memory_bandwidth,
+        model_weight_bytes,
+        print_table,
+        workload,
+    )
 
     if not (VLLM_VENV / "bin" / "python").exists():
         sys.exit(f"{VLLM_VENV} is missing: run scripts/bench_vs_vllm.py --setup first")
@@ -185,9 +195,8 @@ def compare(args) -> None:
             for name in order:
                 for label, (round_prompts, round_new, round_adapters) in workloads.items():
                     result = workers[name].run(round_prompts, round_new, round_adapters)
-                    rate = result["tokens"] / result["seconds"]
-                    print(f"round {round_index + 1} {name:4s} {label}: {rate:.0f} tok/s", flush=True)
-                    if (name, label) not in best or rate > best[(name, label)]["tokens"] / best[(name, label)]["seconds"]:
+                    print(f"round {round_index + 1} {name:4s} {label}: {rate(result):.0f} tok/s", flush=True)
+                    if (name, label) not in best or rate(result) > rate(best[(name, label)]):
                         best[(name, label)] = result
     finally:
         if busy is not None:
