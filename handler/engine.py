@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from handler.block_manager import BlockManager
 from handler.config import Config
+from handler.cpu_threads import CpuThreads
 from handler.errors import AdapterError, ConfigError, InvalidRequestError, LoraNotEnabledError, ModelLoadError
 from handler.lora.manager import AdapterInfo, LoraManager
 from handler.lora.peft_adapter import BaseModelShapes
@@ -105,6 +106,7 @@ class Engine:
             gate=self.lora,
         )
         self.runner = ModelRunner(self.model, self.block_manager)
+        self._cpu_threads = _cpu_threads(config, self.device)
         logger.info(
             "engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
             time.perf_counter() - started, self.hf_config.model_type, self.device, self.dtype, num_blocks,
@@ -205,6 +207,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit queued requests, run one forward pass, and report every request that progressed."""
         outputs: list[RequestOutput] = []
+        if self._cpu_threads is not None:
+            self._cpu_threads.maybe_adjust()
         self._take_queued(outputs)
         if self.lora is not None:
             for seq, message in self.lora.take_failed(self.scheduler.waiting):
@@ -405,6 +409,16 @@ def _resolve_device(config: Config) -> torch.device:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", config.device, "CUDA is not available on this machine")
     return torch.device(config.device)
+
+
+def _cpu_threads(config: Config, device: torch.device) -> CpuThreads | None:
+    """The adaptive thread count for a CPU engine with cpu_threads=auto; a fixed count is set here once."""
+    if device.type != "cpu":
+        return None
+    if config.cpu_threads == "auto":
+        return CpuThreads()
+    torch.set_num_threads(int(config.cpu_threads))
+    return None
 
 
 def _resolve_dtype(config: Config, device: torch.device) -> torch.dtype:

@@ -174,8 +174,7 @@ def compare(args) -> None:
 
     base_args = ["--model", str(model_dir), "--adapter-dirs", *adapter_dirs]
     workers = {
-        "ours": Worker("ours", [sys.executable, __file__, "--worker", "ours", *base_args],
-                       {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}),
+        "ours": Worker("ours", [sys.executable, __file__, "--worker", "ours", *base_args], dict(os.environ)),
         "vLLM": Worker("vLLM", [str(VLLM_VENV / "bin" / "python"), __file__, "--worker", "vllm",
                                 "--vllm-memory-fraction", str(args.vllm_memory_fraction), *base_args],
                        {**os.environ, "PYTHONPATH": str(HIDE_DIR), "VLLM_LOGGING_LEVEL": "WARNING"}),
