@@ -48,6 +48,7 @@ class CpuThreads:
             return
         others = _others_busy_cores(self._last, sample)
         self._last = sample
+        self.threads = torch.get_num_threads()  # the count is process-wide: someone else may have set it
         wanted = self.wanted_threads(others)
         if wanted != self.threads:
             logger.info("other processes keep %.1f of %d cores busy: torch threads %d -> %d", others, self.cores,
