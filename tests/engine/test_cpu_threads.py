@@ -39,15 +39,15 @@ def test_the_engine_step_sets_torch_threads_from_what_others_used(monkeypatch):
     samples = iter([(0.0, 10.0, 5.0), (1.0, 11.9, 5.9), (2.0, 12.1, 6.0)])
     monkeypatch.setattr(cpu_threads, "_sample", lambda: next(samples))
     monkeypatch.setattr(cpu_threads, "CHECK_INTERVAL_SECONDS", 0.0)
-    set_to = []
+    set_to = [2]  # torch's count, as torch.set_num_threads leaves it
     monkeypatch.setattr(cpu_threads.torch, "set_num_threads", set_to.append)
-    monkeypatch.setattr(cpu_threads.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu_threads.torch, "get_num_threads", lambda: set_to[-1])
     monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {0, 1})
     threads = CpuThreads()
     threads.maybe_adjust()
-    assert set_to == [1]
+    assert set_to == [2, 1]
     threads.maybe_adjust()  # the second interval: others used 0.1 of a core
-    assert set_to == [1, 2]
+    assert set_to == [2, 1, 2]
 
 
 def test_the_cpu_threads_option():
