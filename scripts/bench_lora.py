@@ -29,6 +29,7 @@ from benchlib import (  # noqa: E402
     left_padded_batch,
     machine_description,
     print_table,
+    resolve_device,
     workload,
 )
 from safetensors.torch import save_file  # noqa: E402
@@ -78,14 +79,14 @@ def zipf_choices(count: int, num_adapters: int, seed: int = 1) -> list[int]:
     return rng.choices(range(num_adapters), weights=weights, k=count)
 
 
-def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batch_size: int) -> float:
+def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batch_size: int, device: str) -> float:
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_paths[0]), adapter_name="a0")
     for index, path in enumerate(adapter_paths[1:], start=1):
         model.load_adapter(str(path), adapter_name=f"a{index}")
-    model.eval()
+    model.eval().to(device)
     pad = base.config.pad_token_id
     model.generation_config.eos_token_id = None
     useful = 0
@@ -93,7 +94,7 @@ def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batc
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         names = [f"a{choices[start + i]}" for i in range(len(batch))]
-        ids, mask = left_padded_batch(batch, pad)
+        ids, mask = left_padded_batch(batch, pad, device)
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, do_sample=False,
                            max_new_tokens=max(r.max_new_tokens for r in batch), pad_token_id=pad)
@@ -119,12 +120,14 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, default=32)
     parser.add_argument("--max-cpu-loras", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="alternating base/LoRA runs; the best is kept")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the engine's and PEFT's")
     args = parser.parse_args()
+    device = resolve_device(args.device)
 
     model_dir = bench_model_dir()
     requests = workload(args.requests)
     all_paths = make_adapters(model_dir, max(args.adapters))
-    engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=args.batch_size, enable_lora=True,
+    engine = Engine(model_dir, dtype="float32", device=device, max_rolling_batch_size=args.batch_size, enable_lora=True,
                     max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=16)
     engine.generate([requests[0].prompt_ids], SamplingParams(max_new_tokens=4, ignore_eos=True))
 
@@ -143,7 +146,7 @@ def main() -> None:
             lora_run, _ = engine_throughput(engine, requests, [f"a{c}" for c in choices])
             lora_throughput = max(lora_throughput, lora_run)
             base_throughput = max(base_throughput, engine_throughput(engine, requests)[0])
-        peft_throughput = (peft_run(model_dir, all_paths[:count], requests, choices, args.batch_size)
+        peft_throughput = (peft_run(model_dir, all_paths[:count], requests, choices, args.batch_size, device)
                            if count <= args.peft_max else None)
         rows.append([count, len(set(choices)), lora_throughput, base_throughput, lora_throughput / base_throughput,
                      peft_throughput if peft_throughput else "skipped",
@@ -157,7 +160,7 @@ def main() -> None:
     cold = time_to_first_token(engine, probe, "cold-probe")
     warm = time_to_first_token(engine, probe, resident)
 
-    print(f"# bench_lora: {machine_description()}")
+    print(f"# bench_lora: {machine_description(device)}, on {device}")
     print(f"# {args.requests} requests, batch size {args.batch_size}, max_loras {args.max_loras}, "
           f"max_cpu_loras {args.max_cpu_loras}; adapters rank 8/16 on all 7 projections, Zipf(1.0); "
           f"best of {args.repeats} alternating runs")
