@@ -17,7 +17,8 @@ from container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamR
 from container.runtime import Runtime
 from handler.chat_schema import ChatCompletionRequest, render_chat_prompt
 from handler.lmi_schema import PromptJob, StreamFormat
-from handler.output_format import ChatChunks, chat_completion, encode_stream_record, stream_media_type
+from handler.openai_format import ChatChunks, chat_completion
+from handler.output_format import encode_stream_record, stream_media_type
 
 OPENAI_STREAM_END = "data: [DONE]\n\n"
 

@@ -8,7 +8,8 @@ from pydantic import field_validator
 
 from handler.chat_schema import OpenAISamplingFields
 from handler.errors import InvalidRequestError
-from handler.output_format import Generation, openai_finish_reason, usage
+from handler.openai_format import openai_finish_reason, usage
+from handler.output_format import Choice, Generation
 from handler.sequence import RequestOutput, SamplingParams, TokenOutput
 
 # OpenAI's documented default for max_tokens in this API.
@@ -32,41 +33,39 @@ class CompletionRequest(OpenAISamplingFields):
             raise InvalidRequestError("prompt: List should have at least 1 item")
         if self.stream and len(self.prompt) > 1:
             raise InvalidRequestError("streaming answers one prompt at a time: send 'prompt' as a string")
-        if self.logprobs:
-            raise InvalidRequestError("logprobs > 0 is not supported: the engine returns only the sampled "
-                                      "token's log-probability (ask for logprobs=0)")
-        for name in ("echo", "best_of", "suffix"):
-            value = getattr(self, name)
-            if value and not (name == "best_of" and value == 1):
+        if self.stream and self.best_of not in (None, self.n):
+            raise InvalidRequestError("best_of cannot be streamed: the best are known only at the end")
+        for name in ("echo", "suffix"):
+            if getattr(self, name):
                 raise InvalidRequestError(f"{name} is not supported")
-        return super().sampling_params(default_max_tokens)
+        return super().sampling_params(default_max_tokens, top_log_probs=self.logprobs or 0, best_of=self.best_of)
 
 
 def completion(generations: list[Generation], *, completion_id: str, model: str, created: int,
                logprobs: bool) -> dict:
+    """Every prompt's n choices, numbered prompt by prompt (prompt i's j-th choice is i * n + j)."""
     return {
         "id": completion_id,
         "object": "text_completion",
         "created": created,
         "model": model,
         "choices": [
-            {
-                "index": index,
-                "text": generation.text,
-                "logprobs": _logprobs(generation.tokens) if logprobs else None,
-                "finish_reason": openai_finish_reason(generation.finish_reason),
-            }
-            for index, generation in enumerate(generations)
+            _choice(len(chosen) * prompt_index + index, choice, logprobs)
+            for prompt_index, chosen in enumerate(generation.returned() for generation in generations)
+            for index, choice in enumerate(chosen)
         ],
-        "usage": {
-            key: sum(usage(generation)[key] for generation in generations)
-            for key in ("prompt_tokens", "completion_tokens", "total_tokens")
-        },
+        "usage": usage(generations),
     }
+
+
+def _choice(index: int, choice: Choice, logprobs: bool) -> dict:
+    return {"index": index, "text": choice.text, "logprobs": _logprobs(choice.tokens) if logprobs else None,
+            "finish_reason": openai_finish_reason(choice.finish_reason)}
 
 
 def completion_chunks(generation: Generation, output: RequestOutput, *, completion_id: str, model: str,
                       created: int, logprobs: bool) -> list[dict]:
+    choice = generation.choices[output.index]
     tokens: list[TokenOutput | None] = list(output.tokens) or [None]
     return [
         {
@@ -76,26 +75,29 @@ def completion_chunks(generation: Generation, output: RequestOutput, *, completi
             "model": model,
             "choices": [
                 {
-                    "index": 0,
+                    "index": output.index,
                     "text": token.text if token else "",
                     "logprobs": _logprobs([token]) if logprobs and token else None,
-                    "finish_reason": (openai_finish_reason(generation.finish_reason)
-                                      if output.finished and index == len(tokens) - 1 else None),
+                    "finish_reason": (openai_finish_reason(choice.finish_reason)
+                                      if output.finished and position == len(tokens) - 1 else None),
                 }
             ],
         }
-        for index, token in enumerate(tokens)
+        for position, token in enumerate(tokens)
     ]
 
 
 def _logprobs(tokens: list[TokenOutput]) -> dict:
+    """The legacy shape: parallel lists, and per token a {text: log-probability} of its alternatives."""
     offsets, offset = [], 0
     for token in tokens:
         offsets.append(offset)
         offset += len(token.text)
+    with_top = any(token.top_tokens for token in tokens)
     return {
         "tokens": [token.text for token in tokens],
         "token_logprobs": [token.log_prob for token in tokens],
-        "top_logprobs": None,
+        "top_logprobs": [{top.text: top.log_prob for top in token.top_tokens or ()} for token in tokens]
+        if with_top else None,
         "text_offset": offsets,
     }

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamResponse, until_disconnected
 from container.runtime import Runtime, read_json, require_runtime
 from container.tgi_api import TgiRequest, generate_response, stream_events
+from handler.errors import InvalidRequestError
 from handler.generation_runner import RunningPrompt
 from handler.lmi_schema import PromptJob, validate_model
 from handler.output_format import encode_stream_record
@@ -41,9 +42,12 @@ async def _answer(request: Request, *, stream: bool | None, as_list: bool) -> Re
     body = validate_model(TgiRequest, await read_json(request))
     adapter = request.headers.get(ADAPTER_IDENTIFIER_HEADER) or body.parameters.adapter_id or None
     job = PromptJob(body.inputs, body.parameters.sampling_params(), adapter)
+    streaming = body.stream if stream is None else stream
+    if streaming and job.params.num_sequences > 1:
+        raise InvalidRequestError("parameters.best_of > 1 cannot be streamed (as in TGI)")
     running = await runtime.runner.start([job], with_prefill=body.parameters.decoder_input_details)
     special_ids = frozenset(runtime.engine.tokenizer.all_special_ids)
-    if body.stream if stream is None else stream:
+    if streaming:
         return GenerationStreamResponse(_event_stream(runtime, running[0], body, special_ids), running,
                                         media_type="text/event-stream")
     finished, generations = await until_disconnected(request, runtime.runner.complete(running))

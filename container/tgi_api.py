@@ -12,30 +12,31 @@ from pydantic import BaseModel, ConfigDict
 
 from handler.errors import InvalidRequestError
 from handler.lmi_schema import GenerationParameters
-from handler.output_format import Generation
-from handler.sequence import RequestOutput, SamplingParams, TokenOutput
+from handler.output_format import Choice, Generation
+from handler.sequence import RequestOutput, SamplingParams, StructuredOutput, TokenOutput
+from handler.structured_fields import tgi_grammar
 
 
 class TgiParameters(GenerationParameters):
     adapter_id: str | None = None
+    grammar: dict | None = None
     # TGI features this engine does not have; a client that sets one is told so.
-    best_of: int | None = None
-    typical_p: float | None = None
     watermark: bool = False
     truncate: int | None = None
-    frequency_penalty: float | None = None
-    grammar: dict | None = None
 
     def sampling_params(self) -> SamplingParams:
-        for name in ("best_of", "typical_p", "watermark", "truncate", "frequency_penalty", "grammar"):
-            value = getattr(self, name)
-            if value and not (name == "best_of" and value == 1):
+        for name in ("watermark", "truncate"):
+            if getattr(self, name):
                 raise InvalidRequestError(f"parameters.{name} is not supported")
         return super().sampling_params()
 
+    def structured_output(self, prefix: str = "", others=()) -> StructuredOutput | None:
+        grammar = tgi_grammar(self.grammar) if self.grammar is not None else None
+        return super().structured_output(prefix, (*others, grammar))
+
 
 class TgiRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     inputs: str
     parameters: TgiParameters = TgiParameters()
@@ -43,19 +44,32 @@ class TgiRequest(BaseModel):
 
 
 def generate_response(generation: Generation, parameters: TgiParameters, special_ids: frozenset[int]) -> dict:
-    text = generation.prompt + generation.text if parameters.return_full_text else generation.text
-    result: dict[str, Any] = {"generated_text": text}
+    """The best sequence's text; with best_of, the others in `details.best_of_sequences`, as TGI answers."""
+    best, *others = generation.returned()
+    result: dict[str, Any] = {"generated_text": _text(generation, best, parameters)}
     if parameters.details:
-        result["details"] = {
-            "finish_reason": generation.finish_reason.value if generation.finish_reason else None,
-            "generated_tokens": len(generation.tokens),
-            "seed": parameters.seed,
-            "prefill": ([{"id": token["id"], "text": token["text"], "logprob": token["log_prob"]}
-                         for token in generation.prefill] if generation.prefill is not None else []),
-            "tokens": [_token(token, special_ids) for token in generation.tokens],
-            "top_tokens": None,
-        }
+        result["details"] = _sequence_details(generation, best, parameters, special_ids)
+        if others:
+            result["details"]["best_of_sequences"] = [
+                {"generated_text": _text(generation, choice, parameters),
+                 **_sequence_details(generation, choice, parameters, special_ids)}
+                for choice in others
+            ]
     return result
+
+
+def _sequence_details(generation: Generation, choice: Choice, parameters: TgiParameters,
+                      special_ids: frozenset[int]) -> dict:
+    return {
+        "finish_reason": choice.finish_reason.value if choice.finish_reason else None,
+        "generated_tokens": len(choice.tokens),
+        "seed": parameters.seed,
+        "prefill": ([{"id": token["id"], "text": token["text"], "logprob": token["log_prob"]}
+                     for token in generation.prefill] if generation.prefill is not None else []),
+        "tokens": [_token(token, special_ids) for token in choice.tokens],
+        "top_tokens": ([_top_tokens(token, special_ids) for token in choice.tokens]
+                       if parameters.top_n_tokens else None),
+    }
 
 
 def stream_events(generation: Generation, output: RequestOutput, parameters: TgiParameters,
@@ -67,21 +81,30 @@ def stream_events(generation: Generation, output: RequestOutput, parameters: Tgi
     first_index = len(generation.tokens) - len(output.tokens)
     events: list[dict] = [
         {"index": first_index + offset, "token": _token(token, special_ids), "generated_text": None,
-         "details": None, "top_tokens": None}
+         "details": None, "top_tokens": _top_tokens(token, special_ids) if parameters.top_n_tokens else None}
         for offset, token in enumerate(output.tokens)
     ]
     if output.finished and events:
+        first = generation.choices[0]
         last = events[-1]
-        last["generated_text"] = (generation.prompt + generation.text if parameters.return_full_text
-                                  else generation.text)
+        last["generated_text"] = _text(generation, first, parameters)
         last["details"] = {
-            "finish_reason": generation.finish_reason.value if generation.finish_reason else None,
-            "generated_tokens": len(generation.tokens),
+            "finish_reason": first.finish_reason.value if first.finish_reason else None,
+            "generated_tokens": len(first.tokens),
             "seed": parameters.seed,
             "input_length": generation.num_prompt_tokens,
         }
     return events
 
 
+def _text(generation: Generation, choice: Choice, parameters: TgiParameters) -> str:
+    return generation.prompt + choice.text if parameters.return_full_text else choice.text
+
+
 def _token(token: TokenOutput, special_ids: frozenset[int]) -> dict:
     return {"id": token.id, "text": token.text, "logprob": token.log_prob, "special": token.id in special_ids}
+
+
+def _top_tokens(token: TokenOutput, special_ids: frozenset[int]) -> list[dict]:
+    return [{"id": top.id, "text": top.text, "logprob": top.log_prob, "special": top.id in special_ids}
+            for top in token.top_tokens or ()]

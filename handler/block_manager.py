@@ -9,6 +9,10 @@ gathering them (on CPU the gather was the largest cost of a decode step after th
 starts where the blocks up to its full length (prompt + max_new_tokens) are free and not set aside for
 another; those blocks past its prompt are set aside for it, softly: it grows into them one by one, and
 when no other free block is left, anyone may take them.
+
+The sequences of one request (n / best_of) share their prompt's blocks: `fork` gives a sequence another's
+blocks, counted by reference, and a sequence about to write into a block that others still hold first gets
+its own copy of it (copy on write). The copies the device must make are queued for `take_copies`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ class BlockManager:
         self._num_free = num_blocks
         # Sequence -> (start, end): the blocks set aside for it to grow into.
         self._set_aside: dict[Sequence, tuple[int, int]] = {}
+        # Block -> how many sequences hold it, for blocks held by more than one; the others have one holder.
+        self._holders: dict[int, int] = {}
+        # (source, destination) block copies owed before the next forward pass.
+        self._copies: list[tuple[int, int]] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -41,32 +49,70 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether `num_tokens` more tokens of `seq` fit, counting space left in its last block."""
-        return self._extra_blocks(seq, num_tokens) <= self._num_free
+        """Whether `num_tokens` more tokens of `seq` fit, counting space left in its last block (and the copy
+        of that block if it is shared)."""
+        return self._extra_blocks(seq, num_tokens) + self._writes_shared_block(seq) <= self._num_free
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow `seq`'s block table so that `num_tokens` more tokens (after its cached ones) have a place."""
         extra = self._extra_blocks(seq, num_tokens)
-        if extra > self._num_free:
-            raise RuntimeError(f"out of KV blocks: need {extra}, {self._num_free} free")
+        copy = self._writes_shared_block(seq)
+        if extra + copy > self._num_free:
+            raise RuntimeError(f"out of KV blocks: need {extra + copy}, {self._num_free} free")
         table = seq.block_table
+        if copy:
+            shared = table.pop()
+            self._drop_holder(shared)
+            own = self._next_block(seq)
+            self._state[own] = _USED
+            table.append(own)
+            self._num_free -= 1
+            self._copies.append((shared, own))
         for _ in range(extra):
             block = self._next_block(seq)
             self._state[block] = _USED
             table.append(block)
         self._num_free -= extra
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` shares all of `parent`'s blocks (and whatever K/V they hold or are about to)."""
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            self._holders[block] = self._holders.get(block, 1) + 1
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (source, destination) block copies owed since the last call; the device makes them before
+        the forward pass writes any K/V."""
+        copies, self._copies = self._copies, []
+        return copies
+
     def free(self, seq: Sequence) -> None:
         self._release_set_aside(seq)
         for block in seq.block_table:
-            self._state[block] = _FREE
-        self._num_free += len(seq.block_table)
+            self._drop_holder(block)
         seq.block_table.clear()
         seq.num_cached_tokens = 0
 
     def slot_of(self, seq: Sequence, position: int) -> int:
         """Flat index into the cache of token `position` of `seq`."""
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _drop_holder(self, block: int) -> None:
+        holders = self._holders.get(block)
+        if holders is None:
+            self._state[block] = _FREE
+            self._num_free += 1
+        elif holders == 2:
+            del self._holders[block]
+        else:
+            self._holders[block] = holders - 1
+
+    def _writes_shared_block(self, seq: Sequence) -> int:
+        """1 if the next token of `seq` goes into the last block of its table and others hold that block."""
+        table = seq.block_table
+        if not table or not self._holders:
+            return 0
+        return int(seq.num_cached_tokens // self.block_size == len(table) - 1 and table[-1] in self._holders)
 
     def _extra_blocks(self, seq: Sequence, num_tokens: int) -> int:
         needed = self.blocks_needed(seq.num_cached_tokens + num_tokens)

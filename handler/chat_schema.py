@@ -2,7 +2,8 @@
 sampling fields that the chat and completions APIs share.
 
 OpenAI semantics, not LMI's: sampling is on unless temperature is 0, and `max_tokens` caps the answer.
-Fields this engine cannot honour are refused by name rather than silently ignored.
+Fields this engine cannot honour, and fields it does not know, are refused by name rather than silently
+ignored.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from handler.errors import InvalidRequestError
-from handler.lmi_schema import validate_model
+from handler.lmi_schema import token_id_keys, validate_model
 from handler.sequence import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from handler.structured_fields import GuidedDecodingFields, response_format
 
 
-class OpenAISamplingFields(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class OpenAISamplingFields(GuidedDecodingFields):
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = None
@@ -29,8 +31,16 @@ class OpenAISamplingFields(BaseModel):
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] = {}
+    response_format: dict | None = None
+    # An end-user id for abuse monitoring: nothing to do here.
+    user: str | None = None
     # Extensions that vLLM's OpenAI server also accepts.
     top_k: int = 0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: list[int] = []
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
 
@@ -49,12 +59,8 @@ class OpenAISamplingFields(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        if self.n != 1:
-            raise InvalidRequestError(f"n={self.n} is not supported: one choice per request")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise InvalidRequestError(f"{name} is not supported (use repetition_penalty)")
+    def sampling_params(self, default_max_tokens: int, *, top_log_probs: int = 0,
+                        best_of: int | None = None) -> SamplingParams:
         max_tokens = self.requested_max_tokens()
         return SamplingParams(
             max_new_tokens=max_tokens if max_tokens is not None else default_max_tokens,
@@ -66,6 +72,18 @@ class OpenAISamplingFields(BaseModel):
             repetition_penalty=self.repetition_penalty,
             stop=self.stop,
             ignore_eos=self.ignore_eos,
+            n=self.n,
+            best_of=best_of,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            min_p=self.min_p,
+            typical_p=self.typical_p,
+            min_tokens=self.min_tokens,
+            stop_token_ids=self.stop_token_ids,
+            logit_bias=token_id_keys(self.logit_bias, "logit_bias"),
+            top_n_tokens=top_log_probs,
+            structured=self.structured_output(others=(
+                response_format(self.response_format) if self.response_format is not None else None,)),
         )
 
 
@@ -105,10 +123,9 @@ class ChatCompletionRequest(OpenAISamplingFields):
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
     def sampling_params(self, default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> SamplingParams:
-        if self.top_logprobs:
-            raise InvalidRequestError("top_logprobs is not supported: the engine returns only the sampled "
-                                      "token's log-probability")
-        return super().sampling_params(default_max_tokens)
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true")
+        return super().sampling_params(default_max_tokens, top_log_probs=self.top_logprobs or 0)
 
     @property
     def include_usage_in_stream(self) -> bool:

@@ -6,7 +6,6 @@ thread driving `step()` picks up at the start of its next step. Everything else 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -27,6 +26,8 @@ from handler.lora.peft_adapter import BaseModelShapes
 from handler.model_runner import ModelRunner, kv_bytes_per_token
 from handler.models import load_hf_config, load_model
 from handler.output_processor import RequestTextState
+from handler.offline import generate_offline
+from handler.request_sequences import RequestSequences
 from handler.scheduler import Scheduler
 from handler.sequence import (
     FinishReason,
@@ -36,6 +37,7 @@ from handler.sequence import (
     Sequence,
     TokenOutput,
 )
+from handler.structured_output import StructuredOutputCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +117,15 @@ class Engine:
 
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
+        self._request_sequences = RequestSequences(
+            StructuredOutputCompiler(self.tokenizer, self.model.vocab_size, self.eos_token_ids, self._tokenizer_lock),
+            vocab_size=self.model.vocab_size, eos_token_ids=self.eos_token_ids,
+            max_running=config.max_rolling_batch_size)
         self._new_requests: deque[Sequence] = deque()
         self._abort_requests: deque[str] = deque()
-        self._sequences: dict[str, Sequence] = {}
-        self._text_states: dict[str, RequestTextState] = {}
-        self._request_counter = itertools.count()
+        # request id -> its unfinished sequences (one per n / best_of choice)
+        self._sequences: dict[str, list[Sequence]] = {}
+        self._text_states: dict[Sequence, RequestTextState] = {}
         self._steps = 0
         self._generated_tokens = 0
         self._prompt_tokens = 0
@@ -145,15 +151,15 @@ class Engine:
                 raise LoraNotEnabledError(f"Adapter {adapter} cannot be used: LoRA is not enabled "
                                           "(option.enable_lora=false)")
             adapter_version = self.lora.resolve(adapter)
+        self._request_sequences.check(params)
         prompt_token_ids = self.tokenize(prompt)
         self._check_fits(prompt_token_ids, params)
-        seq = Sequence(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params,
-                       adapter=adapter or None, adapter_version=adapter_version)
+        seqs = self._request_sequences.create(request_id, prompt_token_ids, params, adapter or None, adapter_version)
         with self._lock:
             if request_id in self._sequences:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
-            self._sequences[request_id] = seq
-            self._new_requests.append(seq)
+            self._sequences[request_id] = seqs
+            self._new_requests.append(seqs[0])  # the others are its forks
 
     def abort(self, request_id: str) -> None:
         """Stop a request at the next step and free what it holds; unknown or finished ids are ignored."""
@@ -212,7 +218,7 @@ class Engine:
         self._take_queued(outputs)
         if self.lora is not None:
             for seq, message in self.lora.take_failed(self.scheduler.waiting):
-                outputs.append(self._finish(seq, FinishReason.ERROR, error=message))
+                outputs.extend(self._finish(seq, FinishReason.ERROR, error=message))
             self.lora.prefetch(self.scheduler.waiting)
         step = self.scheduler.schedule()
         self._preemptions += len(step.preempted)
@@ -223,24 +229,30 @@ class Engine:
             return outputs
         self._steps += 1
         self._prompt_tokens += sum(seq.num_tokens for seq in step.prefill_seqs if not seq.output_token_ids)
-        seqs = step.seqs
+        seqs, _ = step.sampling_rows()
         try:
             lora_step = self.lora.step_applier(step) if self.lora is not None else None
-            token_ids, log_probs = self.runner.execute(step, lora_step)
+            sampled = self.runner.execute(step, lora_step)
         except Exception as error:  # a failed forward must not take the engine (or other steps) down
             logger.exception("forward pass failed for %d sequences", len(seqs))
             for seq in seqs:
-                outputs.append(self._finish(seq, FinishReason.ERROR, error=f"internal error: {error}"))
+                outputs.extend(self._finish(seq, FinishReason.ERROR, error=f"internal error: {error}"))
             return outputs
-        for seq, token_id, log_prob in zip(seqs, token_ids, log_probs):
-            token, finish = self._text_states[seq.request_id].process(seq, token_id, log_prob)
+        for seq, token_id, log_prob, top in zip(seqs, sampled.token_ids, sampled.log_probs, sampled.top):
+            text_state = self._text_states[seq]
+            token, finish = text_state.process(seq, token_id, log_prob, top)
             self._generated_tokens += 1
             if self.lora is not None:
                 self.lora.record_token(seq)
+            # The prompt's scores go out with the first token (the prefill that computed them).
+            prompt_log_probs = seq.prompt_log_probs if len(seq.output_token_ids) == 1 else None
             if finish is None:
-                outputs.append(RequestOutput(seq.request_id, [token], finished=False))
+                outputs.append(RequestOutput(seq.request_id, [token], finished=False, index=seq.index,
+                                             prompt_log_probs=prompt_log_probs))
             else:
-                outputs.append(self._finish(seq, finish, tokens=[token]))
+                [output] = self._finish(seq, finish, tokens=[token], error=text_state.error)
+                output.prompt_log_probs = prompt_log_probs
+                outputs.append(output)
         return outputs
 
     def _take_queued(self, outputs: list[RequestOutput]) -> None:
@@ -250,12 +262,13 @@ class Engine:
             aborts = list(self._abort_requests)
             self._abort_requests.clear()
         for seq in new_requests:
-            self._text_states[seq.request_id] = RequestTextState(self.tokenizer, seq, self.eos_token_ids)
+            for each in (seq, *seq.forks):
+                self._text_states[each] = RequestTextState(self.tokenizer, each, self.eos_token_ids)
             self.scheduler.add(seq)
         for request_id in aborts:
-            seq = self._sequences.get(request_id)
-            if seq is not None and not seq.is_finished:
-                outputs.append(self._finish(seq, FinishReason.ABORTED))
+            for seq in list(self._sequences.get(request_id, ())):
+                if not seq.is_finished:
+                    outputs.extend(self._finish(seq, FinishReason.ABORTED))
 
     def _finish(
         self,
@@ -263,14 +276,24 @@ class Engine:
         reason: FinishReason,
         tokens: list[TokenOutput] | None = None,
         error: str | None = None,
-    ) -> RequestOutput:
-        seq.finish_reason = reason
-        self.scheduler.remove(seq)
-        self.runner.sampler.release(seq.request_id)
-        self._text_states.pop(seq.request_id, None)
-        with self._lock:
-            self._sequences.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, tokens or [], finished=True, finish_reason=reason, error=error)
+    ) -> list[RequestOutput]:
+        """Finish `seq`, and the forks it has not handed its blocks to yet (it never ran)."""
+        outputs = []
+        for each in (seq, *seq.forks):
+            each.finish_reason = reason
+            self.scheduler.remove(each)
+            self.runner.sampler.release(each)
+            self._text_states.pop(each, None)
+            with self._lock:
+                remaining = self._sequences.get(each.request_id, [])
+                if each in remaining:
+                    remaining.remove(each)
+                if not remaining:
+                    self._sequences.pop(each.request_id, None)
+            outputs.append(RequestOutput(each.request_id, tokens if each is seq and tokens else [], finished=True,
+                                         finish_reason=reason, error=error, index=each.index))
+        seq.forks = []
+        return outputs
 
     # ---- offline convenience ------------------------------------------------------------------------
 
@@ -280,36 +303,12 @@ class Engine:
         params: SamplingParams | SequenceOf[SamplingParams] | None = None,
         adapters: str | None | SequenceOf[str | None] = None,
     ) -> list[GenerationResult]:
-        """Generate for every prompt, batched by the rolling scheduler; results in prompt order.
+        """Generate for every prompt, batched by the rolling scheduler; results in prompt order. With n or
+        best_of > 1, a prompt's result is its first choice, and `.choices` lists all n.
 
         Drives `step()` itself, so it must not run while another thread is stepping this engine.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        count = len(prompts)
-        params_list = _broadcast(params if params is not None else SamplingParams(), count, "params")
-        adapter_list = _broadcast(adapters, count, "adapters")
-        request_ids = [f"generate-{next(self._request_counter)}" for _ in range(count)]
-        results: dict[str, GenerationResult] = {}
-        for request_id, prompt, prompt_params, adapter in zip(request_ids, prompts, params_list, adapter_list):
-            self.add_request(request_id, prompt, prompt_params, adapter)
-            seq = self._sequences[request_id]
-            results[request_id] = GenerationResult(request_id, seq.prompt_token_ids, [], "", [], None)
-        pending = set(request_ids)
-        while pending:
-            for output in self.step():
-                result = results.get(output.request_id)
-                if result is None:
-                    continue
-                for token in output.tokens:
-                    result.token_ids.append(token.id)
-                    result.log_probs.append(token.log_prob)
-                    result.text += token.text
-                if output.finished:
-                    result.finish_reason = output.finish_reason
-                    result.error = output.error
-                    pending.discard(output.request_id)
-        return [results[request_id] for request_id in request_ids]
+        return generate_offline(self, prompts, params, adapters)
 
     # ---- adapters -----------------------------------------------------------------------------------
 
@@ -384,14 +383,6 @@ class Engine:
                 f"max_model_len {self.max_model_len}",
             )
         return int(min(wanted_blocks, affordable))
-
-
-def _broadcast(value, count: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise InvalidRequestError(f"got {len(value)} {name} for {count} prompts")
-        return list(value)
-    return [value] * count
 
 
 def _resolve_device(config: Config) -> torch.device:

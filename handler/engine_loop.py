@@ -29,12 +29,14 @@ NOTHING_RAN_WAIT_SECONDS = 0.002
 
 
 class RequestStream:
-    """The outputs of one engine request, in order, ending with the finished one."""
+    """The outputs of one engine request, in order, ending with the last of its sequences' finished ones."""
 
-    def __init__(self, engine_loop: EngineLoop, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
+    def __init__(self, engine_loop: EngineLoop, request_id: str, queue: asyncio.Queue[RequestOutput],
+                 num_sequences: int) -> None:
         self.request_id = request_id
         self._engine_loop = engine_loop
         self._queue = queue
+        self._unfinished = num_sequences
         self._finished = False
 
     def __aiter__(self) -> RequestStream:
@@ -44,7 +46,9 @@ class RequestStream:
         if self._finished:
             raise StopAsyncIteration
         output = await self._queue.get()
-        self._finished = output.finished
+        self._unfinished -= output.finished
+        # One failed sequence fails the request: its other sequences are aborted when the caller stops.
+        self._finished = self._unfinished == 0 or output.finish_reason is FinishReason.ERROR
         return output
 
     def abort(self) -> None:
@@ -58,8 +62,9 @@ class EngineLoop:
     def __init__(self, engine: Engine, event_loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self._event_loop = event_loop
-        # Touched only on the event loop's thread.
+        # Touched only on the event loop's thread. Request id -> its outputs' queue, and its unfinished sequences.
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._unfinished: dict[str, int] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -82,16 +87,18 @@ class EngineLoop:
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = queue
+        self._unfinished[request_id] = params.num_sequences
         try:
             add_prompt(self.engine, request_id, prompt_token_ids, params, adapter)
         except BaseException:
-            del self._queues[request_id]
+            del self._queues[request_id], self._unfinished[request_id]
             raise
         self._wake.set()
-        return RequestStream(self, request_id, queue)
+        return RequestStream(self, request_id, queue, params.num_sequences)
 
     def _abort(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
+        self._unfinished.pop(request_id, None)
         self.engine.abort(request_id)
         self._wake.set()
 
@@ -123,7 +130,9 @@ class EngineLoop:
             if queue is None:  # aborted by its client while this step ran
                 continue
             if output.finished:
-                del self._queues[output.request_id]
+                self._unfinished[output.request_id] -= 1
+                if not self._unfinished[output.request_id]:
+                    del self._queues[output.request_id], self._unfinished[output.request_id]
             queue.put_nowait(output)
 
     def _fail_all(self, message: str) -> None:

@@ -16,7 +16,7 @@ from handler.engine_loop import EngineLoop, RequestStream
 from handler.errors import EngineError
 from handler.lmi_schema import PromptJob
 from handler.output_format import Generation
-from handler.sequence import FinishReason, RequestOutput
+from handler.sequence import RequestOutput
 from handler.submission import start_prompts
 
 # Called with seconds: from submission to the first token, or between two tokens.
@@ -68,8 +68,9 @@ class GenerationRunner:
         finally:
             abort_all(running)
         for prompt in running:
-            if prompt.generation.finish_reason is FinishReason.ERROR:
-                raise GenerationFailedError(prompt.generation.error or "generation failed")
+            failed = prompt.generation.failed
+            if failed is not None:
+                raise GenerationFailedError(failed.error or "generation failed")
         return [prompt.generation for prompt in running]
 
     async def _drain(self, running: RunningPrompt) -> None:

@@ -17,16 +17,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from handler.errors import InvalidRequestError
 from handler.sequence import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from handler.structured_fields import GuidedDecodingFields
 
 StreamFormat = Literal["jsonlines", "sse"]
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-class GenerationParameters(BaseModel):
-    """LMI's `parameters` object. Strict types: "30" is not a number. Unknown keys are ignored, as LMI's
-    own backends ignore the parameters they do not know; null means "not given"."""
+class GenerationParameters(GuidedDecodingFields):
+    """LMI's `parameters` object, with the vLLM-backed extras LMI users send. Strict types: "30" is not a
+    number. A key this server does not know is refused by name, never silently ignored (a client asking
+    for something it would not get must hear so); null means "not given"."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     do_sample: bool = False
@@ -41,8 +43,18 @@ class GenerationParameters(BaseModel):
     details: bool = False
     decoder_input_details: bool = False
     return_full_text: bool = False
-    top_n_tokens: int | None = None
+    top_n_tokens: int = 0
     output_formatter: Literal["json", "jsonlines", "sse"] | None = None
+    n: int | None = None  # best_of when only best_of is given, as LMI does
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    min_tokens: int | None = None
+    min_new_tokens: int | None = None  # transformers' name for min_tokens
+    stop_token_ids: list[int] = []
+    logit_bias: dict[str, float] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -57,9 +69,8 @@ class GenerationParameters(BaseModel):
         return [value] if isinstance(value, str) else value
 
     def sampling_params(self) -> SamplingParams:
-        if self.top_n_tokens:
-            raise InvalidRequestError("parameters.top_n_tokens is not supported: the engine returns only the "
-                                      "sampled token's log-probability")
+        if self.min_tokens is not None and self.min_new_tokens is not None:
+            raise InvalidRequestError("parameters.min_tokens and parameters.min_new_tokens are the same: send one")
         return SamplingParams(
             max_new_tokens=self.max_new_tokens,
             do_sample=self.do_sample,
@@ -70,7 +81,28 @@ class GenerationParameters(BaseModel):
             repetition_penalty=self.repetition_penalty,
             stop=[*self.stop, *self.stop_sequences],
             ignore_eos=self.ignore_eos_token,
+            n=self.n if self.n is not None else self.best_of or 1,
+            best_of=self.best_of,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            min_p=self.min_p,
+            typical_p=self.typical_p,
+            min_tokens=self.min_tokens or self.min_new_tokens or 0,
+            stop_token_ids=self.stop_token_ids,
+            logit_bias=token_id_keys(self.logit_bias, "parameters.logit_bias"),
+            top_n_tokens=self.top_n_tokens,
+            prompt_log_probs=self.decoder_input_details,
+            structured=self.structured_output("parameters."),
         )
+
+
+def token_id_keys(bias: dict[str, float], where: str) -> dict[int, float]:
+    """JSON object keys are strings: OpenAI's and vLLM's logit_bias keys are token ids written as strings."""
+    try:
+        return {int(token): value for token, value in bias.items()}
+    except ValueError:
+        bad = next(token for token in bias if not token.strip().lstrip("-").isdigit())
+        raise InvalidRequestError(f"{where}: key {bad!r} is not a token id") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +112,7 @@ class OutputOptions:
     details: bool = False
     decoder_input_details: bool = False
     return_full_text: bool = False
+    top_n_tokens: int = 0  # alternatives listed with each token (`top_tokens`)
 
 
 @dataclass(slots=True)
@@ -134,6 +167,9 @@ def parse_text_generation(
         raw_parameters = {}
     parameters = validate_model(GenerationParameters, raw_parameters, "parameters")
     params = parameters.sampling_params()
+    if stream and params.num_sequences > 1:
+        raise InvalidRequestError("parameters.n / best_of > 1 cannot be streamed here (LMI answers them whole, "
+                                  "with details.best_of_sequences): send 'stream': false")
     adapters = _adapters_per_prompt(body.get("adapters"), len(prompts), header_adapter, query_adapter)
     formatter = parameters.output_formatter or output_formatter
     return TextGenerationRequest(
@@ -146,6 +182,7 @@ def parse_text_generation(
             details=parameters.details,
             decoder_input_details=parameters.decoder_input_details,
             return_full_text=parameters.return_full_text,
+            top_n_tokens=parameters.top_n_tokens,
         ),
     )
 
@@ -204,7 +241,9 @@ def describe_validation_error(error: ValidationError, where: str = "") -> str:
     for detail in error.errors(include_url=False):
         location = ".".join(str(part) for part in (where, *detail["loc"]) if part != "")
         problem = detail["msg"]
-        if detail["type"] not in ("missing", "extra_forbidden"):
+        if detail["type"] == "extra_forbidden":
+            problem = "not a field this server knows or honours (refused rather than ignored)"
+        elif detail["type"] != "missing":
             problem += f", got {_short_repr(detail['input'])}"
         problems.append(f"{location}: {problem}" if location else problem)
     return "; ".join(problems)

@@ -7,9 +7,8 @@ import torch
 from handler.block_manager import BlockManager
 from handler.forward_context import DecodeKV, ForwardContext, LoraApplier, PaddedDecodes
 from handler.models import LlamaModel
-from handler.sampler import Sampler
+from handler.sampler import SampledTokens, Sampler
 from handler.scheduler import ScheduledStep
-from handler.sequence import Sequence
 
 
 # On CPU, up to this many K elements per layer in the padded [B, kv_heads, longest, d] tensor, one gather
@@ -42,19 +41,38 @@ class ModelRunner:
         # "per_sequence", or "auto" (CPU): padded while the padded tensor is small. Tests force each.
         self.decode_form = "padded" if self.device.type == "cuda" else "auto"
 
-    def execute(self, step: ScheduledStep, lora: LoraApplier | None = None) -> tuple[list[int], list[float]]:
-        """Run one forward pass over the step's tokens; return each sequence's next token and log-prob.
-
-        Sequences come back in `step.seqs` order (decodes, then prefills).
-        """
+    def execute(self, step: ScheduledStep, lora: LoraApplier | None = None) -> SampledTokens:
+        """Run one forward pass over the step's tokens; return each sampling sequence's next token and
+        log-prob, in `step.sampling_rows()` order (decodes, prefills, then sequences forked this step)."""
+        self._copy_blocks(self.block_manager.take_copies())
         ctx, input_ids, last_token_index = self._prepare(step)
         ctx.lora = lora
         hidden = self.model.forward(input_ids, ctx, self.kv_cache)
+        self._score_prompts(step, ctx, input_ids, hidden)
         logits = self.model.compute_logits(hidden[last_token_index])
-        seqs = step.seqs
+        seqs, rows = step.sampling_rows()
         for seq in seqs:
             seq.num_cached_tokens = seq.num_tokens
-        return self.sampler.sample(logits, seqs)
+        return self.sampler.sample(logits, seqs, rows)
+
+    # ---- for the generation parameters (handler/sampler.py) -----------------------------------------
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write of KV blocks shared by a request's sequences (handler/block_manager.py)."""
+        if copies:
+            sources, destinations = (torch.tensor(side, dtype=torch.long, device=self.device) for side in zip(*copies))
+            self.kv_cache[:, :, :, destinations] = self.kv_cache[:, :, :, sources]
+
+    def _score_prompts(self, step: ScheduledStep, ctx: ForwardContext, input_ids: torch.Tensor,
+                       hidden: torch.Tensor) -> None:
+        """Each prompt token's log-probability for the prefills that asked (once: not again after a
+        preemption), from the hidden states of the tokens before it."""
+        for seq, (start, end) in zip(step.prefill_seqs, ctx.prefill_ranges):
+            if seq.params.prompt_log_probs and seq.prompt_log_probs is None:
+                prompt_end = start + len(seq.prompt_token_ids)
+                log_probs = torch.log_softmax(self.model.compute_logits(hidden[start : prompt_end - 1]).float(), -1)
+                scored = log_probs.gather(1, input_ids[start + 1 : prompt_end, None]).squeeze(1)
+                seq.prompt_log_probs = [None, *scored.tolist()]
 
     def _prepare(self, step: ScheduledStep) -> tuple[ForwardContext, torch.Tensor, torch.Tensor]:
         block_size = self.block_manager.block_size

@@ -1,8 +1,9 @@
 """LMI answers (SPEC section 4) and chat completions, built from what the engine reports.
 
-A `Generation` collects one prompt's RequestOutputs; the functions below turn it into LMI's JSON answer,
-LMI's streamed records (one per token, the last one carrying `generated_text` and `details`), or OpenAI
-chat completion objects. Shared by the HTTP server and the DJL handler.
+A `Generation` collects one prompt's RequestOutputs, one `Choice` per sequence the request generates
+(n / best_of); the functions below turn it into LMI's JSON answer, LMI's streamed records (one per token,
+the last one carrying `generated_text` and `details`); handler/openai_format.py makes OpenAI's objects of
+it. Shared by the HTTP server and the DJL handler.
 """
 
 from __future__ import annotations
@@ -11,20 +12,18 @@ import json
 from typing import Any
 
 from handler.lmi_schema import OutputOptions, StreamFormat, TextGenerationRequest
-from handler.sequence import FinishReason, RequestOutput, TokenOutput
+from handler.request_sequences import returned_choices
+from handler.sequence import FinishReason, RequestOutput, SamplingParams, TokenOutput
 
 # LMI's stand-in token for a streamed record that carries no token (an error or abort before any token).
 NO_TOKEN = {"id": -1, "text": "", "log_prob": -1, "special_token": True}
 
 
-class Generation:
-    """One prompt's answer as it arrives from the engine."""
+class Choice:
+    """One sequence of the request's answer."""
 
-    def __init__(self, prompt: str, prompt_token_ids: list[int], prefill: list[dict] | None = None) -> None:
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
-        # Prompt tokens as LMI's `details.prefill` lists them; only when the client asked.
-        self.prefill = prefill
+    def __init__(self, index: int) -> None:
+        self.index = index
         self.tokens: list[TokenOutput] = []
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
@@ -44,18 +43,75 @@ class Generation:
         return "".join(token.text for token in self.tokens)
 
     @property
+    def log_probs(self) -> list[float]:
+        return [token.log_prob for token in self.tokens]
+
+
+class Generation:
+    """One prompt's answer as it arrives from the engine. `tokens`, `text`, `finish_reason` and `error` are
+    its first choice's: the one streamed, and the whole answer when n is 1."""
+
+    def __init__(self, prompt: str, prompt_token_ids: list[int], prefill: list[dict] | None = None,
+                 params: SamplingParams | None = None) -> None:
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        # Prompt tokens as LMI's `details.prefill` lists them; only when the client asked.
+        self.prefill = prefill
+        self.params = params or SamplingParams()
+        self.choices = [Choice(index) for index in range(self.params.num_sequences)]
+
+    def add(self, output: RequestOutput) -> None:
+        self.choices[output.index].add(output)
+        if output.prompt_log_probs is not None and self.prefill is not None:
+            for token, log_prob in zip(self.prefill, output.prompt_log_probs):
+                token["log_prob"] = log_prob
+
+    def returned(self) -> list[Choice]:
+        """The n choices answered, best first when best_of is given (handler.request_sequences)."""
+        return returned_choices(self.choices, self.params, lambda choice: choice.log_probs)
+
+    @property
+    def finished(self) -> bool:
+        return all(choice.finished for choice in self.choices)
+
+    @property
+    def failed(self) -> Choice | None:
+        return next((choice for choice in self.choices if choice.finish_reason is FinishReason.ERROR), None)
+
+    @property
+    def tokens(self) -> list[TokenOutput]:
+        return self.choices[0].tokens
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.choices[0].finish_reason
+
+    @property
+    def error(self) -> str | None:
+        return self.choices[0].error
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
 
 def prefill_tokens(tokenizer, token_ids: list[int]) -> list[dict]:
-    """The prompt's tokens for `decoder_input_details`; the engine does not score the prompt, so log_prob
-    is null (LMI's first prefill token has a null log_prob too)."""
+    """The prompt's tokens for `decoder_input_details`; their log_prob is filled in when the engine has
+    scored the prompt (the first token's stays null: nothing comes before it)."""
     return [{"id": token_id, "text": tokenizer.decode([token_id]), "log_prob": None} for token_id in token_ids]
 
 
 def token_dict(token: TokenOutput) -> dict:
     return {"id": token.id, "text": token.text, "log_prob": token.log_prob}
+
+
+def top_tokens(token: TokenOutput) -> list[dict]:
+    """LMI's `top_tokens` entry for one generated token: its alternatives, best first."""
+    return [{"id": top.id, "text": top.text, "log_prob": top.log_prob} for top in token.top_tokens or ()]
 
 
 # ---- LMI --------------------------------------------------------------------------------------------
@@ -68,25 +124,47 @@ def lmi_response(request: TextGenerationRequest, generations: list[Generation]) 
 
 
 def _lmi_result(generation: Generation, options: OutputOptions) -> dict:
-    result: dict[str, Any] = {"generated_text": _generated_text(generation, options)}
-    if options.details:
-        result["details"] = {**_details(generation, options), "tokens": [token_dict(t) for t in generation.tokens]}
+    """With several choices, LMI answers the best in `generated_text` and `details`, and the others in
+    `details.best_of_sequences`, details or not."""
+    best, *others = generation.returned()
+    result: dict[str, Any] = {"generated_text": _generated_text(generation, best, options)}
+    if options.details or others:
+        result["details"] = {**_details(generation, best, options), **_choice_tokens(best, options)}
+        if others:
+            result["details"]["best_of_sequences"] = [
+                {"generated_text": _generated_text(generation, choice, options),
+                 **_details(generation, choice, options, with_inputs=False), **_choice_tokens(choice, options)}
+                for choice in others
+            ]
     return result
+
+
+def _choice_tokens(choice: Choice, options: OutputOptions) -> dict:
+    tokens: dict[str, Any] = {"tokens": [token_dict(token) for token in choice.tokens]}
+    if options.top_n_tokens:
+        tokens["top_tokens"] = [top_tokens(token) for token in choice.tokens]
+    return tokens
 
 
 def lmi_stream_records(generation: Generation, output: RequestOutput, options: OutputOptions) -> list[dict]:
     """The streamed records for what one engine step added to `generation` (already added to it)."""
-    records: list[dict] = [{"token": token_dict(token)} for token in output.tokens]
+    records: list[dict] = [
+        {"token": token_dict(token), **({"top_tokens": top_tokens(token)} if options.top_n_tokens else {})}
+        for token in output.tokens
+    ]
     if not output.finished:
         return records
     if not records:
         records.append({"token": dict(NO_TOKEN)})
     last = records[-1]
-    last["generated_text"] = _generated_text(generation, options)
-    if options.details or generation.finish_reason is FinishReason.ERROR:
-        last["details"] = _details(generation, options)
-    if generation.error:
-        last["error"] = generation.error
+    first = generation.choices[0]
+    last["generated_text"] = _generated_text(generation, first, options)
+    if options.details or first.finish_reason is FinishReason.ERROR:
+        last["details"] = _details(generation, first, options)
+        if options.top_n_tokens:
+            last["details"]["top_tokens"] = [top_tokens(token) for token in first.tokens]
+    if first.error:
+        last["error"] = first.error
     return records
 
 
@@ -99,128 +177,17 @@ def stream_media_type(stream_format: StreamFormat) -> str:
     return "text/event-stream" if stream_format == "sse" else "application/jsonlines"
 
 
-def _generated_text(generation: Generation, options: OutputOptions) -> str:
-    return generation.prompt + generation.text if options.return_full_text else generation.text
+def _generated_text(generation: Generation, choice: Choice, options: OutputOptions) -> str:
+    return generation.prompt + choice.text if options.return_full_text else choice.text
 
 
-def _details(generation: Generation, options: OutputOptions) -> dict:
+def _details(generation: Generation, choice: Choice, options: OutputOptions, with_inputs: bool = True) -> dict:
     details: dict[str, Any] = {
-        "finish_reason": generation.finish_reason.value if generation.finish_reason else None,
-        "generated_tokens": len(generation.tokens),
-        "inputs": generation.prompt,
+        "finish_reason": choice.finish_reason.value if choice.finish_reason else None,
+        "generated_tokens": len(choice.tokens),
     }
+    if with_inputs:
+        details["inputs"] = generation.prompt
     if options.decoder_input_details and generation.prefill is not None:
         details["prefill"] = generation.prefill
     return details
-
-
-# ---- OpenAI chat completions --------------------------------------------------------------------------
-
-
-def openai_finish_reason(reason: FinishReason | None) -> str | None:
-    if reason is None:
-        return None
-    if reason in (FinishReason.EOS, FinishReason.STOP_SEQUENCE):
-        return "stop"
-    return reason.value  # "length", and "error" / "aborted" where OpenAI has no name
-
-
-def usage(generation: Generation) -> dict:
-    completion_tokens = len(generation.tokens)
-    return {
-        "prompt_tokens": generation.num_prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": generation.num_prompt_tokens + completion_tokens,
-    }
-
-
-def chat_logprobs(tokens: list[TokenOutput]) -> dict:
-    return {
-        "content": [
-            {"token": token.text, "logprob": token.log_prob, "bytes": list(token.text.encode()), "top_logprobs": []}
-            for token in tokens
-        ]
-    }
-
-
-def chat_completion(generation: Generation, *, completion_id: str, model: str, created: int, logprobs: bool) -> dict:
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": generation.text},
-                "logprobs": chat_logprobs(generation.tokens) if logprobs else None,
-                "finish_reason": openai_finish_reason(generation.finish_reason),
-            }
-        ],
-        "usage": usage(generation),
-    }
-
-
-def chat_completion_chunks(
-    generation: Generation,
-    output: RequestOutput,
-    *,
-    completion_id: str,
-    model: str,
-    created: int,
-    logprobs: bool,
-    first: bool,
-) -> list[dict]:
-    """The `chat.completion.chunk` objects for one engine step: one per token, the first one also saying
-    the role, the last one the finish reason."""
-    tokens = output.tokens or [None]
-    chunks = []
-    for index, token in enumerate(tokens):
-        delta: dict[str, str] = {"content": token.text if token else ""}
-        if first and index == 0:
-            delta = {"role": "assistant", **delta}
-        is_last = output.finished and index == len(tokens) - 1
-        chunks.append({
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": chat_logprobs([token]) if logprobs and token else None,
-                    "finish_reason": openai_finish_reason(generation.finish_reason) if is_last else None,
-                }
-            ],
-        })
-    return chunks
-
-
-def chat_usage_chunk(generation: Generation, *, completion_id: str, model: str, created: int) -> dict:
-    """The last streamed chunk when the client asked for `stream_options.include_usage`."""
-    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage(generation)}
-
-
-class ChatChunks:
-    """The chunks of one streamed chat answer, engine step by engine step: the first carries the role, the
-    last the finish reason, followed by a usage chunk when the client asked for `include_usage`."""
-
-    def __init__(self, generation: Generation, *, completion_id: str, model: str, created: int, logprobs: bool,
-                 include_usage: bool) -> None:
-        self._generation = generation
-        self._identity = {"completion_id": completion_id, "model": model, "created": created}
-        self._logprobs = logprobs
-        self._include_usage = include_usage
-        self._first = True
-
-    def for_output(self, output: RequestOutput) -> list[dict]:
-        """What `output` (already added to the generation) adds to the stream."""
-        chunks = chat_completion_chunks(self._generation, output, logprobs=self._logprobs, first=self._first,
-                                        **self._identity)
-        self._first = False
-        if output.finished and self._include_usage:
-            chunks.append(chat_usage_chunk(self._generation, **self._identity))
-        return chunks
-

@@ -6,7 +6,9 @@ Rules (rolling batching):
 - waiting sequences are admitted in arrival order while there are free sequence slots, KV blocks and
   prefill budget; a prompt longer than the budget still runs, as the step's only prefill;
 - an admission gate (the adapter manager when LoRA is on) may hold a sequence back, e.g. because its
-  adapter has no device slot this step; held sequences do not block the ones behind them.
+  adapter has no device slot this step; held sequences do not block the ones behind them;
+- a request of several sequences (n / best_of) is admitted whole: its first sequence is prefilled, and the
+  others share its blocks and sample their first token from its logits in the same step.
 """
 
 from __future__ import annotations
@@ -43,10 +45,28 @@ class ScheduledStep:
     decode_seqs: list[Sequence] = field(default_factory=list)
     prefill_seqs: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Prefilled sequence -> the sequences forked from it this step, which sample from its logits too.
+    forks: dict[Sequence, list[Sequence]] = field(default_factory=dict)
 
     @property
     def seqs(self) -> list[Sequence]:
+        """The sequences of the forward pass, one logits row each: decodes, then prefills."""
         return self.decode_seqs + self.prefill_seqs
+
+    def sampling_rows(self) -> tuple[list[Sequence], list[int] | None]:
+        """Every sequence that samples a token this step, and the logits row each samples from (None: one
+        row each, in `seqs` order). Forked sequences come last."""
+        seqs = self.seqs
+        if not self.forks:
+            return seqs, None
+        rows = list(range(len(seqs)))
+        sampled = list(seqs)
+        first_prefill_row = len(self.decode_seqs)
+        for row, seq in enumerate(self.prefill_seqs, start=first_prefill_row):
+            for child in self.forks.get(seq, ()):
+                sampled.append(child)
+                rows.append(row)
+        return sampled, rows
 
     @property
     def is_empty(self) -> bool:
@@ -117,7 +137,7 @@ class Scheduler:
         self.gate.begin_step(self.running)
         num_tokens = len(step.decode_seqs)
         held: list[Sequence] = []
-        while self.waiting and len(self.running) < self.max_running:
+        while self.waiting and len(self.running) + len(self.waiting[0].forks) < self.max_running:
             seq = self.waiting[0]
             over_budget = num_tokens + seq.num_tokens > self.max_batched_tokens
             if (over_budget and step.prefill_seqs) or not self.block_manager.can_allocate(seq, seq.num_tokens):
@@ -131,8 +151,18 @@ class Scheduler:
             self.running.append(seq)
             step.prefill_seqs.append(seq)
             num_tokens += seq.num_tokens
+            if seq.forks:
+                self._fork(seq, step)
         # Held sequences keep their place at the head of the queue, in arrival order.
         self.waiting.extendleft(reversed(held))
+
+    def _fork(self, seq: Sequence, step: ScheduledStep) -> None:
+        children, seq.forks = seq.forks, []
+        for child in children:
+            self.block_manager.fork(seq, child)
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+        step.forks[seq] = children
 
     def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
         self.running.remove(seq)

@@ -44,7 +44,7 @@ def start_prompts(
             prompt_token_ids = engine.tokenize(job.prompt)
             prefill = prefill_tokens(engine.tokenizer, prompt_token_ids) if with_prefill else None
             handle = submit(prompt_token_ids, job.params, job.adapter)
-            started.append((Generation(job.prompt, prompt_token_ids, prefill), handle))
+            started.append((Generation(job.prompt, prompt_token_ids, prefill, job.params), handle))
     except BaseException:
         for _, handle in started:
             abort(handle)

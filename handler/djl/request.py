@@ -26,17 +26,16 @@ from handler.lmi_schema import (
     parse_json,
     parse_text_generation,
 )
+from handler.openai_format import ChatChunks, chat_completion
 from handler.output_format import (
-    ChatChunks,
     Generation,
-    chat_completion,
     encode_stream_record,
     lmi_response,
     lmi_stream_records,
     stream_media_type,
 )
 from handler.sagemaker_api import ADAPTER_IDENTIFIER_HEADER
-from handler.sequence import FinishReason, RequestOutput
+from handler.sequence import RequestOutput
 
 JSON = "application/json"
 # LMI's status for a request the model failed after accepting it ("Failed Dependency"); a client's mistake
@@ -134,7 +133,7 @@ class DjlRequest:
     def take_item(self) -> Item:
         """The item for this iteration: new stream lines, or (not streaming) the whole answer once finished;
         a request the engine failed is answered with its error."""
-        failed = next((g for g in self._generations if g.finish_reason is FinishReason.ERROR), None)
+        failed = next((g.failed for g in self._generations if g.failed is not None), None)
         if failed is not None:
             return Item.failure(failed.error or "generation failed")
         finished = self.finished

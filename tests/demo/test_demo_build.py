@@ -30,16 +30,6 @@ PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
 @pytest.fixture(scope="session")
-def demo_cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("demo-cache")
-
-
-@pytest.fixture(scope="session")
-def demo_model_dir(demo_cache_dir) -> Path:
-    return ensure_demo_model(demo_cache_dir)
-
-
-@pytest.fixture(scope="session")
 def reference_outputs(demo_model_dir) -> dict[str, list[str]]:
     return greedy_outputs(demo_model_dir, DEMO_PROMPTS)
 

@@ -144,3 +144,29 @@ def test_reset_rollingbatch_aborts_what_ran(front_end, expected):
     after = front_end.submit(generate(OTHER_PROMPT, "a2")).wait()
     assert token_ids(after.json()) == expected(OTHER_PROMPT, "a2")
     wait_for(lambda: "rolling batch reset: aborting 1 requests" in front_end.worker.output(), 10)
+
+
+def test_generation_parameters_in_one_rolling_batch(front_end, expected):
+    """n, top_n_tokens, prompt log-probs, a JSON schema and a chat with choices and log-probs, for different
+    adapters in the same iterations: the same code as the HTTP routes shapes the answers."""
+    schema = {"type": "object", "properties": {"word": {"enum": ["yes", "no"]},
+                                               "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["word", "count"], "additionalProperties": False}
+    params = {"max_new_tokens": NEW_TOKENS, "details": True}
+    bodies = [
+        {"inputs": PROMPT, "adapters": "a1", "parameters": {**params, "n": 2}},
+        {"inputs": PROMPT, "adapters": "a2", "parameters": {**params, "top_n_tokens": 2,
+                                                            "decoder_input_details": True}},
+        {"inputs": OTHER_PROMPT, "parameters": {"max_new_tokens": 40, "guided_json": schema}},
+        {"messages": [{"role": "user", "content": PROMPT}], "adapters": "a1", "max_tokens": 4, "n": 2, "seed": 3,
+         "logprobs": True, "top_logprobs": 2},
+    ]
+    best, scored, structured, chat = [front_end.submit(ClientRequest.json(body)).wait().json() for body in bodies]
+    assert token_ids(best) == expected(PROMPT, "a1")  # greedy: every choice is the greedy answer
+    assert [token["id"] for token in best["details"]["best_of_sequences"][0]["tokens"]] == expected(PROMPT, "a1")
+    assert token_ids(scored) == expected(PROMPT, "a2")
+    assert [len(top) for top in scored["details"]["top_tokens"]] == [2] * NEW_TOKENS
+    assert all(token["log_prob"] < 0 for token in scored["details"]["prefill"][1:])
+    assert json.loads(structured["generated_text"])["word"] in ("yes", "no")
+    assert [choice["index"] for choice in chat["choices"]] == [0, 1]
+    assert all(len(entry["top_logprobs"]) == 2 for choice in chat["choices"] for entry in choice["logprobs"]["content"])

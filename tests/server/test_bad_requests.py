@@ -30,7 +30,21 @@ LMI_CASES = [
     ("adapters and inputs of different lengths", b'{"inputs": ["a", "b", "c"], "adapters": ["a1", "a2"]}', 400,
      "Number of adapters is not equal to the number of inputs"),
     ("adapters of the wrong type", b'{"inputs": "x", "adapters": 3}', 400, "'adapters' must be a string"),
-    ("top_n_tokens", b'{"inputs": "x", "parameters": {"top_n_tokens": 3}}', 400, "top_n_tokens is not supported"),
+    ("an unknown parameter", b'{"inputs": "x", "parameters": {"guided_grammar": "start: x"}}', 400,
+     "parameters.guided_grammar: not a field this server knows or honours"),
+    ("too many top tokens", b'{"inputs": "x", "parameters": {"top_n_tokens": 21}}', 400,
+     "top log-probabilities per token must be in [0, 20]"),
+    ("n streamed", b'{"inputs": "x", "stream": true, "parameters": {"n": 2}}', 400, "cannot be streamed"),
+    ("best_of below n", b'{"inputs": "x", "parameters": {"n": 3, "best_of": 2}}', 400, "best_of must be"),
+    ("a schema that cannot be enforced", b'{"inputs": "x", "parameters": {"guided_json": {"type": "array", '
+     b'"uniqueItems": true}}}', 400, "parameters.guided_json cannot be enforced"),
+    ("two structured outputs", b'{"inputs": "x", "parameters": {"guided_regex": "a+", "guided_choice": ["a"]}}',
+     400, "parameters.guided_regex and parameters.guided_choice both ask"),
+    ("a bad regex", b'{"inputs": "x", "parameters": {"guided_regex": "[a-"}}', 400, "unclosed character class"),
+    ("logit_bias keyed by a word", b'{"inputs": "x", "parameters": {"logit_bias": {"cat": 5}}}', 400,
+     "key 'cat' is not a token id"),
+    ("logit_bias outside the vocabulary", b'{"inputs": "x", "parameters": {"logit_bias": {"99999": 5}}}', 400,
+     "token id 99999 is outside the vocabulary"),
     ("chat without messages content", b'{"messages": [{"content": "hi"}]}', 400, "messages.0.role: Field required"),
     ("chat with an empty message list", b'{"messages": []}', 400, "messages: List should have at least 1 item"),
 ]
@@ -70,7 +84,16 @@ def test_a_bad_input_in_a_batch_refuses_the_whole_request(client, lora_server):
     ("/v1/completions", {"model": "a1", "prompt": "x", "max_tokens": "3"},
      "max_tokens: Input should be a valid integer"),
     ("/v1/completions", {"model": "nope", "prompt": "x"}, "Adapter nope is not registered"),
-    ("/v1/chat/completions", {"model": "a1", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n=2"),
+    ("/v1/chat/completions", {"model": "a1", "messages": [{"role": "user", "content": "x"}], "tools": []},
+     "tools: not a field this server knows or honours"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     "top_logprobs needs logprobs: true"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+     "response_format.type must be"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3, "stream": True}, "best_of cannot be streamed"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/gone"}}}}}},
+     "response_format.json_schema.schema cannot be enforced"),
 ])
 def test_openai_routes_answer_openai_errors(client, path, body, message):
     response = client.post(path, json=body)
