@@ -221,6 +221,8 @@ class Engine:
                 outputs.extend(self._finish(seq, FinishReason.ERROR, error=message))
             self.lora.prefetch(self.scheduler.waiting)
         step = self.scheduler.schedule()
+        if self.lora is not None:
+            self.lora.group_by_slot(step.decode_seqs)
         self._preemptions += len(step.preempted)
         if step.is_empty:
             if self.scheduler.waiting and not outputs:
