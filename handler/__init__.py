@@ -2,18 +2,26 @@
 
 Public API: `Engine(model_dir, **options)`, `SamplingParams`, `Config`.
 
-Importing the package makes torch's idle OpenMP workers sleep instead of spin (OMP_WAIT_POLICY=PASSIVE,
-unless the environment sets it or torch is already loaded, when it is too late): spinning workers take the
-CPU from every other thread of the process (an HTTP server's, DJL's worker's) and from anything sharing the
-cores. Measured on 2 cores: 8 concurrent clients of the server got 19 tokens/s with spinning workers and 700
-with sleeping ones; DJL's rolling-batch loop 17 and 132 (docs/BENCHMARKS.md).
+Importing the package sets how torch's idle OpenMP workers wait, unless the environment says (or torch is
+already loaded, when it is too late): they spin for a short while (GOMP_SPINCOUNT), then sleep
+(OMP_WAIT_POLICY=PASSIVE). Spinning for long (OpenMP's default) takes the CPU from every other thread of the
+process (an HTTP server's, DJL's worker's) and from anything sharing the cores: on 2 cores, 8 concurrent
+clients of the server got 19 tokens/s with long-spinning workers and 700 with sleeping ones; DJL's rolling-
+batch loop 17 and 132. Sleeping at once makes every parallel op wake them (a futex across cores, 70 us on a
+VM): a decode step runs a few hundred such ops, and a short spin bridges the gaps between them
+(docs/BENCHMARKS.md, "Threads").
 """
 
 import os
 import sys
 
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Spin iterations before sleeping: a short spin bridges the gaps between one step's
+# ops; libgomp's own default is 300,000 when no policy is set.
+GOMP_SPINCOUNT = "10000"
+
+if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
 
 from handler.config import Config  # noqa: E402
 from handler.engine import Engine  # noqa: E402
