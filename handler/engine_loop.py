@@ -52,9 +52,10 @@ class RequestStream:
         return output
 
     def abort(self) -> None:
-        """Stop the request if it is still running; safe to call at any time, any number of times."""
-        if not self._finished:
-            self._finished = True
+        """Stop the request if any of its sequences still runs; safe to call at any time, any number of times."""
+        self._finished = True
+        if self._unfinished:
+            self._unfinished = 0
             self._engine_loop._abort(self.request_id)
 
 

@@ -133,6 +133,10 @@ class TextGenerationRequest:
     options: OutputOptions
 
 
+# The keys of an LMI text request; the generation parameters go under "parameters".
+TEXT_REQUEST_FIELDS = frozenset({"inputs", "parameters", "stream", "adapters"})
+
+
 def is_chat_request(body: Any) -> bool:
     """LMI answers `{"messages": [...]}` as an OpenAI chat completion."""
     return isinstance(body, dict) and "messages" in body
@@ -150,6 +154,10 @@ def parse_text_generation(
     `option.output_formatter`; a request may override it with `parameters.output_formatter`."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object with 'inputs'")
+    unknown = sorted(set(body) - TEXT_REQUEST_FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"{unknown[0]}: not a field this server knows or honours (refused rather than "
+                                  f"ignored; a request has {', '.join(sorted(TEXT_REQUEST_FIELDS))})")
     inputs = body.get("inputs")
     if inputs is None:
         raise InvalidRequestError("the request has no 'inputs'")

@@ -65,10 +65,11 @@ class ModelRunner:
 
     def _score_prompts(self, step: ScheduledStep, ctx: ForwardContext, input_ids: torch.Tensor,
                        hidden: torch.Tensor) -> None:
-        """Each prompt token's log-probability for the prefills that asked (once: not again after a
-        preemption), from the hidden states of the tokens before it."""
-        for seq, (start, end) in zip(step.prefill_seqs, ctx.prefill_ranges):
-            if seq.params.prompt_log_probs and seq.prompt_log_probs is None:
+        """Each prompt token's log-probability for the prefills that asked (once), from the hidden states
+        of the tokens before it."""
+        for seq, (start, _) in zip(step.prefill_seqs, ctx.prefill_ranges):
+            # A request's first sequence scores the prompt; the others share it (and, preempted, skip it).
+            if seq.params.prompt_log_probs and seq.prompt_log_probs is None and seq.index == 0:
                 prompt_end = start + len(seq.prompt_token_ids)
                 log_probs = torch.log_softmax(self.model.compute_logits(hidden[start : prompt_end - 1]).float(), -1)
                 scored = log_probs.gather(1, input_ids[start + 1 : prompt_end, None]).squeeze(1)

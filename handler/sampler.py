@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from handler.logits_processors import process_row, warp_row
+from handler.logits_processors import process_rows, warp_row
 from handler.sequence import Sequence
 from handler.structured_output import apply_masks, fill_masks
 
@@ -37,35 +37,43 @@ class Sampler:
         self._generators.pop(seq, None)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int] | None = None) -> SampledTokens:
-        """logits [R, V] fp32; `rows[i]` is the row `seqs[i]` samples from (None: row i)."""
+        """logits [R, V] fp32; `rows[i]` is the row `seqs[i]` samples from (None: row i).
+
+        Only the rows of requests with processors or a grammar are copied and changed; the others are chosen
+        from the logits as they are, so they cost what they would in a batch of their own kind.
+        """
         if rows is not None:
             logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
         log_probs = torch.log_softmax(logits, dim=-1)
-        processed = logits
-        processed_rows = [row for row, seq in enumerate(seqs) if seq.params.processes_logits]
-        grammar_rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
-        if processed_rows or grammar_rows:
-            processed = logits.clone()
-            for row in processed_rows:
-                process_row(processed[row], seqs[row])
-            if grammar_rows:
-                self._mask(processed, grammar_rows, seqs)
-        chosen = processed.argmax(dim=-1)
-        sampled_rows = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
-        if sampled_rows:
-            chosen = chosen.clone()
-            for row in sampled_rows:
-                chosen[row] = self._sample_row(processed[row], seqs[row])
+        chosen = logits.argmax(dim=-1)
+        changed = [row for row, seq in enumerate(seqs) if seq.params.processes_logits or seq.grammar is not None]
+        changed_logits = self._process(logits, changed, seqs) if changed else None
+        position = {row: index for index, row in enumerate(changed)}
+        if changed:
+            chosen[torch.tensor(changed, device=chosen.device)] = changed_logits.argmax(dim=-1)
+        for row, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                row_logits = changed_logits[position[row]] if row in position else logits[row]
+                chosen[row] = self._sample_row(row_logits, seq)
         chosen_log_probs = log_probs.gather(1, chosen[:, None]).squeeze(1)
         return SampledTokens(chosen.tolist(), chosen_log_probs.tolist(), self._top(log_probs, seqs))
 
     @staticmethod
-    def _mask(processed: torch.Tensor, grammar_rows: list[int], seqs: list[Sequence]) -> None:
-        bitmasks = fill_masks([seqs[row].grammar for row in grammar_rows], processed.shape[1])
-        index = torch.tensor(grammar_rows, dtype=torch.long, device=processed.device)
-        masked = processed.index_select(0, index)
-        apply_masks(masked, bitmasks)
-        processed.index_copy_(0, index, masked)
+    def _process(logits: torch.Tensor, changed: list[int], seqs: list[Sequence]) -> torch.Tensor:
+        """A copy of the `changed` rows, each with its request's processors and grammar mask applied."""
+        changed_logits = logits.index_select(0, torch.tensor(changed, dtype=torch.long, device=logits.device))
+        process_rows(changed_logits, [seqs[row] for row in changed])  # rows without processors add nothing
+        masked = [index for index, row in enumerate(changed) if seqs[row].grammar is not None]
+        if masked:
+            bitmasks = fill_masks([seqs[changed[index]].grammar for index in masked], logits.shape[1])
+            if len(masked) == len(changed):
+                apply_masks(changed_logits, bitmasks)
+            else:
+                index = torch.tensor(masked, dtype=torch.long, device=logits.device)
+                rows_to_mask = changed_logits.index_select(0, index)
+                apply_masks(rows_to_mask, bitmasks)
+                changed_logits.index_copy_(0, index, rows_to_mask)
+        return changed_logits
 
     @staticmethod
     def _top(log_probs: torch.Tensor, seqs: list[Sequence]) -> list[list[tuple[int, float]] | None]:
@@ -74,8 +82,8 @@ class Sampler:
         rows = [row for row, count in enumerate(wanted) if count]
         if not rows:
             return top
-        most = max(wanted[row] for row in rows)
-        values, ids = log_probs[torch.tensor(rows, device=log_probs.device)].topk(most, dim=-1)
+        index = torch.tensor(rows, device=log_probs.device)
+        values, ids = log_probs.index_select(0, index).topk(max(wanted[row] for row in rows), dim=-1)
         for row, row_values, row_ids in zip(rows, values.tolist(), ids.tolist()):
             top[row] = list(zip(row_ids[: wanted[row]], row_values[: wanted[row]]))
         return top

@@ -37,6 +37,10 @@ _FROM_SPEC = {
     "choice": lambda value: llguidance.LLMatcher.grammar_from_lark(
         "start: " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in json.loads(value))),
 }
+# A spec whose lexer would take long to build is refused, not served slowly: a mask that takes long holds
+# up the whole step. llguidance's fuel runs at about 14k units per millisecond (its defaults: 1M to build,
+# 200k per mask); these bound the first mask at about 15 ms and any later one at about 4 ms.
+LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=200_000, step_lexer_fuel=50_000)
 # Byte value -> the additive mask of its 8 tokens (bit i set: token allowed, 0.0; else -inf).
 _BYTE_TO_MASK = torch.where((torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 1, 0.0, float("-inf"))
 
@@ -100,8 +104,7 @@ class StructuredOutputCompiler:
                                                                eos_token=self._eos_token_ids)
         return self._tokenizer
 
-    @staticmethod
-    def _compile(spec: StructuredOutput, field: str, tokenizer: llguidance.LLTokenizer) -> llguidance.LLMatcher:
+    def _compile(self, spec: StructuredOutput, field: str, tokenizer: llguidance.LLTokenizer) -> llguidance.LLMatcher:
         try:
             grammar = _FROM_SPEC[spec.kind](spec.value)
         except ValueError as error:  # not a JSON object where one is needed
@@ -110,9 +113,12 @@ class StructuredOutputCompiler:
         if is_error or messages:
             # A warning is a part of the spec the library would not enforce: refused, not ignored.
             raise InvalidRequestError(f"{field} cannot be enforced: {'; '.join(messages)}")
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)
+        # The first mask builds the lexer's first states, shared by every copy: here, in the request's
+        # thread, rather than in the engine's step; and a spec that exhausts the limits fails here, as a 400.
+        GrammarMatcher(matcher).fill_mask(torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32))
         if matcher.is_error():
-            raise InvalidRequestError(f"{field} cannot be enforced: {matcher.get_error()}")
+            raise InvalidRequestError(f"{field} cannot be enforced: {matcher.get_error().splitlines()[0]}")
         return matcher
 
 

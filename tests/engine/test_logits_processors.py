@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 from handler import Engine, SamplingParams
-from handler.logits_processors import process_row, warp_row
+from handler.logits_processors import process_rows, warp_row
 from handler.sequence import Sequence
 from tests.engine.test_parity import random_prompts
 from tests.models import reference_greedy, reference_model
@@ -37,9 +37,10 @@ def _logits(seed: int = 0) -> torch.Tensor:
 
 
 def _processed(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
-    row = logits.clone()
-    process_row(row, seq)
-    return row
+    rows = torch.stack([torch.zeros_like(logits), logits])  # a row without processors next to it
+    process_rows(rows, [Sequence("plain", [1], SamplingParams()), seq])
+    assert torch.equal(rows[0], torch.zeros_like(logits))
+    return rows[1]
 
 
 def _input_ids() -> torch.Tensor:

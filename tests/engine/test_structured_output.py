@@ -15,7 +15,8 @@ from handler.sequence import StructuredOutput
 from tests.engine.test_parity import random_prompts
 from tests.models import reference_greedy
 
-# Bounded everywhere (lengths, items, numbers), so that a random model's answer ends within max_new_tokens.
+# Bounded everywhere (lengths, items, numbers), so that a random model's answer ends within max_new_tokens
+# (200: enough for every string at its longest, each character written as a \uXXXX escape).
 ORDER_SCHEMA = {
     "type": "object",
     "properties": {
@@ -46,7 +47,7 @@ def llama(tiny_models):
 
 def _structured(kind, value, **params) -> SamplingParams:
     text = value if isinstance(value, str) else json.dumps(value)
-    return SamplingParams(max_new_tokens=120, structured=StructuredOutput(kind, text, source="test"), **params)
+    return SamplingParams(max_new_tokens=200, structured=StructuredOutput(kind, text, source="test"), **params)
 
 
 def test_schema_regex_and_choice_outputs_validate_next_to_plain_requests(llama):

@@ -30,6 +30,8 @@ LMI_CASES = [
     ("adapters and inputs of different lengths", b'{"inputs": ["a", "b", "c"], "adapters": ["a1", "a2"]}', 400,
      "Number of adapters is not equal to the number of inputs"),
     ("adapters of the wrong type", b'{"inputs": "x", "adapters": 3}', 400, "'adapters' must be a string"),
+    ("an unknown key", b'{"inputs": "x", "parameter": {"max_new_tokens": 3}}', 400,
+     "parameter: not a field this server knows or honours"),
     ("an unknown parameter", b'{"inputs": "x", "parameters": {"guided_grammar": "start: x"}}', 400,
      "parameters.guided_grammar: not a field this server knows or honours"),
     ("too many top tokens", b'{"inputs": "x", "parameters": {"top_n_tokens": 21}}', 400,

@@ -79,8 +79,8 @@ def test_lmi_structured_output_with_an_adapter_next_to_plain_requests(client):
     plain = {"inputs": "a small river", "parameters": {"max_new_tokens": 10}}
     plain_alone = post(client, {**plain, "adapters": "a2"})
     bodies = [
-        {"inputs": PROMPT, "adapters": "a1", "parameters": {"max_new_tokens": 80, "guided_json": SCHEMA}},
-        {"inputs": PROMPT, "adapters": "a2", "parameters": {"max_new_tokens": 80, "guided_json": json.dumps(SCHEMA),
+        {"inputs": PROMPT, "adapters": "a1", "parameters": {"max_new_tokens": 200, "guided_json": SCHEMA}},
+        {"inputs": PROMPT, "adapters": "a2", "parameters": {"max_new_tokens": 200, "guided_json": json.dumps(SCHEMA),
                                                             "do_sample": True, "seed": 4, "presence_penalty": 1.0}},
         {"inputs": PROMPT, "parameters": {"max_new_tokens": 20, "guided_regex": "[A-Z]{3}-[0-9]{2}"}},
         {"inputs": PROMPT, "adapters": "a1", "parameters": {"max_new_tokens": 20, "guided_choice": ["yes", "no"]}},
@@ -123,7 +123,7 @@ def test_openai_client_n_logprobs_and_top_logprobs(openai_client):
 
 def test_openai_client_response_format(openai_client):
     chat = openai_client.chat.completions.create(
-        model="a2", messages=[{"role": "user", "content": "describe an animal"}], max_tokens=80,
+        model="a2", messages=[{"role": "user", "content": "describe an animal"}], max_tokens=200, seed=8,
         response_format={"type": "json_schema", "json_schema": {"name": "animal", "schema": SCHEMA, "strict": True}})
     jsonschema.validate(json.loads(chat.choices[0].message.content), SCHEMA)
     completion = openai_client.completions.create(model="model", prompt=PROMPT, max_tokens=40,
@@ -137,5 +137,5 @@ def test_tgi_client_best_of_top_tokens_and_grammar(lora_server):
                                     do_sample=True, seed=3, adapter_id="a1")
     assert len(answer.details.best_of_sequences) == 1
     assert [len(top) for top in answer.details.top_tokens] == [2] * len(answer.details.tokens)
-    text = client.text_generation(PROMPT, max_new_tokens=80, grammar={"type": "json", "value": SCHEMA})
+    text = client.text_generation(PROMPT, max_new_tokens=200, grammar={"type": "json", "value": SCHEMA})
     jsonschema.validate(json.loads(text), SCHEMA)
