@@ -22,6 +22,9 @@ GOMP_SPINCOUNT = "10000"
 if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+# False when torch was loaded first with no policy set: OpenMP then spins for milliseconds after each op (the
+# engine warns once, on a CPU).
+OPENMP_WAIT_CHOSEN = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
 
 from handler.config import Config  # noqa: E402
 from handler.engine import Engine  # noqa: E402

@@ -17,6 +17,7 @@ from typing import Sequence as SequenceOf
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+import handler
 from handler.block_manager import BlockManager
 from handler.config import Config
 from handler.cpu_threads import CpuThreads
@@ -408,6 +409,10 @@ def _cpu_threads(config: Config, device: torch.device) -> CpuThreads | None:
     """The adaptive thread count for a CPU engine with cpu_threads=auto; a fixed count is set here once."""
     if device.type != "cpu":
         return None
+    if not handler.OPENMP_WAIT_CHOSEN:
+        logger.warning("torch was imported before handler with no OMP_WAIT_POLICY set: its OpenMP threads spin "
+                       "for milliseconds after every op, taking the CPU from other threads. Import handler "
+                       "first, or set OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=%s", handler.GOMP_SPINCOUNT)
     if config.cpu_threads == "auto":
         return CpuThreads()
     torch.set_num_threads(int(config.cpu_threads))

@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -9,6 +9,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+
+# isort: split
 import torch
 
 from container.demo.random_model import save_random_model

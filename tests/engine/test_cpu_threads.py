@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import handler
 from handler import cpu_threads
 from handler.config import Config
 from handler.cpu_threads import CpuThreads
@@ -55,3 +62,23 @@ def test_the_cpu_threads_option():
     assert Config.from_options().cpu_threads == "auto"
     with pytest.raises(ConfigError, match="cpu_threads"):
         Config.from_options(cpu_threads="many")
+
+
+def openmp_settings_after(imports: str) -> dict:
+    code = (f"{imports}\nimport json, os, handler\n"
+            "print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), "
+            "handler.OPENMP_WAIT_CHOSEN]))")
+    env = {name: value for name, value in os.environ.items() if name not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_handler_first_makes_openmp_spin_briefly_then_sleep():
+    assert openmp_settings_after("") == ["PASSIVE", handler.GOMP_SPINCOUNT, True]
+
+
+def test_torch_imported_first_is_noticed():
+    # Too late to choose for OpenMP, which read its environment when torch loaded it: the engine warns.
+    assert openmp_settings_after("import torch") == [None, None, False]
