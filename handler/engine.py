@@ -26,8 +26,8 @@ from handler.lora.manager import AdapterInfo, LoraManager
 from handler.lora.peft_adapter import BaseModelShapes
 from handler.model_runner import ModelRunner, kv_bytes_per_token
 from handler.models import load_hf_config, load_model
-from handler.output_processor import RequestTextState
 from handler.offline import generate_offline
+from handler.output_processor import RequestTextState
 from handler.request_sequences import RequestSequences
 from handler.scheduler import Scheduler
 from handler.sequence import (
