@@ -88,6 +88,9 @@ class Config:
     max_archive_bytes: int = 16 * 1024**3
     # A step that admits requests for an adapter not yet resident waits at most this many steps.
     max_adapter_wait_steps: int = 64
+    # torch's threads on a CPU: "auto" follows the cores other processes leave free, up to torch's own count
+    # (handler/cpu_threads.py); a number fixes it.
+    cpu_threads: str = "auto"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -183,6 +186,9 @@ class Config:
             raise ConfigError("gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
         if self.lora_extra_vocab_size < 0:
             raise ConfigError("lora_extra_vocab_size", self.lora_extra_vocab_size, "must be >= 0")
+        self.cpu_threads = str(self.cpu_threads).strip().lower()
+        if self.cpu_threads != "auto" and not (self.cpu_threads.isdigit() and int(self.cpu_threads) > 0):
+            raise ConfigError("cpu_threads", self.cpu_threads, "expected auto or a positive integer")
         self.device = self.device.lower()
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError("device", self.device, "expected auto, cpu or cuda[:N]")

@@ -17,15 +17,17 @@ from typing import Sequence as SequenceOf
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+import handler
 from handler.block_manager import BlockManager
 from handler.config import Config
+from handler.cpu_threads import CpuThreads
 from handler.errors import AdapterError, ConfigError, InvalidRequestError, LoraNotEnabledError, ModelLoadError
 from handler.lora.manager import AdapterInfo, LoraManager
 from handler.lora.peft_adapter import BaseModelShapes
 from handler.model_runner import ModelRunner, kv_bytes_per_token
 from handler.models import load_hf_config, load_model
-from handler.output_processor import RequestTextState
 from handler.offline import generate_offline
+from handler.output_processor import RequestTextState
 from handler.request_sequences import RequestSequences
 from handler.scheduler import ScheduledStep, Scheduler
 from handler.sequence import (
@@ -117,6 +119,7 @@ class Engine:
             chunked_prefill=config.enable_chunked_prefill,
         )
         self.runner = ModelRunner(self.model, self.block_manager)
+        self._cpu_threads = _cpu_threads(config, self.device)
         logger.info(
             "engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
             time.perf_counter() - started, self.hf_config.model_type, self.device, self.dtype, num_blocks,
@@ -224,12 +227,16 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit queued requests, run one forward pass, and report every request that progressed."""
         outputs: list[RequestOutput] = []
+        if self._cpu_threads is not None:
+            self._cpu_threads.maybe_adjust()
         self._take_queued(outputs)
         if self.lora is not None:
             for seq, message in self.lora.take_failed(self.scheduler.waiting):
                 outputs.extend(self._finish(seq, FinishReason.ERROR, error=message))
             self.lora.prefetch(self.scheduler.waiting)
         step = self.scheduler.schedule()
+        if self.lora is not None:
+            self.lora.group_by_slot(step.decode_seqs)
         self._preemptions += len(step.preempted)
         if step.is_empty:
             if self.scheduler.waiting and not outputs:
@@ -424,6 +431,20 @@ def _resolve_device(config: Config) -> torch.device:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", config.device, "CUDA is not available on this machine")
     return torch.device(config.device)
+
+
+def _cpu_threads(config: Config, device: torch.device) -> CpuThreads | None:
+    """The adaptive thread count for a CPU engine with cpu_threads=auto; a fixed count is set here once."""
+    if device.type != "cpu":
+        return None
+    if not handler.OPENMP_WAIT_CHOSEN:
+        logger.warning("torch was imported before handler with no OMP_WAIT_POLICY set: its OpenMP threads spin "
+                       "for milliseconds after every op, taking the CPU from other threads. Import handler "
+                       "first, or set OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=%s", handler.GOMP_SPINCOUNT)
+    if config.cpu_threads == "auto":
+        return CpuThreads()
+    torch.set_num_threads(int(config.cpu_threads))
+    return None
 
 
 def _resolve_dtype(config: Config, device: torch.device) -> torch.dtype:

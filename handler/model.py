@@ -12,24 +12,19 @@ properties (handler.djl.services):
   worker awaits each call on its event loop, so these functions return coroutines there.
 
 Which form to answer in is decided per call: inside the worker's running event loop (async mode) the
-functions return awaitables, elsewhere Outputs. Importing this module leaves logging alone; it sets
-OMP_WAIT_POLICY=PASSIVE unless the environment sets it (see below).
+functions return awaitables, elsewhere Outputs. Importing this module leaves logging alone; the handler
+package sets OMP_WAIT_POLICY=PASSIVE unless the environment sets it (handler/__init__.py): spinning OpenMP
+workers took the CPU from DJL's threads between rolling-batch iterations.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 
-# Before the engine's imports load torch and its OpenMP runtime, as `python -m container` does: idle OpenMP
-# workers then sleep instead of spinning. Spinning, they took the CPU from DJL's own threads and front end
-# between rolling-batch iterations: 17 instead of 132 tokens/s on 2 cores (docs/BENCHMARKS.md, "DJL").
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from djl_python import Output
 
-from djl_python import Output  # noqa: E402
-
-from handler.djl.adapters import DjlAdapters  # noqa: E402
-from handler.djl.services import AsyncService, SyncService  # noqa: E402
+from handler.djl.adapters import DjlAdapters
+from handler.djl.services import AsyncService, SyncService
 
 _service: SyncService | AsyncService | None = None
 

@@ -3,7 +3,7 @@
 See docs/KERNELS.md. Imports only torch (and triton, lazily, on the first CUDA call).
 """
 
-from .layout import allocate_lora_buffers, is_rank_major
+from .layout import allocate_lora_buffers, allocate_lora_group_buffers, is_rank_major
 from .metadata import LoraBatchMeta
 from .ops import add_lora, add_lora_packed, triton_available
 
@@ -12,6 +12,7 @@ __all__ = [
     "add_lora",
     "add_lora_packed",
     "allocate_lora_buffers",
+    "allocate_lora_group_buffers",
     "is_rank_major",
     "triton_available",
 ]

@@ -10,8 +10,6 @@ import functools
 import importlib
 import os
 
-import torch
-
 from .metadata import LoraBatchMeta
 from .torch_path import add_lora_torch
 
@@ -38,7 +36,8 @@ def add_lora_packed(
 
     Slice i adds into y[:, offset_i : offset_i + O_i], offsets being the running sum of the O_i in
     order; lora_a_slices[i] [S, R_max, H], lora_b_slices[i] [S, O_i, R_max], slot_ranks_slices[i] [S].
-    Each slice may be a separate buffer.
+    Each slice may be a separate buffer; lora_a slices laid out by allocate_lora_group_buffers are shrunk
+    together on the torch path.
     """
     _check_shapes(y, x, lora_a_slices, lora_b_slices, token_slots, slot_ranks_slices)
     if meta is None:
@@ -50,11 +49,7 @@ def add_lora_packed(
     if _use_triton(backend, x):
         _triton_path().add_lora_packed_triton(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta)
         return
-    offset = 0
-    for lora_a, lora_b, slot_ranks in zip(lora_a_slices, lora_b_slices, slot_ranks_slices):
-        width = lora_b.shape[1]
-        add_lora_torch(y[:, offset : offset + width], x, lora_a, lora_b, slot_ranks, meta)
-        offset += width
+    add_lora_torch(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta)
 
 
 @functools.cache

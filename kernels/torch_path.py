@@ -1,18 +1,23 @@
 """The pure-torch LoRA path: CPU tensors, and CUDA when Triton is absent or the torch path is forced.
 
+One call serves all the slices of a fused projection (q/k/v, gate/up). When their lora_a share one
+rank-major buffer (kernels/layout.py, allocate_lora_group_buffers: as the engine allocates them), the
+shrink runs once for all slices, x @ [A_q | A_k | A_v], and only the expand is per slice; otherwise each
+slice is shrunk on its own.
+
 Each segment (the tokens of one slot) takes one of two routes, decided once per step:
-- a long segment (a prefill) is one GEMM pair at the slot's real rank; when its tokens are
-  consecutive in the batch (a prefill, or any segment once the engine orders sequences by slot)
-  its rows are slices of x and y: no gather, no scatter;
-- all other tokens (decode: one or a few tokens per slot) share two embedding_bag calls that read
-  only each token's own weight rows. A Python loop over ~32 slots spends more on op dispatch than
-  on math, and gathering per-token [T, R, H] weight copies spends more on memory traffic: both
-  measured slower (docs/BENCHMARKS.md). This route needs the rank-major layout (kernels/layout.py);
-  other layouts send every segment down the GEMM route, which is correct but slower for decode.
-Per call the only host work is a dictionary lookup: the routes and index tensors are built once
-per step for each (hidden size, R_max, slot ranks) and shared by all modules that match. The slot
-ranks are read on the host (free on CPU; one sync per call on CUDA, where this path is only the
-baseline and the fallback).
+- a long segment (a prefill) is one shrink GEMM and one expand GEMM per slice, at the slot's real rank
+  for the expand; when its tokens are consecutive in the batch (a prefill, or any segment once the engine
+  orders sequences by slot) its rows are slices of x and y: no gather, no scatter;
+- all other tokens (decode: one or a few tokens per slot) share one embedding_bag call for the shrink
+  and one per slice for the expand, which read only each token's own weight rows. A Python loop over ~32
+  slots spends more on op dispatch than on math, and gathering per-token [T, R, H] weight copies spends
+  more on memory traffic: both measured slower (docs/BENCHMARKS.md). This route needs the rank-major
+  layout; other layouts send every segment down the GEMM route, which is correct but slower for decode.
+Per call the host work is a few dictionary lookups: the routes and index tensors are built once per step
+for each (hidden size, buffer shape, slot ranks) and shared by all the layers' calls that match. Slot
+ranks are read on the host (free on CPU; one sync per call on CUDA, where this path is only the baseline
+and the fallback).
 """
 
 import weakref
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import is_rank_major
+from .layout import shared_rank_major_rows
 from .metadata import LoraBatchMeta
 
 # When a segment takes the GEMM route, in tokens x hidden features: the GEMM pair's cost is
@@ -33,114 +38,158 @@ _EMBEDDING_BAG_SUM = 0  # torch.embedding_bag's mode code for "sum"
 
 
 @dataclass(frozen=True)
-class _ModuleViews:
-    """Views of one module's slot buffers, made once: building them costs more than the math at decode."""
+class _GroupViews:
+    """Views of one group's slot buffers, made once: building them costs more than the math at decode."""
 
-    lora_a: weakref.ref
-    lora_b: weakref.ref
-    rank_major: bool
-    a_rows: torch.Tensor | None  # [S * H, R_max]: row (s, h) holds lora_a[s, :, h]
-    b_rows: torch.Tensor | None  # [S * R_max, O]: row (s, j) holds lora_b[s, :, j]
+    lora_a: tuple  # weakrefs: an entry must not keep the buffers alive
+    lora_b: tuple
+    # [S, H, n * R_max]: a slot's shrink matrix for all slices (lora_a_i[s].T side by side); None when the
+    # slices' lora_a are not one buffer (each slice is then served alone).
+    a_columns: torch.Tensor | None
+    # For the embedding_bag route (rank-major buffers), else None: [S * H, n * R_max], row (s, h) holding every
+    # slice's lora_a[s, :, h]; and per slice [S * R_max, O], row (s, j) holding lora_b[s, :, j].
+    a_rows: torch.Tensor | None
+    b_rows: tuple | None
 
 
 @dataclass(frozen=True)
 class _GemmSegment:
-    rank: int
     slot: int
+    ranks: tuple[int, ...]  # per slice
+    columns: int  # of the shrink: up to the last slice's rank
     rows: slice | None  # the segment's tokens when they are consecutive in the batch
     token_ids: torch.Tensor
 
 
 @dataclass(frozen=True)
 class _BagPlan:
-    """The embedding_bag route for one step and one (H, R_max, slot ranks)."""
+    """The embedding_bag route for one step and one (H, R_max, slices' slot ranks)."""
 
     token_ids: torch.Tensor | None  # None: every token of the batch, in batch order
-    shrink_rows: torch.Tensor  # [n * H]: row s_t * H + h, bag t = the H features of token t
-    shrink_offsets: torch.Tensor  # [n]
-    expand_rows: torch.Tensor  # [sum r_t]: row s_t * R_max + j, j < r_t
-    expand_offsets: torch.Tensor  # [n]
-    shrunk_positions: torch.Tensor  # [sum r_t]: t * R_max + j, where expand's weights sit in shrunk
+    shrink_rows: torch.Tensor  # [n_tokens * H]: row s_t * H + h, bag t = the H features of token t
+    shrink_offsets: torch.Tensor  # [n_tokens]
+    expand: tuple  # per slice: (rows, offsets, positions) or None when no token's slot targets the slice
 
 
-_module_views: dict = {}
+_group_views: dict = {}
 
 
-def add_lora_torch(y, x, lora_a, lora_b, slot_ranks, meta: LoraBatchMeta) -> None:
-    """y[t] += x[t] @ lora_a[s, :r].T @ lora_b[s, :, :r].T for every token with a slot; in place."""
+def add_lora_torch(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta: LoraBatchMeta) -> None:
+    """y[:, slice i] += x @ lora_a_i[s, :r].T @ lora_b_i[s, :, :r].T per token with a slot; in place."""
     if meta.num_lora_tokens == 0:
         return
-    views = _views(lora_a, lora_b)
-    ranks = slot_ranks.tolist()
-    plan_key = (x.shape[1], lora_a.shape[1], views.rank_major, tuple(ranks))
+    views = _views(lora_a_slices, lora_b_slices)
+    if views.a_columns is None:  # slices in buffers of their own: shrink each alone
+        offset = 0
+        for lora_a, lora_b, slot_ranks in zip(lora_a_slices, lora_b_slices, slot_ranks_slices):
+            width = lora_b.shape[1]
+            add_lora_torch(y[:, offset : offset + width], x, (lora_a,), (lora_b,), (slot_ranks,), meta)
+            offset += width
+        return
+    ranks = tuple(tuple(slot_ranks.tolist()) for slot_ranks in slot_ranks_slices)
+    max_rank = lora_a_slices[0].shape[1]
+    bags_possible = views.a_rows is not None
+    plan_key = (x.shape[1], max_rank, bags_possible, ranks)
     plan = meta.plan_cache.get(plan_key)
     if plan is None:
-        plan = meta.plan_cache[plan_key] = _plan(meta, x.shape[1], lora_a.shape[1], views.rank_major, ranks)
+        plan = meta.plan_cache[plan_key] = _plan(meta, x.shape[1], max_rank, bags_possible, ranks)
     gemm_segments, bag = plan
+    widths = [lora_b.shape[1] for lora_b in lora_b_slices]
+    outputs = _column_blocks(y, widths)
 
     for segment in gemm_segments:
-        a = lora_a[segment.slot, : segment.rank]  # [r, H]
-        b = lora_b[segment.slot, :, : segment.rank]  # [O, r]
-        if segment.rows is not None:
-            y[segment.rows].addmm_(x[segment.rows] @ a.T, b.T)
-        else:
-            shrunk = x.index_select(0, segment.token_ids) @ a.T
-            y.index_add_(0, segment.token_ids, shrunk @ b.T)
+        xs = x[segment.rows] if segment.rows is not None else x.index_select(0, segment.token_ids)
+        # [n, columns]: slice i's ranks at columns i * R_max...; the padding between them is computed, unused.
+        shrunk = xs @ views.a_columns[segment.slot, :, : segment.columns]
+        for index, (lora_b, rank) in enumerate(zip(lora_b_slices, segment.ranks)):
+            if rank == 0:
+                continue
+            ranked = shrunk[:, index * max_rank : index * max_rank + rank]
+            b = lora_b[segment.slot, :, :rank]  # [O, r]
+            if segment.rows is not None:
+                outputs[index][segment.rows].addmm_(ranked, b.T)
+            else:
+                outputs[index].index_add_(0, segment.token_ids, ranked @ b.T)
 
     if bag is not None:
         xs = x if bag.token_ids is None else x.index_select(0, bag.token_ids)
         # torch.embedding_bag, not F.embedding_bag: the wrapper's checks cost ~20 us a call, more
         # than the lookup itself at decode sizes.
-        # shrunk[t, j] = sum_h x[t, h] * lora_a[s_t, j, h]; columns j >= r_t hold padding, never read.
+        # shrunk[t, i * R_max + j] = sum_h x[t, h] * lora_a_i[s_t, j, h]; columns j >= r_t unused.
         shrunk = torch.embedding_bag(
             views.a_rows, bag.shrink_rows, bag.shrink_offsets, False, _EMBEDDING_BAG_SUM, False, xs.reshape(-1)
-        )[0]
-        # delta[t] = sum_{j < r_t} shrunk[t, j] * lora_b[s_t, :, j]: a bag of exactly r_t rows.
-        delta = torch.embedding_bag(
-            views.b_rows,
-            bag.expand_rows,
-            bag.expand_offsets,
-            False,
-            _EMBEDDING_BAG_SUM,
-            False,
-            shrunk.view(-1).index_select(0, bag.shrunk_positions),
-        )[0]
-        if bag.token_ids is None:
-            y.add_(delta)
-        else:
-            y.index_add_(0, bag.token_ids, delta)
+        )[0].view(-1)
+        for output, b_rows, expand in zip(outputs, views.b_rows, bag.expand):
+            if expand is None:
+                continue
+            rows, offsets, positions = expand
+            # delta[t] = sum_{j < r_t} shrunk[t, i * R_max + j] * lora_b_i[s_t, :, j]: a bag of r_t rows.
+            delta = torch.embedding_bag(
+                b_rows, rows, offsets, False, _EMBEDDING_BAG_SUM, False, shrunk.index_select(0, positions)
+            )[0]
+            if bag.token_ids is None:
+                output.add_(delta)
+            else:
+                output.index_add_(0, bag.token_ids, delta)
 
 
-def _views(lora_a, lora_b) -> _ModuleViews:
-    # Keyed by object identity. An entry leaves when either tensor is freed, so it never keeps a
+def _column_blocks(y: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    blocks, offset = [], 0
+    for width in widths:
+        blocks.append(y[:, offset : offset + width])
+        offset += width
+    return blocks
+
+
+def _views(lora_a_slices, lora_b_slices) -> _GroupViews:
+    # Keyed by object identity. An entry leaves when any of its tensors is freed, so it never keeps a
     # caller's buffers alive and an id is never reused while its entry exists.
-    key = (id(lora_a), id(lora_b))
-    views = _module_views.get(key)
-    if views is not None and views.lora_a() is lora_a and views.lora_b() is lora_b:
+    key = tuple(map(id, lora_a_slices)) + tuple(map(id, lora_b_slices))
+    views = _group_views.get(key)
+    if views is not None and all(ref() is t for ref, t in zip(views.lora_a + views.lora_b,
+                                                               (*lora_a_slices, *lora_b_slices))):
         return views
-    num_slots, max_rank, hidden = lora_a.shape
-    rank_major = is_rank_major(lora_a, lora_b)
-    a_rows = lora_a.transpose(1, 2).view(num_slots * hidden, max_rank) if rank_major else None
-    b_rows = lora_b.transpose(1, 2).view(num_slots * max_rank, lora_b.shape[1]) if rank_major else None
-    views = _ModuleViews(weakref.ref(lora_a), weakref.ref(lora_b), rank_major, a_rows, b_rows)
-    _module_views[key] = views
-    weakref.finalize(lora_a, _module_views.pop, key, None)
-    weakref.finalize(lora_b, _module_views.pop, key, None)
+    num_slots, max_rank, hidden = lora_a_slices[0].shape
+    a_rows = shared_rank_major_rows(lora_a_slices)
+    b_rank_major = all(lora_b.transpose(1, 2).is_contiguous() for lora_b in lora_b_slices)
+    if a_rows is not None:
+        a_columns = a_rows.view(num_slots, hidden, -1)
+    elif len(lora_a_slices) == 1:
+        a_columns = lora_a_slices[0].transpose(1, 2)  # any layout: the GEMM route takes strides
+    else:
+        a_columns = None
+    if a_rows is None or not b_rank_major:
+        a_rows = b_rows = None
+    else:
+        b_rows = tuple(lora_b.transpose(1, 2).view(num_slots * max_rank, lora_b.shape[1]) for lora_b in lora_b_slices)
+    views = _GroupViews(
+        lora_a=tuple(weakref.ref(t) for t in lora_a_slices),
+        lora_b=tuple(weakref.ref(t) for t in lora_b_slices),
+        a_columns=a_columns,
+        a_rows=a_rows,
+        b_rows=b_rows,
+    )
+    _group_views[key] = views
+    for tensor in (*lora_a_slices, *lora_b_slices):
+        weakref.finalize(tensor, _group_views.pop, key, None)
     return views
 
 
-def _plan(meta: LoraBatchMeta, hidden: int, max_rank: int, rank_major: bool, ranks: list[int]):
+def _plan(meta: LoraBatchMeta, hidden: int, max_rank: int, bags_possible: bool, ranks: tuple):
+    num_slices = len(ranks)
     gemm_segments, bag_ids, bag_slots = [], [], []
     segments = zip(meta.active_slots, meta.segment_starts, meta.segment_counts, meta.segment_first_tokens)
     for slot, start, count, first_token in segments:
-        if ranks[slot] == 0:
-            continue  # this slot's adapter does not target the module
+        slot_ranks = tuple(slice_ranks[slot] for slice_ranks in ranks)
+        if not any(slot_ranks):
+            continue  # this slot's adapter targets none of the slices
         token_ids = meta.sorted_token_ids[start : start + count]
         consecutive = first_token >= 0
         gemm_threshold = GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE if consecutive else GEMM_MIN_TOKEN_FEATURES_GATHERED
-        if count * hidden >= gemm_threshold or not rank_major:
+        if count * hidden >= gemm_threshold or not bags_possible:
             rows = slice(first_token, first_token + count) if consecutive else None
-            gemm_segments.append(_GemmSegment(ranks[slot], slot, rows, token_ids))
+            columns = max(index * max_rank + rank for index, rank in enumerate(slot_ranks) if rank)
+            gemm_segments.append(_GemmSegment(slot, slot_ranks, columns, rows, token_ids))
         else:
             bag_ids.append(token_ids)
             bag_slots.append(torch.full((count,), slot, dtype=torch.int64, device=meta.device))
@@ -149,25 +198,31 @@ def _plan(meta: LoraBatchMeta, hidden: int, max_rank: int, rank_major: bool, ran
     token_ids, order = torch.sort(torch.cat(bag_ids))
     slots = torch.cat(bag_slots)[order]
     is_whole_batch = token_ids.shape[0] == meta.num_tokens
-    return gemm_segments, _bag_plan(None if is_whole_batch else token_ids, slots, hidden, max_rank, ranks)
+    return gemm_segments, _bag_plan(None if is_whole_batch else token_ids, slots, hidden, max_rank, num_slices,
+                                    ranks)
 
 
-def _bag_plan(token_ids, slots: torch.Tensor, hidden: int, max_rank: int, ranks: list[int]) -> _BagPlan:
+def _bag_plan(token_ids, slots: torch.Tensor, hidden: int, max_rank: int, num_slices: int, ranks: tuple) -> _BagPlan:
     device = slots.device
     num_tokens = slots.shape[0]
     features = torch.arange(hidden, dtype=torch.int64, device=device)
     shrink_rows = (slots[:, None] * hidden + features).reshape(-1)
     shrink_offsets = torch.arange(0, num_tokens * hidden, hidden, dtype=torch.int64, device=device)
+    expand = tuple(_expand_plan(slots, torch.tensor(slice_ranks, dtype=torch.int64, device=device), max_rank,
+                                index * max_rank, num_slices * max_rank)
+                   for index, slice_ranks in enumerate(ranks))
+    return _BagPlan(token_ids, shrink_rows, shrink_offsets, expand)
 
-    token_ranks = torch.tensor(ranks, dtype=torch.int64, device=device)[slots]
-    expand_offsets = torch.cumsum(token_ranks, 0) - token_ranks
-    token_of_entry = torch.repeat_interleave(torch.arange(num_tokens, device=device), token_ranks)
-    rank_of_entry = torch.arange(token_of_entry.shape[0], device=device) - expand_offsets[token_of_entry]
-    return _BagPlan(
-        token_ids=token_ids,
-        shrink_rows=shrink_rows,
-        shrink_offsets=shrink_offsets,
-        expand_rows=slots[token_of_entry] * max_rank + rank_of_entry,
-        expand_offsets=expand_offsets,
-        shrunk_positions=token_of_entry * max_rank + rank_of_entry,
-    )
+
+def _expand_plan(slots, slot_ranks, max_rank: int, column: int, shrunk_width: int):
+    """One slice's expand bags: token t's bag is the first r_t rows of its slot in the slice's lora_b, weighted
+    by the slice's columns of shrunk. None when no token has a rank here."""
+    token_ranks = slot_ranks[slots]
+    if not bool(token_ranks.any()):
+        return None
+    offsets = torch.cumsum(token_ranks, 0) - token_ranks
+    token_of_entry = torch.repeat_interleave(torch.arange(slots.shape[0], device=slots.device), token_ranks)
+    rank_of_entry = torch.arange(token_of_entry.shape[0], device=slots.device) - offsets[token_of_entry]
+    rows = slots[token_of_entry] * max_rank + rank_of_entry
+    positions = token_of_entry * shrunk_width + column + rank_of_entry
+    return rows, offsets, positions

@@ -41,7 +41,8 @@ NUM_ADAPTERS = 4
 OPTIONS = {"entryPoint": "handler.model", "dtype": "fp32", "enable_lora": "true", "max_loras": str(NUM_ADAPTERS),
            "max_cpu_loras": str(NUM_ADAPTERS), "max_lora_rank": "16", "max_model_len": "512",
            "cpu_kv_cache_mb": "512", "max_rolling_batch_size": "32"}
-MODES = {"djl rolling batch": {"rolling_batch": "auto"}, "djl async": {"rolling_batch": "disable", "async_mode": "true"}}
+MODES = {"djl rolling batch": {"rolling_batch": "auto"},
+         "djl async": {"rolling_batch": "disable", "async_mode": "true"}}
 
 
 def model_directory(root: Path, base: Path, adapters: list[Path], options: dict[str, str]) -> Path:
@@ -145,7 +146,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        env_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+        env_policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE (the handler package's default)")
         container = start_container(model_directory(scratch / "container", base, adapters, OPTIONS), args.port)
         front_ends = {}
         try:

@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,6 +28,7 @@ from benchlib import (  # noqa: E402
     measure_memory_bandwidth,
     model_weight_bytes,
     print_table,
+    resolve_device,
     workload,
 )
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -38,7 +42,7 @@ def transformers_throughput(model, requests, batch_size: int, pad_id: int) -> fl
     started = time.perf_counter()
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
-        ids, mask = left_padded_batch(batch, pad_id)
+        ids, mask = left_padded_batch(batch, pad_id, model.device)
         model.generate(ids, attention_mask=mask, max_new_tokens=max(r.max_new_tokens for r in batch),
                        do_sample=False, pad_token_id=pad_id)
         useful_tokens += sum(r.max_new_tokens for r in batch)
@@ -57,7 +61,7 @@ def engine_decode_step_seconds(engine: Engine, prompt_ids, new_tokens: int) -> f
 
 
 def transformers_decode_step_seconds(model, prompt_ids, new_tokens: int, pad_id: int) -> float:
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
 
     def timed(count: int) -> float:
         started = time.perf_counter()
@@ -74,12 +78,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best is kept")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="both engines' device")
     args = parser.parse_args()
+    device = resolve_device(args.device)
 
     model_dir = bench_model_dir()
     requests = workload(args.requests)
-    engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=args.batch_size)
-    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=args.batch_size, device=device)
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
     reference.generation_config.eos_token_id = None
     pad_id = reference.config.pad_token_id
 
@@ -97,10 +103,10 @@ def main() -> None:
         theirs = max(theirs, transformers_throughput(reference, requests, args.batch_size, pad_id))
         our_step = min(our_step, engine_decode_step_seconds(engine, probe, args.decode_tokens))
         their_step = min(their_step, transformers_decode_step_seconds(reference, probe, args.decode_tokens, pad_id))
-    bandwidth = measure_memory_bandwidth()
+    bandwidth = measure_memory_bandwidth(device=device)
     floor = model_weight_bytes(model_dir) / bandwidth
 
-    print(f"# bench_engine: {machine_description()}")
+    print(f"# bench_engine: {machine_description(device)}, on {device}")
     print(f"# model {model_dir.name}: {model_weight_bytes(model_dir) / 1e6:.0f} MB fp32 weights; "
           f"{args.requests} requests, {tokens} generated tokens, batch size {args.batch_size}; "
           f"memory bandwidth {bandwidth / 1e9:.1f} GB/s; best of {args.repeats} alternating runs")

@@ -19,6 +19,9 @@ import threading
 import time
 from pathlib import Path
 
+import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

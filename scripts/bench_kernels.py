@@ -20,6 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+
+# isort: split
 import torch
 import torch.nn.functional as F
 

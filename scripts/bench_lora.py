@@ -19,6 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,13 +31,16 @@ from benchlib import (  # noqa: E402
     engine_throughput,
     left_padded_batch,
     machine_description,
+    measure_memory_bandwidth,
     print_table,
+    resolve_device,
     workload,
 )
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from handler import Engine, SamplingParams  # noqa: E402
+from handler.lora.peft_adapter import SERVABLE_MODULES  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -78,14 +84,14 @@ def zipf_choices(count: int, num_adapters: int, seed: int = 1) -> list[int]:
     return rng.choices(range(num_adapters), weights=weights, k=count)
 
 
-def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batch_size: int) -> float:
+def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batch_size: int, device: str) -> float:
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_paths[0]), adapter_name="a0")
     for index, path in enumerate(adapter_paths[1:], start=1):
         model.load_adapter(str(path), adapter_name=f"a{index}")
-    model.eval()
+    model.eval().to(device)
     pad = base.config.pad_token_id
     model.generation_config.eos_token_id = None
     useful = 0
@@ -93,12 +99,52 @@ def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batc
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
         names = [f"a{choices[start + i]}" for i in range(len(batch))]
-        ids, mask = left_padded_batch(batch, pad)
+        ids, mask = left_padded_batch(batch, pad, device)
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, do_sample=False,
                            max_new_tokens=max(r.max_new_tokens for r in batch), pad_token_id=pad)
         useful += sum(r.max_new_tokens for r in batch)
     return useful / (time.perf_counter() - started)
+
+
+class LoraTraffic:
+    """What the LoRA ops of each step must at least read and compute, counted while the engine runs: every
+    adapter used in the step is read once (lora_a at R_max, as its rows are stored, lora_b at the real rank)
+    and every token's delta is computed (the shrink at R_max, as the CPU path computes it)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.steps = self.bytes = self.flops = 0
+        slots = engine.lora.slots
+        self.host_ranks = slots.host_ranks  # [layers, modules, slots]
+        self.max_rank = slots.buffers[0]["q_proj"][0].shape[1]
+        shapes = engine.model.lora_module_shapes()
+        self.in_features = torch.tensor([shapes[m][0] for m in SERVABLE_MODULES])[None, :, None]
+        self.out_features = torch.tensor([shapes[m][1] for m in SERVABLE_MODULES])[None, :, None]
+        self.element = torch.empty((), dtype=engine.dtype).element_size()
+        self._original = engine.lora.step_applier
+        engine.lora.step_applier = self._counting_step_applier
+
+    def close(self) -> None:
+        self.engine.lora.step_applier = self._original
+
+    def _counting_step_applier(self, step):
+        applier = self._original(step)
+        token_slots = [self.engine.lora._slot_for(seq) for seq in step.decode_seqs]
+        for seq in step.prefill_seqs:
+            token_slots += [self.engine.lora._slot_for(seq)] * seq.num_tokens
+        used = torch.tensor(sorted({slot for slot in token_slots if slot >= 0}), dtype=torch.long)
+        if used.numel():
+            ranks = self.host_ranks[:, :, used].long()  # [layers, modules, used slots]
+            # Weights per (layer, module, slot): lora_a's rows at R_max where the module is targeted, lora_b's
+            # columns at the real rank.
+            weights = (ranks > 0).long() * self.in_features * self.max_rank + ranks * self.out_features
+            self.bytes += int(weights.sum()) * self.element
+            with_adapter = torch.tensor([slot for slot in token_slots if slot >= 0])
+            tokens = torch.bincount(with_adapter, minlength=self.host_ranks.shape[2])[used]
+            self.flops += int((2 * weights.sum(dim=(0, 1)) * tokens).sum())
+        self.steps += 1
+        return applier
 
 
 def time_to_first_token(engine: Engine, prompt_ids, adapter: str) -> float:
@@ -119,16 +165,19 @@ def main() -> None:
     parser.add_argument("--max-loras", type=int, default=32)
     parser.add_argument("--max-cpu-loras", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="alternating base/LoRA runs; the best is kept")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the engine's and PEFT's")
     args = parser.parse_args()
+    device = resolve_device(args.device)
 
     model_dir = bench_model_dir()
     requests = workload(args.requests)
     all_paths = make_adapters(model_dir, max(args.adapters))
-    engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=args.batch_size, enable_lora=True,
+    engine = Engine(model_dir, dtype="float32", device=device, max_rolling_batch_size=args.batch_size, enable_lora=True,
                     max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=16)
     engine.generate([requests[0].prompt_ids], SamplingParams(max_new_tokens=4, ignore_eos=True))
 
-    rows = []
+    bandwidth = measure_memory_bandwidth(device=device)
+    rows, floors = [], []
     for count in args.adapters:
         for name in [info.name for info in engine.list_adapters()]:
             engine.unregister_adapter(name)
@@ -140,10 +189,17 @@ def main() -> None:
         # on disk), as a server's first minutes would.
         base_throughput = lora_throughput = 0.0
         for _ in range(args.repeats):
-            lora_run, _ = engine_throughput(engine, requests, [f"a{c}" for c in choices])
+            lora_run, tokens = engine_throughput(engine, requests, [f"a{c}" for c in choices])
             lora_throughput = max(lora_throughput, lora_run)
             base_throughput = max(base_throughput, engine_throughput(engine, requests)[0])
-        peft_throughput = (peft_run(model_dir, all_paths[:count], requests, choices, args.batch_size)
+        traffic = LoraTraffic(engine)
+        engine_throughput(engine, requests, [f"a{c}" for c in choices])
+        traffic.close()
+        overhead_ms = (tokens / lora_throughput - tokens / base_throughput) / traffic.steps * 1e3
+        floors.append([count, traffic.bytes / traffic.steps / 1e6, traffic.flops / traffic.steps / 1e9,
+                       traffic.bytes / traffic.steps / bandwidth * 1e3, overhead_ms,
+                       overhead_ms / (traffic.bytes / traffic.steps / bandwidth * 1e3)])
+        peft_throughput = (peft_run(model_dir, all_paths[:count], requests, choices, args.batch_size, device)
                            if count <= args.peft_max else None)
         rows.append([count, len(set(choices)), lora_throughput, base_throughput, lora_throughput / base_throughput,
                      peft_throughput if peft_throughput else "skipped",
@@ -157,7 +213,7 @@ def main() -> None:
     cold = time_to_first_token(engine, probe, "cold-probe")
     warm = time_to_first_token(engine, probe, resident)
 
-    print(f"# bench_lora: {machine_description()}")
+    print(f"# bench_lora: {machine_description(device)}, on {device}")
     print(f"# {args.requests} requests, batch size {args.batch_size}, max_loras {args.max_loras}, "
           f"max_cpu_loras {args.max_cpu_loras}; adapters rank 8/16 on all 7 projections, Zipf(1.0); "
           f"best of {args.repeats} alternating runs")
@@ -166,6 +222,12 @@ def main() -> None:
     print()
     print_table(["time to first token", "ms"], [["adapter on disk only", cold * 1e3],
                                                  ["adapter resident in a slot", warm * 1e3]])
+    print()
+    print(f"# The LoRA ops' floor per step: the adapters a step uses, read once at {bandwidth / 1e9:.1f} GB/s "
+          "(this run's copy bandwidth), next to the measured LoRA cost per step (LoRA run time less base run "
+          "time, over the LoRA run's steps)")
+    print_table(["adapters N", "adapter MB/step", "LoRA GFLOP/step", "floor ms/step", "measured ms/step",
+                 "measured / floor"], floors)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+
+# isort: split
 import torch
 
 from container.demo.random_model import save_random_model
@@ -48,12 +51,21 @@ def workload(num_requests: int = 64, min_len: int = 16, max_len: int = 128, seed
     ]
 
 
-def left_padded_batch(batch: list[Request], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded_batch(batch: list[Request], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask of a static batch for generate(), prompts left-padded to the longest."""
     width = max(len(r.prompt_ids) for r in batch)
-    ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
-    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+    ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch], device=device)
     return ids, mask
+
+
+def resolve_device(name: str) -> str:
+    """--device auto|cpu|cuda: auto is CUDA where torch sees a GPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU is available on this machine")
+    return name
 
 
 def engine_throughput(engine, requests: list[Request], adapters=None) -> tuple[float, int]:
@@ -68,14 +80,18 @@ def engine_throughput(engine, requests: list[Request], adapters=None) -> tuple[f
     return tokens / elapsed, tokens
 
 
-def measure_memory_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
-    """Bytes per second of a large tensor copy (read + write), best of a few runs."""
-    source = torch.ones(size_mb * 1024 * 1024 // 4)
+def measure_memory_bandwidth(size_mb: int = 512, repeats: int = 5, device="cpu") -> float:
+    """Bytes per second of a large tensor copy (read + write) on `device`, best of a few runs."""
+    source = torch.ones(size_mb * 1024 * 1024 // 4, device=device)
     target = torch.empty_like(source)
     best = float("inf")
     for _ in range(repeats):
+        if source.is_cuda:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         target.copy_(source)
+        if source.is_cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
     return 2 * source.numel() * 4 / best
 
@@ -84,8 +100,10 @@ def model_weight_bytes(model_dir: Path) -> int:
     return sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
 
 
-def machine_description() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+def machine_description(device: str = "cpu") -> str:
+    gpu = f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
+    threads = torch.get_num_threads()
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {threads} threads{gpu}"
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:

@@ -28,15 +28,9 @@ class DeviceSlots:
     ) -> None:
         self.num_slots = num_slots
         self.device = device
-        # buffers[layer][module] = (lora_a [S, R, in], lora_b [S, out, R])
-        self.buffers = [
-            {
-                module: kernels.allocate_lora_buffers(num_slots, max_rank, *module_shapes[module], dtype=dtype,
-                                                      device=device)
-                for module in SERVABLE_MODULES
-            }
-            for _ in range(num_layers)
-        ]
+        # buffers[layer][module] = (lora_a [S, R, in], lora_b [S, out, R]); the modules of a projection group
+        # (q/k/v, gate/up) share one lora_a buffer, so that the CPU path shrinks them with one call.
+        self.buffers = [_layer_buffers(num_slots, max_rank, module_shapes, dtype, device) for _ in range(num_layers)]
         # ranks[layer, module, slot]: the adapter's real rank there; 0 = slot empty or module not targeted.
         self.ranks = torch.zeros(num_layers, len(SERVABLE_MODULES), num_slots, dtype=torch.int32, device=device)
         # The same on the host, so that planning a step never reads back from the device.
@@ -79,3 +73,14 @@ class DeviceSlots:
         used = self.host_ranks[:, :, sorted(slots)].amax(dim=(0, 2)).tolist()
         targeted = {module for module, rank in zip(SERVABLE_MODULES, used) if rank > 0}
         return {group for group, modules in LORA_GROUPS.items() if targeted.intersection(modules)}
+
+
+def _layer_buffers(num_slots, max_rank, module_shapes, dtype, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    buffers = {}
+    for modules in LORA_GROUPS.values():
+        in_features = module_shapes[modules[0]][0]
+        lora_a, lora_b = kernels.allocate_lora_group_buffers(
+            num_slots, max_rank, in_features, tuple(module_shapes[m][1] for m in modules), dtype=dtype, device=device)
+        buffers.update({module: (a, b) for module, a, b in zip(modules, lora_a, lora_b)})
+    return buffers
+

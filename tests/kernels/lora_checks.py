@@ -38,6 +38,7 @@ def torch_cases() -> list[Case]:
                 dtype=(F32, F16, BF16)[index % 3],
                 no_adapter_tokens=index % 2 == 1,
                 rank_major=index % 5 != 0,
+                shared_a=index % 4 == 0 and index % 5 != 0,
             )
         )
     return cases
@@ -59,6 +60,7 @@ def triton_cases(on_gpu: bool) -> list[Case]:
         Case(133, 64, (64,), "64", "same"),
         Case(7, 64, (128, 64, 64), "mixed", "uniform", no_adapter_tokens=True),
         Case(133, 128, (96, 64, 64), "mixed", "zipf", dtype=F16),
+        Case(7, 64, (64, 96), "mixed", "zipf", no_adapter_tokens=True, shared_a=True),
         Case(7, 96, (64,), "mixed", "zipf", rank_major=False),
         Case(133, 64, (64, 96), "mixed", "huge_segment", no_adapter_tokens=True, rank_major=False),
     ]

@@ -22,9 +22,12 @@ class Case:
     max_rank: int = 64
     num_slots: int = 8
     rank_major: bool = True
+    # The slices' lora_a as the column blocks of one buffer (allocate_lora_group_buffers), as the engine
+    # allocates fused projections; rank-major then.
+    shared_a: bool = False
 
     def __str__(self):
-        layout = "rank_major" if self.rank_major else "natural"
+        layout = "shared_a" if self.shared_a else "rank_major" if self.rank_major else "natural"
         dtype = str(self.dtype).removeprefix("torch.")
         none = "+none" if self.no_adapter_tokens else ""
         return (
@@ -50,11 +53,14 @@ def make_batch(case: Case, device="cpu", seed=0) -> Batch:
     num_slots = max(case.num_slots, case.tokens) if case.popularity == "distinct" else case.num_slots
     token_slots = _token_slots(case.tokens, num_slots, case.popularity, case.no_adapter_tokens, rng)
     lora_a, lora_b, slot_ranks = [], [], []
-    for out_features in case.out_features:
+    shared = kernels.allocate_lora_group_buffers(num_slots, case.max_rank, case.hidden, case.out_features,
+                                                 dtype=case.dtype, device=device) if case.shared_a else None
+    for index, out_features in enumerate(case.out_features):
         ranks = _slot_ranks(case.ranks, num_slots, case.max_rank, rng)
-        a, b = _slot_buffers(num_slots, case.max_rank, case.hidden, out_features, ranks, case, generator)
-        lora_a.append(a.to(device))
-        lora_b.append(b.to(device))
+        buffers = (shared[0][index], shared[1][index]) if shared else None
+        a, b = _slot_buffers(num_slots, case.max_rank, case.hidden, out_features, ranks, case, generator, buffers)
+        lora_a.append(a if shared else a.to(device))
+        lora_b.append(b if shared else b.to(device))
         slot_ranks.append(torch.tensor(ranks, dtype=torch.int64, device=device))
     x = torch.randn(case.tokens, case.hidden, generator=generator).to(device, case.dtype)
     y = torch.randn(case.tokens, sum(case.out_features), generator=generator).to(device, case.dtype)
@@ -89,8 +95,10 @@ def _slot_ranks(ranks: str, num_slots, max_rank, rng) -> list[int]:
     return [int(ranks)] * num_slots
 
 
-def _slot_buffers(num_slots, max_rank, hidden, out_features, ranks, case, generator):
-    if case.rank_major:
+def _slot_buffers(num_slots, max_rank, hidden, out_features, ranks, case, generator, buffers=None):
+    if buffers is not None:
+        lora_a, lora_b = buffers
+    elif case.rank_major:
         lora_a, lora_b = kernels.allocate_lora_buffers(
             num_slots, max_rank, hidden, out_features, dtype=case.dtype, device="cpu"
         )
@@ -101,8 +109,8 @@ def _slot_buffers(num_slots, max_rank, hidden, out_features, ranks, case, genera
     lora_a.fill_(float("nan"))
     lora_b.fill_(float("nan"))
     for slot, rank in enumerate(ranks):
-        lora_a[slot, :rank] = torch.randn(rank, hidden, generator=generator) / hidden**0.5
-        lora_b[slot, :, :rank] = torch.randn(out_features, rank, generator=generator) / rank**0.5
+        lora_a[slot, :rank] = (torch.randn(rank, hidden, generator=generator) / hidden**0.5).to(lora_a.device)
+        lora_b[slot, :, :rank] = (torch.randn(out_features, rank, generator=generator) / rank**0.5).to(lora_b.device)
     return lora_a, lora_b
 
 

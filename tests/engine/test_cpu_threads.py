@@ -1,0 +1,84 @@
+"""The engine's CPU thread count follows the cores other processes leave free (handler/cpu_threads.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import handler
+from handler import cpu_threads
+from handler.config import Config
+from handler.cpu_threads import CpuThreads
+from handler.errors import ConfigError
+
+
+def tuner(cores: int, threads: int) -> CpuThreads:
+    tuned = CpuThreads.__new__(CpuThreads)
+    tuned.cores, tuned.threads, tuned.max_threads = cores, threads, cores
+    return tuned
+
+
+@pytest.mark.parametrize("cores,threads,others,wanted", [
+    (2, 2, 0.0, 2),  # quiet
+    (2, 2, 0.5, 2),  # half a core taken: not worth a thread yet
+    (2, 2, 1.0, 1),  # one core busy: give it up
+    (2, 1, 1.0, 1),  # still busy: keep one
+    (2, 1, 0.5, 1),  # hysteresis: not back yet
+    (2, 1, 0.2, 2),  # the other process is gone
+    (2, 1, 2.0, 1),  # never below one
+    (8, 8, 3.2, 5),
+    (8, 5, 3.0, 5),
+    (8, 5, 2.5, 5),  # six threads would not fit beside 2.5 busy cores
+    (8, 5, 2.3, 6),  # back one at a time
+])
+def test_threads_follow_the_cores_left_free(cores, threads, others, wanted):
+    assert tuner(cores, threads).wanted_threads(others) == wanted
+
+
+def test_the_engine_step_sets_torch_threads_from_what_others_used(monkeypatch):
+    # (wall seconds, machine busy seconds, own seconds): over 1 s the machine was busy 1.9 core-seconds, this
+    # process 0.9, so others held a whole core.
+    samples = iter([(0.0, 10.0, 5.0), (1.0, 11.9, 5.9), (2.0, 12.1, 6.0)])
+    monkeypatch.setattr(cpu_threads, "_sample", lambda: next(samples))
+    monkeypatch.setattr(cpu_threads, "CHECK_INTERVAL_SECONDS", 0.0)
+    set_to = [2]  # torch's count, as torch.set_num_threads leaves it
+    monkeypatch.setattr(cpu_threads.torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(cpu_threads.torch, "get_num_threads", lambda: set_to[-1])
+    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    threads = CpuThreads()
+    threads.maybe_adjust()
+    assert set_to == [2, 1]
+    threads.maybe_adjust()  # the second interval: others used 0.1 of a core
+    assert set_to == [2, 1, 2]
+
+
+def test_the_cpu_threads_option():
+    assert Config.from_options(cpu_threads="4").cpu_threads == "4"
+    assert Config.from_options().cpu_threads == "auto"
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        Config.from_options(cpu_threads="many")
+
+
+def openmp_settings_after(imports: str) -> dict:
+    code = (f"{imports}\nimport json, os, handler\n"
+            "print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), "
+            "handler.OPENMP_WAIT_CHOSEN]))")
+    env = {name: value for name, value in os.environ.items() if name not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_importing_handler_first_makes_openmp_spin_briefly_then_sleep():
+    assert openmp_settings_after("") == ["PASSIVE", handler.GOMP_SPINCOUNT, True]
+
+
+def test_torch_imported_first_is_noticed():
+    # Too late to choose for OpenMP, which read its environment when torch loaded it: the engine warns.
+    assert openmp_settings_after("import torch") == [None, None, False]
