@@ -42,6 +42,8 @@ DTYPE_NAMES = {
     "float": "float32",
 }
 OUTPUT_FORMATTERS = {"json", "jsonlines", "sse"}
+# tensor_parallel_degree=max: every visible GPU (the engine counts them); on a CPU, 1.
+TENSOR_PARALLEL_MAX = -1
 # Keys of serving.properties outside the option.* namespace that LMI defines.
 TOP_LEVEL_KEYS = {"engine"}
 
@@ -54,6 +56,7 @@ class Config:
     engine: str = "Python"
     rolling_batch: str = "auto"
     max_rolling_batch_size: int = 32
+    # Ranks the model is sharded over (handler/tp/); TENSOR_PARALLEL_MAX ("max"): every visible GPU, 1 on a CPU.
     tensor_parallel_degree: int = 1
     dtype: str = "auto"
     enable_lora: bool = False
@@ -91,6 +94,8 @@ class Config:
     # torch's threads on a CPU: "auto" follows the cores other processes leave free, up to torch's own count
     # (handler/cpu_threads.py); a number fixes it.
     cpu_threads: str = "auto"
+    # Seconds a tensor-parallel collective may wait for a peer before the engine gives up on it (a hung rank).
+    tensor_parallel_timeout: int = 120
 
     def __post_init__(self) -> None:
         self._validate()
@@ -172,7 +177,10 @@ class Config:
             raise ConfigError("output_formatter", self.output_formatter, f"expected one of {sorted(OUTPUT_FORMATTERS)}")
         _require_positive(self, "max_rolling_batch_size", "max_loras", "max_lora_rank", "block_size",
                           "max_num_batched_tokens", "cpu_kv_cache_mb", "max_archive_bytes",
-                          "max_adapter_wait_steps", "tensor_parallel_degree")
+                          "max_adapter_wait_steps", "tensor_parallel_timeout")
+        if self.tensor_parallel_degree <= 0 and self.tensor_parallel_degree != TENSOR_PARALLEL_MAX:
+            raise ConfigError("tensor_parallel_degree", self.tensor_parallel_degree,
+                              "must be a positive integer or max")
         for name in ("max_cpu_loras", "max_model_len", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -211,8 +219,7 @@ def _coerce(key: str, raw: Any, spec: dataclasses.Field) -> Any:
     if raw is None:
         return None
     if key == "tensor_parallel_degree" and isinstance(raw, str) and raw.strip().lower() == "max":
-        # LMI's "max" means every visible device; this engine runs on one device.
-        return 1
+        return TENSOR_PARALLEL_MAX  # LMI's "max": every visible device, resolved by the engine
     try:
         if annotation == "bool":
             if isinstance(raw, bool):

@@ -7,6 +7,7 @@ thread driving `step()` picks up at the start of its next step. Everything else 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -19,7 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 import handler
 from handler.block_manager import BlockManager
-from handler.config import Config
+from handler.config import TENSOR_PARALLEL_MAX, Config
 from handler.cpu_threads import CpuThreads
 from handler.errors import AdapterError, ConfigError, InvalidRequestError, LoraNotEnabledError, ModelLoadError
 from handler.lora.manager import AdapterInfo, LoraManager
@@ -39,6 +40,10 @@ from handler.sequence import (
     TokenOutput,
 )
 from handler.structured_output import StructuredOutputCompiler
+from handler.tp.lora import RowParallelLora
+from handler.tp.plan import ModelShape, ShardingPlan
+from handler.tp.protocol import WorkerInit
+from handler.tp.ranks import RankGroup
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +85,7 @@ class Engine:
             raise TypeError("pass either a Config or model_dir and options, not both")
         self.config = config
         self.device = _resolve_device(config)
-        self.dtype = _resolve_dtype(config, self.device)
+        self.dtype = resolve_dtype(config, self.device)
         model_dir = Path(config.model_id)
         if config.model_id.startswith("s3://"):
             raise ConfigError("model_id", config.model_id, "the engine loads a local directory; the container "
@@ -91,38 +96,23 @@ class Engine:
 
         started = time.perf_counter()
         self.hf_config = load_hf_config(model_dir, config.trust_remote_code)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=config.trust_remote_code)
-        self.model = load_model(model_dir, self.hf_config, self.dtype, self.device)
-        self.max_model_len = _resolve_max_model_len(config, self.model.max_position_embeddings)
-        self.eos_token_ids = _eos_token_ids(model_dir, self.hf_config, self.tokenizer)
-
-        self.lora: LoraManager | None = None
-        if config.enable_lora:
-            self.lora = LoraManager(
-                BaseModelShapes(self.model.num_layers, self.model.lora_module_shapes(), self.hf_config.model_type),
-                max_loras=config.max_loras,
-                max_cpu_loras=config.cpu_lora_capacity,
-                max_rank=config.max_lora_rank,
-                max_wait_steps=config.max_adapter_wait_steps,
-                dtype=self.dtype,
-                device=self.device,
-            )
-        num_blocks = config.num_kv_blocks or self._auto_num_kv_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size,
-                                          enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.block_manager,
-            max_running=config.max_rolling_batch_size,
-            # Every running sequence's decode fits, whatever the setting.
-            max_batched_tokens=max(config.max_num_batched_tokens, config.max_rolling_batch_size),
-            gate=self.lora,
-            chunked_prefill=config.enable_chunked_prefill,
-        )
-        self.runner = ModelRunner(self.model, self.block_manager)
-        self._cpu_threads = _cpu_threads(config, self.device)
+        devices = _tensor_parallel_devices(config, self.device)
+        self.tensor_parallel_degree = len(devices)
+        # Refused here, before any rank starts, when the heads or features do not split over the ranks.
+        plan = ShardingPlan(ModelShape.from_hf_config(self.hf_config), 0, len(devices))
+        self.ranks: RankGroup | None = None
+        if len(devices) > 1:
+            self.ranks = RankGroup(config, len(devices), devices, config.tensor_parallel_timeout,
+                                   _cpu_threads_per_rank(config, len(devices)) if self.device.type == "cpu" else None)
+        try:
+            self._load(config, model_dir, plan)
+        except BaseException:
+            self.close()
+            raise
         logger.info(
-            "engine ready in %.1fs: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
-            time.perf_counter() - started, self.hf_config.model_type, self.device, self.dtype, num_blocks,
+            "engine ready in %.1fs: %s on %s (%s)%s, %d KV blocks of %d tokens, max_model_len %d",
+            time.perf_counter() - started, self.hf_config.model_type, self.device, self.dtype,
+            f", tensor parallel over {len(devices)} ranks" if self.ranks else "", self.block_manager.num_blocks,
             config.block_size, self.max_model_len,
         )
 
@@ -146,6 +136,49 @@ class Engine:
         self._chunked_steps = 0
         if self.lora is not None and adapters_from_model_dir:
             self._register_model_dir_adapters()
+
+    def _load(self, config: Config, model_dir: Path, plan: ShardingPlan) -> None:
+        """The model (this rank's shard), tokenizer, adapter manager, KV cache and runner."""
+        ranks = self.ranks
+        comm = ranks.comm if ranks is not None else None
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=config.trust_remote_code)
+        self.model = load_model(model_dir, self.hf_config, self.dtype, self.device, plan, comm)
+        if ranks is not None:
+            ranks.wait_for("loaded")
+        self.max_model_len = _resolve_max_model_len(config, self.model.max_position_embeddings)
+        self.eos_token_ids = _eos_token_ids(model_dir, self.hf_config, self.tokenizer)
+
+        self.lora: LoraManager | None = None
+        if config.enable_lora:
+            self.lora = LoraManager(
+                BaseModelShapes(self.model.num_layers, self.model.lora_module_shapes(), self.hf_config.model_type),
+                max_loras=config.max_loras,
+                max_cpu_loras=config.cpu_lora_capacity,
+                max_rank=config.max_lora_rank,
+                max_wait_steps=config.max_adapter_wait_steps,
+                dtype=self.dtype,
+                device=self.device,
+                shard=plan if ranks is not None else None,
+                row_parallel=RowParallelLora(comm, plan.hidden_columns, config.max_loras, config.max_lora_rank,
+                                             self.dtype, self.device) if ranks is not None else None,
+            )
+        # Per rank: every rank holds its KV heads of the same blocks.
+        num_blocks = config.num_kv_blocks or self._auto_num_kv_blocks()
+        if ranks is not None:
+            ranks.send(WorkerInit(num_kv_blocks=num_blocks))
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_running=config.max_rolling_batch_size,
+            # Every running sequence's decode fits, whatever the setting.
+            max_batched_tokens=max(config.max_num_batched_tokens, config.max_rolling_batch_size),
+            gate=self.lora,
+            chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.runner = ModelRunner(self.model, self.block_manager, ranks,
+                                  self.lora.slots if self.lora is not None else None)
+        self._cpu_threads = _cpu_threads(config, self.device, plan.world_size)
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -227,6 +260,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit queued requests, run one forward pass, and report every request that progressed."""
         outputs: list[RequestOutput] = []
+        self.check_health()
         if self._cpu_threads is not None:
             self._cpu_threads.maybe_adjust()
         self._take_queued(outputs)
@@ -249,6 +283,9 @@ class Engine:
             lora_step = self.lora.step_applier(step) if self.lora is not None else None
             sampled = self.runner.execute(step, lora_step)
         except Exception as error:  # a failed forward must not take the engine (or other steps) down
+            if self.ranks is not None:
+                # ...except with tensor parallelism: the ranks may now disagree on where they are.
+                raise self.ranks.failure_in_step(error) from error
             failed = step.seqs + [child for children in step.forks.values() for child in children]
             logger.exception("forward pass failed for %d sequences", len(failed))
             for seq in failed:
@@ -321,6 +358,23 @@ class Engine:
                                          finish_reason=reason, error=error, index=each.index))
         seq.forks = []
         return outputs
+
+    # ---- health and shutdown ------------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        """Raise RankFailedError, naming the rank, once a tensor-parallel rank has died; the engine can then
+        no longer step. Cheap (an exit-status check): the engine loop calls it while idle."""
+        if self.ranks is not None:
+            self.ranks.check_alive()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and the adapter loaders. The engine cannot step afterwards."""
+        ranks, self.ranks = getattr(self, "ranks", None), None
+        if ranks is not None:
+            ranks.close()
+        lora = getattr(self, "lora", None)
+        if lora is not None:
+            lora.close()
 
     # ---- offline convenience ------------------------------------------------------------------------
 
@@ -417,15 +471,7 @@ class Engine:
 
 
 def _resolve_device(config: Config) -> torch.device:
-    if config.tensor_parallel_degree > 1:
-        visible = torch.cuda.device_count()
-        if config.tensor_parallel_degree > visible:
-            raise ConfigError(
-                "tensor_parallel_degree", config.tensor_parallel_degree,
-                f"asks for {config.tensor_parallel_degree} GPUs but {visible} are visible",
-            )
-        raise ConfigError("tensor_parallel_degree", config.tensor_parallel_degree,
-                          "tensor parallelism is not supported: this engine runs on one device")
+    """Rank 0's device (with tensor parallelism rank i uses the i-th device from there)."""
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -433,21 +479,60 @@ def _resolve_device(config: Config) -> torch.device:
     return torch.device(config.device)
 
 
-def _cpu_threads(config: Config, device: torch.device) -> CpuThreads | None:
-    """The adaptive thread count for a CPU engine with cpu_threads=auto; a fixed count is set here once."""
+def _tensor_parallel_devices(config: Config, first: torch.device) -> list[torch.device]:
+    """One device per rank. On CUDA rank i uses cuda:(first + i), so N may not exceed the GPUs visible from
+    the first (DJL's device_id); `max` takes them all. On a CPU every rank shares the machine's memory and
+    gets cores / N threads: N may be up to the CPU's cores (one thread each at least), and `max` is 1 (more
+    ranks than one on a CPU splits the same cores; it runs, for tests and checks, but is not faster)."""
+    degree = config.tensor_parallel_degree
+    if first.type == "cuda":
+        first_index = first.index if first.index is not None else 0
+        available = torch.cuda.device_count() - first_index
+        if degree == TENSOR_PARALLEL_MAX:
+            degree = max(1, available)
+        if degree > available:
+            raise ConfigError("tensor_parallel_degree", degree,
+                              f"asks for {degree} GPUs but {available} are visible from cuda:{first_index}")
+        return [torch.device("cuda", first_index + rank) for rank in range(degree)]
+    if degree == TENSOR_PARALLEL_MAX:
+        degree = 1
+    cores = _available_cores()
+    if degree > cores:
+        raise ConfigError("tensor_parallel_degree", degree,
+                          f"asks for {degree} ranks but {torch.cuda.device_count()} GPUs are visible and the CPU "
+                          f"has {cores} cores (on a CPU each rank needs a core of its own)")
+    return [first] * degree
+
+
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cpu_threads_per_rank(config: Config, world_size: int) -> int:
+    if config.cpu_threads != "auto":
+        return int(config.cpu_threads)
+    return max(1, _available_cores() // world_size)
+
+
+def _cpu_threads(config: Config, device: torch.device, world_size: int) -> CpuThreads | None:
+    """The adaptive thread count for a CPU engine with cpu_threads=auto; a fixed count is set here once, and
+    so is each tensor-parallel rank's share of the cores (the ranks must not fight over them)."""
     if device.type != "cpu":
         return None
     if not handler.OPENMP_WAIT_CHOSEN:
         logger.warning("torch was imported before handler with no OMP_WAIT_POLICY set: its OpenMP threads spin "
                        "for milliseconds after every op, taking the CPU from other threads. Import handler "
                        "first, or set OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=%s", handler.GOMP_SPINCOUNT)
+    if world_size > 1:
+        torch.set_num_threads(_cpu_threads_per_rank(config, world_size))
+        return None
     if config.cpu_threads == "auto":
         return CpuThreads()
     torch.set_num_threads(int(config.cpu_threads))
     return None
 
 
-def _resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
+def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
     name = config.torch_dtype_name
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -49,3 +49,12 @@ class AdapterCapacityError(AdapterError):
 
 class InvalidAdapterError(AdapterError, ValueError):
     """The adapter's files cannot be served exactly by this engine; the message says why."""
+
+
+class RankFailedError(Exception):
+    """A tensor-parallel rank died or stopped answering: the engine cannot serve any more, and the process
+    must exit with this message. Not an EngineError: nothing a caller can fix by sending something else."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank

@@ -5,10 +5,15 @@ from __future__ import annotations
 import torch
 
 from handler.block_manager import BlockManager
-from handler.forward_context import CachedKV, ForwardContext, LoraApplier, PaddedDecodes, PrefillSpan
+from handler.forward_context import ForwardContext
+from handler.lora.device_slots import DeviceSlots
+from handler.lora.manager import LoraStepApplier
 from handler.models import LlamaModel
 from handler.sampler import SampledTokens, Sampler
 from handler.scheduler import ScheduledStep
+from handler.step_inputs import StepInputs, build_forward_inputs, describe_step
+from handler.tp import protocol
+from handler.tp.ranks import RankGroup
 
 
 # On CPU, up to this many K elements per layer in the padded [B, kv_heads, longest, d] tensor, one gather
@@ -24,8 +29,12 @@ def kv_bytes_per_token(model: LlamaModel) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, block_manager: BlockManager) -> None:
+    def __init__(self, model: LlamaModel, block_manager: BlockManager, ranks: RankGroup | None = None,
+                 lora_slots: DeviceSlots | None = None) -> None:
+        """`ranks`: the other tensor-parallel ranks (rank 0 only), `lora_slots` whose writes they mirror."""
         self.model = model
+        self.ranks = ranks
+        self.lora_slots = lora_slots
         self.device = model.device
         self.block_manager = block_manager
         # calloc-backed zeros: pages are only touched when K/V are written, and masked-out padding
@@ -41,12 +50,17 @@ class ModelRunner:
         # "per_sequence", or "auto" (CPU): padded while the padded tensor is small. Tests force each.
         self.decode_form = "padded" if self.device.type == "cuda" else "auto"
 
-    def execute(self, step: ScheduledStep, lora: LoraApplier | None = None) -> SampledTokens:
+    def execute(self, step: ScheduledStep, lora: LoraStepApplier | None = None) -> SampledTokens:
         """Run one forward pass over the step's tokens; return each sampling sequence's next token and
         log-prob, in `step.sampling_rows()` order (decodes, completing prefills, then sequences forked this
-        step). A prefill chunk that does not complete its sequence samples nothing."""
-        self._copy_blocks(self.block_manager.take_copies())
-        ctx, input_ids, last_token_index = self._prepare(step)
+        step). A prefill chunk that does not complete its sequence samples nothing. With tensor parallelism
+        the other ranks get the step first and run the same forward on their shards."""
+        copies = self.block_manager.take_copies()
+        inputs = describe_step(step, self.block_manager, self._pads)
+        if self.ranks is not None:
+            self._send_step(inputs, copies, lora)
+        self._copy_blocks(copies)
+        ctx, input_ids, last_token_index = build_forward_inputs(inputs, self.device)
         ctx.lora = lora
         hidden = self.model.forward(input_ids, ctx, self.kv_cache)
         self._score_prompts(step, ctx, hidden)
@@ -55,6 +69,23 @@ class ModelRunner:
             return SampledTokens([], [], [])
         logits = self.model.compute_logits(hidden[last_token_index])
         return self.sampler.sample(logits, seqs, rows)
+
+    def _send_step(self, inputs: StepInputs, copies: list[tuple[int, int]], lora: LoraStepApplier | None) -> None:
+        """The step to ranks 1..N-1: slot changes since the last step first (their weights broadcast after
+        the message, whole; each rank keeps its shard), so no rank computes with a slot it lacks."""
+        writes: list[protocol.SlotWrite] = []
+        tensors: list[torch.Tensor] = []
+        for slot, weights in self.lora_slots.take_mirror_ops() if self.lora_slots is not None else ():
+            if weights is None:
+                writes.append(protocol.SlotWrite(slot, None))
+                continue
+            keys = sorted(weights.modules)
+            modules = [weights.modules[key] for key in keys]
+            writes.append(protocol.SlotWrite(slot, weights.version.content_hash, [
+                (layer, module, m.a.shape[0], m.a.shape[1], m.b.shape[0]) for (layer, module), m in zip(keys, modules)]))
+            tensors.append(torch.cat([t.reshape(-1) for m in modules for t in (m.a, m.b)]).to(self.device))
+        message = protocol.StepMessage(inputs, writes, copies, lora.plan if lora is not None else None)
+        self.ranks.send(message, tensors)
 
     # ---- for the generation parameters (handler/sampler.py) -----------------------------------------
 
@@ -83,73 +114,6 @@ class ModelRunner:
             targets = torch.tensor(seq.prompt_token_ids[context + first + 1 : context + end + 1], device=self.device)
             scored = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
             seq.prompt_log_probs.extend(scored.tolist())
-
-    def _prepare(self, step: ScheduledStep) -> tuple[ForwardContext, torch.Tensor, torch.Tensor]:
-        block_size = self.block_manager.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        last_token_index: list[int] = []
-
-        decode_tables: list[list[int]] = []
-        decode_lengths: list[int] = []
-        for seq in step.decode_seqs:
-            position = seq.num_tokens - 1
-            input_ids.append(seq.output_token_ids[-1])  # a decoding sequence has sampled at least once
-            positions.append(position)
-            slots.append(self.block_manager.slot_of(seq, position))
-            last_token_index.append(len(input_ids) - 1)
-            decode_tables.append(seq.block_table)
-            decode_lengths.append(seq.num_tokens)
-
-        prefills: list[PrefillSpan] = []
-        for seq, length, completes in zip(step.prefill_seqs, step.prefill_lengths, step.prefill_completes):
-            start = len(input_ids)
-            context = seq.num_cached_tokens
-            end = context + length
-            input_ids.extend(seq.token_ids[context:end])
-            positions.extend(range(context, end))
-            table = seq.block_table
-            slots.extend(table[i // block_size] * block_size + i % block_size for i in range(context, end))
-            cached = self._cached_kv(table[: self.block_manager.blocks_needed(end)], end) if context else None
-            prefills.append(PrefillSpan(start, start + length, context, cached))
-            if completes:
-                last_token_index.append(start + length - 1)
-
-        device = self.device
-        ctx = ForwardContext(
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            num_decode_tokens=len(step.decode_seqs),
-            decode_kv=self._decode_kv(decode_tables, decode_lengths),
-            prefills=prefills,
-        )
-        return (
-            ctx,
-            torch.tensor(input_ids, dtype=torch.long, device=device),
-            torch.tensor(last_token_index, dtype=torch.long, device=device),
-        )
-
-    def _decode_kv(self, tables: list[list[int]], lengths: list[int]) -> list[CachedKV] | PaddedDecodes:
-        device = self.device
-        width = max((len(table) for table in tables), default=0)
-        if tables and self._pads(len(tables), width):
-            return PaddedDecodes(
-                block_tables=torch.tensor([table + [0] * (width - len(table)) for table in tables],
-                                          dtype=torch.long, device=device),
-                context_lens=torch.tensor(lengths, dtype=torch.long, device=device),
-                longest=max(lengths),
-                shortest=min(lengths),
-            )
-        return [self._cached_kv(table, length) for table, length in zip(tables, lengths)]
-
-    def _cached_kv(self, table: list[int], length: int) -> CachedKV:
-        """The first `length` tokens of the sequence whose blocks are `table`: in place or to gather."""
-        first = table[0]
-        if table[-1] - first == len(table) - 1 and table == list(range(first, first + len(table))):
-            return CachedKV(length=length, first_block=first, block_ids=None)
-        return CachedKV(length=length, first_block=None,
-                        block_ids=torch.tensor(table, dtype=torch.long, device=self.device))
 
     def _pads(self, num_decodes: int, width: int) -> bool:
         if self.decode_form != "auto":

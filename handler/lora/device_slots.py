@@ -12,6 +12,7 @@ import torch
 import kernels
 from handler.lora.peft_adapter import SERVABLE_MODULES, AdapterWeights
 from handler.models import LORA_GROUPS
+from handler.tp.plan import ShardingPlan
 
 MODULE_INDEX = {module: index for index, module in enumerate(SERVABLE_MODULES)}
 
@@ -25,9 +26,18 @@ class DeviceSlots:
         module_shapes: dict[str, tuple[int, int]],
         dtype: torch.dtype,
         device: torch.device,
+        shard: ShardingPlan | None = None,
+        mirror_writes: bool = False,
     ) -> None:
+        """`module_shapes`: the whole model's (in, out); with a sharding plan the buffers hold this rank's
+        shard of every adapter (handler/tp/plan.py). `mirror_writes`: keep a log of writes and clears for
+        the other tensor-parallel ranks (rank 0), which `take_mirror_ops` empties."""
         self.num_slots = num_slots
         self.device = device
+        self.shard = shard
+        if shard is not None:
+            module_shapes = shard.local_lora_shapes(module_shapes)
+        self.mirror_ops: list[tuple[int, AdapterWeights | None]] | None = [] if mirror_writes else None
         # buffers[layer][module] = (lora_a [S, R, in], lora_b [S, out, R]); the modules of a projection group
         # (q/k/v, gate/up) share one lora_a buffer, so that the CPU path shrinks them with one call.
         self.buffers = [_layer_buffers(num_slots, max_rank, module_shapes, dtype, device) for _ in range(num_layers)]
@@ -50,21 +60,31 @@ class DeviceSlots:
         self.owner: list[str | None] = [None] * num_slots  # content hash held by each slot
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
+        if self.mirror_ops is not None:
+            self.mirror_ops.append((slot, weights))
         ranks = torch.zeros(self.ranks.shape[:2], dtype=torch.int32)
         for (layer, module), lora in weights.modules.items():
             rank = lora.a.shape[0]
+            a, b = (lora.a, lora.b) if self.shard is None else self.shard.shard_lora(module, lora.a, lora.b)
             lora_a, lora_b = self.buffers[layer][module]
-            lora_a[slot, :rank].copy_(lora.a, non_blocking=True)
-            lora_b[slot, :, :rank].copy_(lora.b, non_blocking=True)
+            lora_a[slot, :rank].copy_(a, non_blocking=True)
+            lora_b[slot, :, :rank].copy_(b, non_blocking=True)
             ranks[layer, MODULE_INDEX[module]] = rank
         self.host_ranks[:, :, slot] = ranks
         self.ranks[:, :, slot].copy_(ranks)
         self.owner[slot] = weights.version.content_hash
 
     def clear(self, slot: int) -> None:
+        if self.mirror_ops is not None:
+            self.mirror_ops.append((slot, None))
         self.host_ranks[:, :, slot] = 0
         self.ranks[:, :, slot] = 0
         self.owner[slot] = None
+
+    def take_mirror_ops(self) -> list[tuple[int, AdapterWeights | None]]:
+        """Writes (slot, weights) and clears (slot, None) since the last call, in order."""
+        ops, self.mirror_ops[:] = list(self.mirror_ops), []
+        return ops
 
     def groups_in_use(self, slots: set[int]) -> set[str]:
         """Projection groups that some adapter in `slots` targets; the others need no LoRA call this step."""

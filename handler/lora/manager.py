@@ -36,10 +36,14 @@ from handler.lora.names import validate_adapter_name
 from handler.lora.peft_adapter import AdapterVersion, AdapterWeights, BaseModelShapes, load_peft_adapter
 from handler.scheduler import ScheduledStep
 from handler.sequence import Sequence
+from handler.tp.lora import RowParallelLora
+from handler.tp.plan import ShardingPlan
 
 logger = logging.getLogger(__name__)
 
 LOADER_THREADS = 2
+# Under tensor parallelism these groups' LoRA needs the all-reduce of its rank-r intermediate.
+ROW_PARALLEL_GROUPS = ("o", "down")
 
 
 @dataclass(slots=True)
@@ -74,13 +78,19 @@ class LoraManager:
         max_wait_steps: int,
         dtype: torch.dtype,
         device: torch.device,
+        shard: ShardingPlan | None = None,
+        row_parallel: RowParallelLora | None = None,
     ) -> None:
+        """With tensor parallelism (rank 0's manager), `shard` is rank 0's sharding plan and `row_parallel`
+        its LoRA of the row-parallel projections; slot writes are then logged for the other ranks."""
         self.base = base
         self.max_rank = max_rank
         self.max_wait_steps = max_wait_steps
         self.dtype = dtype
         self.device = device
-        self.slots = DeviceSlots(max_loras, max_rank, base.num_layers, base.module_shapes, dtype, device)
+        self.slots = DeviceSlots(max_loras, max_rank, base.num_layers, base.module_shapes, dtype, device,
+                                 shard=shard, mirror_writes=row_parallel is not None)
+        self.row_parallel = row_parallel
         self.host = HostCache(max_cpu_loras)
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -369,12 +379,8 @@ class LoraManager:
         active = {slot for slot in token_slots if slot >= 0}
         if not active:
             return None
-        groups = self.slots.groups_in_use(active)
-        # Built from a host tensor: the metadata needs no read back from the device.
-        host_slots = torch.tensor(token_slots, dtype=torch.int32)
-        meta = kernels.LoraBatchMeta.build(host_slots, self.slots.num_slots, device=self.device)
-        device_slots = host_slots.to(self.device, non_blocking=True)
-        return LoraStepApplier(self.slots.group_args, device_slots, meta, groups)
+        return LoraStepApplier(self.slots, LoraStepPlan(token_slots, self.slots.groups_in_use(active)), self.device,
+                               self.row_parallel)
 
     def group_by_slot(self, decode_seqs: list[Sequence]) -> None:
         """Order a step's decodes by adapter slot (base-model ones first), arrival order kept within a slot:
@@ -399,19 +405,35 @@ class LoraManager:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
 
+@dataclass(slots=True)
+class LoraStepPlan:
+    """What a step's LoRA calls need to know, as plain values (rank 0 sends it to the other ranks)."""
+
+    token_slots: list[int]  # per token of the step, -1 = no adapter
+    groups: set[str]  # projection groups some adapter in the step targets
+
+
 class LoraStepApplier:
     """Per step: every LoRA layer call reuses the token -> slot map and its grouping, computed once."""
 
-    def __init__(self, group_args, token_slots: torch.Tensor, meta, groups: set[str]) -> None:
-        self._group_args = group_args
-        self._token_slots = token_slots
-        self._meta = meta
-        self._groups = groups
+    def __init__(self, slots: DeviceSlots, plan: LoraStepPlan, device: torch.device,
+                 row_parallel: RowParallelLora | None = None) -> None:
+        self.plan = plan
+        self._group_args = slots.group_args
+        # Built from a host tensor: the metadata needs no read back from the device.
+        host_slots = torch.tensor(plan.token_slots, dtype=torch.int32)
+        self._meta = kernels.LoraBatchMeta.build(host_slots, slots.num_slots, device=device)
+        self._token_slots = host_slots.to(device, non_blocking=True)
+        self._row_parallel = row_parallel
 
     def apply(self, layer_index: int, group: str, y: torch.Tensor, x: torch.Tensor) -> None:
-        if group not in self._groups:
+        if group not in self.plan.groups:
             return
-        lora_a, lora_b, ranks = self._group_args[layer_index][group]
+        args = self._group_args[layer_index][group]
+        if self._row_parallel is not None and group in ROW_PARALLEL_GROUPS:
+            self._row_parallel.apply(group, y, x, args, self._token_slots, self._meta)
+            return
+        lora_a, lora_b, ranks = args
         kernels.add_lora_packed(y, x, lora_a, lora_b, self._token_slots, ranks, self._meta)
 
 

@@ -11,6 +11,8 @@ from handler.errors import ModelLoadError
 from handler.models.llama import LORA_GROUPS, LlamaModel
 from handler.models.mistral import MistralModel
 from handler.models.qwen2 import Qwen2Model
+from handler.tp.comm import TensorParallelComm
+from handler.tp.plan import ShardingPlan
 
 MODEL_FAMILIES: dict[str, type[LlamaModel]] = {
     "llama": LlamaModel,
@@ -27,7 +29,9 @@ def load_hf_config(model_dir: str | Path, trust_remote_code: bool = False):
     return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
 
 
-def load_model(model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+def load_model(model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device,
+               plan: ShardingPlan | None = None, comm: TensorParallelComm | None = None) -> LlamaModel:
+    """The whole model, or with a sharding plan and its rank's collectives, that rank's shard."""
     family = MODEL_FAMILIES.get(hf_config.model_type)
     if family is None:
         raise ModelLoadError(
@@ -35,4 +39,4 @@ def load_model(model_dir: str | Path, hf_config, dtype: torch.dtype, device: tor
             f"({', '.join(getattr(hf_config, 'architectures', None) or [])}); "
             f"supported: {', '.join(sorted(MODEL_FAMILIES))}"
         )
-    return family(hf_config, model_dir, dtype, device)
+    return family(hf_config, model_dir, dtype, device, plan, comm)

@@ -17,6 +17,8 @@ from handler.forward_context import ForwardContext
 from handler.models.projection import Projection
 from handler.models.rope import RotaryTable
 from handler.models.weights import CheckpointTensors
+from handler.tp.comm import TensorParallelComm
+from handler.tp.plan import ModelShape, ShardingPlan
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -45,29 +47,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class DecoderLayer:
     def __init__(self, model: "LlamaModel", index: int, tensors: CheckpointTensors) -> None:
         prefix = f"model.layers.{index}."
-        dtype, device = model.dtype, model.device
+        dtype, device, plan = model.dtype, model.device, model.plan
 
-        def load(name: str) -> torch.Tensor:
-            return tensors.get(prefix + name, dtype).to(device)
+        def load(name: str, rows: slice | None = None, columns: slice | None = None) -> torch.Tensor:
+            return tensors.get_part(prefix + name, dtype, rows, columns).to(device)
 
-        def load_bias(name: str, present: bool) -> torch.Tensor | None:
-            return load(name) if present else None
+        def load_column_parallel(parent: str, modules: tuple[str, ...], bias: bool):
+            """Each module's output rows that this rank holds, concatenated (q/k/v, gate/up)."""
+            rows = {m: plan.output_rows(m) if plan else None for m in modules}
+            weight = torch.cat([load(f"{parent}.{m}.weight", rows[m]) for m in modules])
+            return weight, torch.cat([load(f"{parent}.{m}.bias", rows[m]) for m in modules]) if bias else None
+
+        def load_row_parallel(name: str, bias: bool) -> tuple[Projection, torch.Tensor | None]:
+            """The projection of this rank's input columns, and the bias to add once the partial sums are
+            reduced (inside the projection when nothing is sharded, as before tensor parallelism)."""
+            weight = load(f"{name}.weight", columns=plan.input_columns(name.split(".")[-1]) if plan else None)
+            bias_tensor = load(f"{name}.bias") if bias else None
+            if model.comm is None:
+                return Projection(weight, bias_tensor), None
+            return Projection(weight), bias_tensor
 
         self.index = index
         self.model = model
         self.sliding_window = model.sliding_windows[index]
         self.input_norm = load("input_layernorm.weight")
         self.post_attention_norm = load("post_attention_layernorm.weight")
-        self.qkv = Projection(
-            torch.cat([load(f"self_attn.{p}.weight") for p in LORA_GROUPS["qkv"]]),
-            torch.cat([load(f"self_attn.{p}.bias") for p in LORA_GROUPS["qkv"]]) if model.qkv_bias else None,
-        )
-        self.o = Projection(load("self_attn.o_proj.weight"), load_bias("self_attn.o_proj.bias", model.o_bias))
-        self.gate_up = Projection(
-            torch.cat([load(f"mlp.{p}.weight") for p in LORA_GROUPS["gate_up"]]),
-            torch.cat([load(f"mlp.{p}.bias") for p in LORA_GROUPS["gate_up"]]) if model.mlp_bias else None,
-        )
-        self.down = Projection(load("mlp.down_proj.weight"), load_bias("mlp.down_proj.bias", model.mlp_bias))
+        self.qkv = Projection(*load_column_parallel("self_attn", LORA_GROUPS["qkv"], model.qkv_bias))
+        self.o, self.o_bias_after_reduce = load_row_parallel("self_attn.o_proj", model.o_bias)
+        self.gate_up = Projection(*load_column_parallel("mlp", LORA_GROUPS["gate_up"], model.mlp_bias))
+        self.down, self.down_bias_after_reduce = load_row_parallel("mlp.down_proj", model.mlp_bias)
 
     def forward(self, hidden: torch.Tensor, ctx: ForwardContext, k_cache, v_cache) -> torch.Tensor:
         model = self.model
@@ -78,7 +86,7 @@ class DecoderLayer:
         qkv = self.qkv(x)
         if lora is not None:
             lora.apply(self.index, "qkv", qkv, x)
-        q, k, v = qkv.split([model.q_size, model.kv_size, model.kv_size], dim=-1)
+        q, k, v = qkv.split([model.q_size, model.kv_size, model.kv_size], dim=-1)  # this rank's heads
         q = model.rotary.apply(q.view(num_tokens, model.num_heads, model.head_dim), ctx.positions)
         k = model.rotary.apply(k.view(num_tokens, model.num_kv_heads, model.head_dim), ctx.positions)
         v = v.view(num_tokens, model.num_kv_heads, model.head_dim)
@@ -87,6 +95,7 @@ class DecoderLayer:
         o = self.o(attn)
         if lora is not None:
             lora.apply(self.index, "o", o, attn)
+        o = self._reduce(o, "o", self.o_bias_after_reduce)
         hidden = hidden + o
 
         x = rms_norm(hidden, self.post_attention_norm, model.rms_norm_eps)
@@ -98,16 +107,34 @@ class DecoderLayer:
         down = self.down(mlp_hidden)
         if lora is not None:
             lora.apply(self.index, "down", down, mlp_hidden)
+        down = self._reduce(down, "down", self.down_bias_after_reduce)
         return hidden + down
+
+    def _reduce(self, partial: torch.Tensor, what: str, bias: torch.Tensor | None) -> torch.Tensor:
+        """A row-parallel projection's partial sums (LoRA delta included) added over ranks, then its bias."""
+        comm = self.model.comm
+        if comm is None:
+            return partial
+        comm.all_reduce(partial, what)
+        return partial if bias is None else partial + bias
 
 
 class LlamaModel:
-    """Llama: optional biases from `attention_bias` / `mlp_bias`, no sliding window."""
+    """Llama: optional biases from `attention_bias` / `mlp_bias`, no sliding window.
 
-    def __init__(self, hf_config, model_dir, dtype: torch.dtype, device: torch.device) -> None:
+    With a sharding plan and its rank's collectives (handler/tp/), the model holds one rank's shard:
+    num_heads, num_kv_heads, intermediate_size, q_size and kv_size are then this rank's, and only rank 0
+    has the LM head. The full shapes stay in `shape`.
+    """
+
+    def __init__(self, hf_config, model_dir, dtype: torch.dtype, device: torch.device,
+                 plan: ShardingPlan | None = None, comm: TensorParallelComm | None = None) -> None:
         self.hf_config = hf_config
         self.dtype = dtype
         self.device = torch.device(device)
+        self.shape = ModelShape.from_hf_config(hf_config)
+        self.plan = plan if plan is not None and plan.world_size > 1 else None
+        self.comm = comm if self.plan is not None else None
         self.vocab_size = hf_config.vocab_size
         self.hidden_size = hf_config.hidden_size
         self.intermediate_size = hf_config.intermediate_size
@@ -120,6 +147,10 @@ class LlamaModel:
                 f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads "
                 f"({self.num_kv_heads})"
             )
+        if self.plan is not None:
+            self.num_heads = self.plan.num_local_heads
+            self.num_kv_heads = self.plan.num_local_kv_heads
+            self.intermediate_size = self.plan.num_local_intermediate
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.attention_scale = self.head_dim**-0.5
@@ -139,7 +170,9 @@ class LlamaModel:
         self.embed_tokens = tensors.get("model.embed_tokens.weight", dtype).to(self.device)
         self.layers = [DecoderLayer(self, index, tensors) for index in range(self.num_layers)]
         self.final_norm = tensors.get("model.norm.weight", dtype).to(self.device)
-        if getattr(hf_config, "tie_word_embeddings", False) or "lm_head.weight" not in tensors:
+        if self.plan is not None and not self.plan.holds_lm_head:
+            self.lm_head = None
+        elif getattr(hf_config, "tie_word_embeddings", False) or "lm_head.weight" not in tensors:
             self.lm_head = Projection(self.embed_tokens)
         else:
             self.lm_head = Projection(tensors.get("lm_head.weight", dtype).to(self.device))
@@ -161,13 +194,15 @@ class LlamaModel:
     # ---- forward ------------------------------------------------------------------------------------
 
     def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of every projection an adapter may target."""
-        hidden, inter = self.hidden_size, self.intermediate_size
+        """(in_features, out_features) of every projection an adapter may target, in the whole model."""
+        shape = self.shape
+        hidden, inter = shape.hidden_size, shape.intermediate_size
+        q_size, kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
         return {
-            "q_proj": (hidden, self.q_size),
-            "k_proj": (hidden, self.kv_size),
-            "v_proj": (hidden, self.kv_size),
-            "o_proj": (self.q_size, hidden),
+            "q_proj": (hidden, q_size),
+            "k_proj": (hidden, kv_size),
+            "v_proj": (hidden, kv_size),
+            "o_proj": (q_size, hidden),
             "gate_proj": (hidden, inter),
             "up_proj": (hidden, inter),
             "down_proj": (inter, hidden),

@@ -31,5 +31,17 @@ class CheckpointTensors:
             raise ModelLoadError(f"checkpoint has no tensor {name!r}")
         return self._handles[self._file_of[name]].get_tensor(name).to(dtype)
 
+    def get_part(self, name: str, dtype: torch.dtype, rows: slice | None = None,
+                 columns: slice | None = None) -> torch.Tensor:
+        """Rows and/or columns of a 2-D tensor (rows of a 1-D one), read without loading the rest: a
+        tensor-parallel rank holds only its shard."""
+        if rows is None and columns is None:
+            return self.get(name, dtype)
+        if name not in self._file_of:
+            raise ModelLoadError(f"checkpoint has no tensor {name!r}")
+        part = self._handles[self._file_of[name]].get_slice(name)
+        rows = rows or slice(None)
+        return (part[rows] if columns is None else part[rows, columns]).to(dtype)
+
     def get_optional(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
         return self.get(name, dtype) if name in self else None

@@ -1,0 +1,155 @@
+"""Rank 0's side of tensor parallelism: it starts ranks 1..N-1, sends them each step, and watches them.
+
+Rank 0 is the process that builds the Engine (the server, or DJL's one Python worker, which owns all N
+devices). Each other rank is a child process running `python -m handler.tp.worker` (a fresh interpreter:
+nothing of the parent's process-wide state is changed or inherited, and it imports handler, which sets
+the OpenMP wait policy, before torch). A rank that dies is noticed two ways: at once, by its exit status,
+which rank 0 checks before every step and every half second while idle (handler/engine_loop.py); and
+inside a step, by the collective that fails when its peer is gone or times out after
+`tensor_parallel_timeout` seconds when its peer hangs. Either way the engine raises RankFailedError naming
+the rank, and the server exits with that message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from handler.errors import RankFailedError
+from handler.tp import protocol
+from handler.tp.comm import TensorParallelComm
+
+logger = logging.getLogger(__name__)
+
+# How often start-up checks that the ranks it waits for are still alive.
+POLL_SECONDS = 0.05
+# A dead rank's exit is seen within this long after its pipe breaks.
+EXIT_WAIT_SECONDS = 2.0
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class RankGroup:
+    """Ranks 1..N-1 as seen from rank 0, connected, with rank 0's collectives in `comm`."""
+
+    def __init__(self, config, world_size: int, devices: list[torch.device], timeout_seconds: float,
+                 cpu_threads: int | None) -> None:
+        self.world_size = world_size
+        self.timeout_seconds = timeout_seconds
+        self._failed: RankFailedError | None = None
+        self._store = dist.TCPStore("127.0.0.1", 0, world_size, True,
+                                    timeout=datetime.timedelta(seconds=timeout_seconds), wait_for_workers=False)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
+        self._processes: dict[int, subprocess.Popen] = {}
+        try:
+            for rank in range(1, world_size):
+                process = subprocess.Popen([sys.executable, "-m", "handler.tp.worker"], stdin=subprocess.PIPE,
+                                           env=env, cwd=str(_REPO_ROOT))
+                self._processes[rank] = process
+                protocol.send(process.stdin, protocol.WorkerStart(
+                    config=config, rank=rank, world_size=world_size, device=str(devices[rank]),
+                    store_port=self._store.port, timeout_seconds=timeout_seconds, cpu_threads=cpu_threads))
+            self.wait_for("joined")
+            self.comm = TensorParallelComm.connect(self._store, 0, world_size, devices[0], timeout_seconds)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> dict[int, int]:
+        return {rank: process.pid for rank, process in self._processes.items()}
+
+    def wait_for(self, stage: str) -> None:
+        """Until every rank has reached `stage` (it sets `<stage>/<rank>` in the store); a rank that exits
+        first fails start-up with its exit status, one that takes longer than the timeout with that."""
+        deadline = time.monotonic() + max(self.timeout_seconds, 600.0 if stage == "loaded" else 0.0)
+        pending = set(self._processes)
+        while pending:
+            self.check_alive()
+            pending = {rank for rank in pending if not self._store.check([f"{stage}/{rank}"])}
+            if pending and time.monotonic() > deadline:
+                raise self._fail(min(pending), f"did not reach start-up stage {stage!r} in time")
+            if pending:
+                time.sleep(POLL_SECONDS)
+
+    def send(self, message, tensors: list[torch.Tensor] = ()) -> None:
+        """The message to every rank, then each tensor broadcast from rank 0, in order."""
+        for rank, process in self._processes.items():
+            try:
+                protocol.send(process.stdin, message)
+            except (BrokenPipeError, OSError, ValueError):
+                self.check_alive(wait_seconds=EXIT_WAIT_SECONDS)
+                raise self._fail(rank, "stopped reading its step messages")
+        for tensor in tensors:
+            self.comm.broadcast(tensor, "adapter_weights")
+
+    def check_alive(self, wait_seconds: float = 0.0) -> None:
+        """Raise RankFailedError naming the first rank that has exited (or failed before)."""
+        if self._failed is not None:
+            raise self._failed
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            for rank, process in self._processes.items():
+                code = process.poll()
+                if code is not None:
+                    raise self._fail(rank, f"exited with status {code}")
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(POLL_SECONDS)
+
+    def failure_in_step(self, error: BaseException) -> RankFailedError:
+        """The error for a collective or send that failed mid-step: names the rank that died if one did."""
+        if isinstance(error, RankFailedError):
+            return error
+        try:
+            self.check_alive(wait_seconds=EXIT_WAIT_SECONDS)
+        except RankFailedError as failed:
+            return failed
+        return self._fail(None, f"a collective failed or timed out after {self.timeout_seconds:g}s with every "
+                          f"rank still running (one is hung): {error}")
+
+    def _fail(self, rank: int | None, reason: str) -> RankFailedError:
+        if self._failed is None:
+            who = f"tensor-parallel rank {rank}" if rank is not None else "tensor parallelism"
+            self._failed = RankFailedError(f"{who} (of {self.world_size}) {reason}; the engine cannot go on",
+                                           rank=rank)
+            logger.error("%s", self._failed)
+            self._terminate()
+        return self._failed
+
+    def close(self) -> None:
+        """Stop every rank: a Stop message, then a kill for any that does not exit in time."""
+        for process in self._processes.values():
+            try:
+                protocol.send(process.stdin, protocol.Stop())
+                process.stdin.close()
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+        deadline = time.monotonic() + 5.0
+        for process in self._processes.values():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def _terminate(self) -> None:
+        """A rank failed: the others cannot go on with it, so none is left waiting in a collective."""
+        for process in self._processes.values():
+            if process.poll() is None:
+                process.kill()
+        for process in self._processes.values():
+            process.wait()
+            if process.stdin is not None:
+                try:
+                    process.stdin.close()
+                except (BrokenPipeError, OSError):
+                    pass
