@@ -2,7 +2,8 @@
 
 The server listens at once and loads the model in a thread, so that SageMaker's /ping polls get 503
 until the engine steps (SPEC section 2). If loading fails, `on_startup_failure` is called (the entry point
-stops the server and exits non-zero) and /ping keeps answering 503 with the reason.
+stops the server and exits non-zero) and /ping keeps answering 503 with the reason; so too if the engine
+stops for good later (a tensor-parallel rank died: `ServerState.engine_error` names it).
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ def create_app(model_dir: Path, env: Mapping[str, str],
                on_startup_failure: Callable[[], None] = lambda: None) -> FastAPI:
     state = ServerState()
 
+    def engine_failed(message: str) -> None:
+        state.engine_error = message
+        on_startup_failure()
+
     def load(event_loop: asyncio.AbstractEventLoop) -> None:
         try:
-            state.runtime = load_runtime(model_dir, env, event_loop, state.metrics)
+            state.runtime = load_runtime(model_dir, env, event_loop, state.metrics, on_fatal_error=engine_failed)
             logger.info("ready: serving %s", state.runtime.config.model_id)
         except Exception as error:
             logger.exception("start-up failed")
@@ -46,6 +51,7 @@ def create_app(model_dir: Path, env: Mapping[str, str],
         finally:
             if state.runtime is not None:
                 state.runtime.engine_loop.stop()
+                state.runtime.engine.close()
 
     app = FastAPI(title="LoRA serving (SageMaker LMI compatible)", lifespan=lifespan)
     app.state.server = state

@@ -31,7 +31,8 @@ async def ping(request: Request) -> JSONResponse:
     if state.runtime is not None and state.runtime.engine_loop.is_running:
         return JSONResponse({"status": "Healthy"})
     if state.runtime is not None:
-        return JSONResponse({"status": "Unhealthy", "error": "the engine loop has stopped"}, status_code=503)
+        error = state.runtime.engine_loop.fatal_error or "the engine loop has stopped"
+        return JSONResponse({"status": "Unhealthy", "error": error}, status_code=503)
     return JSONResponse({"status": "Loading" if state.startup_error is None else "Failed",
                          "error": state.startup_error}, status_code=503)
 

@@ -35,6 +35,8 @@ class ServerState:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     runtime: Runtime | None = None
     startup_error: str | None = None
+    # Set when the engine stopped for good after start-up (a tensor-parallel rank died): the server exits.
+    engine_error: str | None = None
 
 
 def server_state(request: Request) -> ServerState:

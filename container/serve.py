@@ -43,4 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                                            timeout_graceful_shutdown=5))
     server.run()
-    return 1 if app.state.server.startup_error else 0
+    state = app.state.server
+    if state.engine_error:
+        logging.getLogger("container").critical("exiting: %s", state.engine_error)
+    return 1 if state.startup_error or state.engine_error else 0

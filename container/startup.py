@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from container.adapter_layout import ADAPTERS_ARCHIVE, ADAPTERS_DIR, find_startup_adapters
@@ -28,7 +28,8 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "lora-serving"
 
 
 def load_runtime(model_dir: Path, env: Mapping[str, str], event_loop: asyncio.AbstractEventLoop,
-                 metrics: ServerMetrics) -> Runtime:
+                 metrics: ServerMetrics, on_fatal_error: Callable[[str], None] | None = None) -> Runtime:
+    """`on_fatal_error(message)`: the engine stopped for good after start-up (a tensor-parallel rank died)."""
     config = Config.load(model_dir, env)
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else DEFAULT_CACHE_DIR
     if not _model_configured(model_dir, config):
@@ -52,6 +53,18 @@ def load_runtime(model_dir: Path, env: Mapping[str, str], event_loop: asyncio.Ab
         logger.warning("%s brings adapters but option.enable_lora is false: they are not served", local_dir)
 
     engine = Engine(config=config)
+    try:
+        return _serve(engine, config, model_dir, local_dir, cache_dir, s3_client, startup_adapters, event_loop,
+                      metrics, model_name, on_fatal_error)
+    except BaseException:
+        engine.close()  # the other tensor-parallel ranks, if any, must not outlive a failed start
+        raise
+
+
+def _serve(engine: Engine, config: Config, model_dir: Path, local_dir: Path, cache_dir: Path, s3_client,
+           startup_adapters: dict[str, Path], event_loop: asyncio.AbstractEventLoop, metrics: ServerMetrics,
+           model_name: str, on_fatal_error: Callable[[str], None] | None) -> Runtime:
+    """The adapters the model directory brings, the engine loop and the runner around a loaded engine."""
     adapter_dirs = {path.parent for path in startup_adapters.values()}
     adapters = AdapterManager(
         engine,
@@ -67,7 +80,7 @@ def load_runtime(model_dir: Path, env: Mapping[str, str], event_loop: asyncio.Ab
     if config.enable_lora:
         logger.info("adapters: %s", ", ".join(info.name for info in engine.list_adapters()) or "none")
 
-    engine_loop = EngineLoop(engine, event_loop)
+    engine_loop = EngineLoop(engine, event_loop, on_fatal_error)
     engine_loop.start()
     metrics.watch_engine(engine)
     runner = GenerationRunner(engine_loop, on_first_token=metrics.time_to_first_token.observe,

@@ -14,8 +14,10 @@ import asyncio
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 
 from handler import Engine, RequestOutput, SamplingParams
+from handler.errors import RankFailedError
 from handler.sequence import FinishReason
 from handler.submission import add_prompt
 
@@ -60,9 +62,15 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, event_loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: Engine, event_loop: asyncio.AbstractEventLoop,
+                 on_fatal_error: Callable[[str], None] | None = None) -> None:
+        """`on_fatal_error(message)`: called on the engine thread when the engine cannot go on (a tensor-
+        parallel rank died): the loop has stopped and failed every request in flight; the process should exit."""
         self.engine = engine
         self._event_loop = event_loop
+        self._on_fatal_error = on_fatal_error
+        # Why the loop stopped for good, when it did not stop because it was asked to.
+        self.fatal_error: str | None = None
         # Touched only on the event loop's thread. Request id -> its outputs' queue, and its unfinished sequences.
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._unfinished: dict[str, int] = {}
@@ -106,13 +114,22 @@ class EngineLoop:
     # ---- the engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._step_until_stopped()
+        except RankFailedError as error:
+            self._stop_for_good(str(error))
+
+    def _step_until_stopped(self) -> None:
         while not self._stopping.is_set():
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(IDLE_WAIT_SECONDS)
                 self._wake.clear()
+                self.engine.check_health()  # a dead rank is noticed while idle too, not at the next request
                 continue
             try:
                 outputs = self.engine.step()
+            except RankFailedError:
+                raise
             except Exception as error:  # keep serving: fail what is in flight, not the process
                 logger.exception("engine step failed")
                 self._event_loop.call_soon_threadsafe(self._fail_all, f"internal error: {error}")
@@ -122,6 +139,14 @@ class EngineLoop:
             else:
                 self._wake.wait(NOTHING_RAN_WAIT_SECONDS)
                 self._wake.clear()
+
+    def _stop_for_good(self, message: str) -> None:
+        logger.critical("engine stopped: %s", message)
+        self.fatal_error = message
+        self._stopping.set()
+        self._event_loop.call_soon_threadsafe(self._fail_all, message)
+        if self._on_fatal_error is not None:
+            self._on_fatal_error(message)
 
     # ---- back on the event loop ---------------------------------------------------------------------
 

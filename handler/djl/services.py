@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from handler.djl.rolling_batch import RollingBatch
 from handler.engine import Engine
 from handler.engine_loop import EngineLoop
 from handler.error_status import engine_error_status
-from handler.errors import EngineError, InvalidRequestError
+from handler.errors import EngineError, InvalidRequestError, RankFailedError
 from handler.generation_runner import GenerationFailedError, GenerationRunner, RunningPrompt
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,14 @@ AdapterAction = Callable[[DjlAdapters, AdapterCall], str]
 def start_engine(properties: dict[str, str]) -> Engine:
     # DJL registers <model_dir>/adapters/* itself, through register_adapter, once the model is loaded.
     return Engine(config=engine_config(properties), adapters_from_model_dir=False)
+
+
+def exit_worker(message: str) -> None:
+    """The engine cannot go on (a tensor-parallel rank died): end DJL's worker process, so that DJL sees the
+    worker die, answers /ping with a failure and starts a new one, instead of feeding a dead engine."""
+    logger.critical("exiting the worker: %s", message)
+    logging.shutdown()
+    os._exit(1)
 
 
 def model_name(engine: Engine) -> str:
@@ -50,7 +59,12 @@ class SyncService:
         logger.info("engine serving DJL in %s mode", type(self.mode).__name__)
 
     def handle(self, inputs) -> Output | None:
-        return None if inputs.is_empty() else self.mode.inference(inputs)
+        if inputs.is_empty():
+            return None
+        try:
+            return self.mode.inference(inputs)
+        except RankFailedError as error:
+            exit_worker(str(error))
 
     def adapter_call(self, action: AdapterAction, inputs) -> Output:
         """Answered as DJL's synchronous services answer: the message is the management call's status."""
@@ -65,7 +79,7 @@ class AsyncService:
         self.engine = engine
         self.adapters = DjlAdapters(engine)
         self._model_name = model_name(engine)
-        self._engine_loop = EngineLoop(engine, event_loop)
+        self._engine_loop = EngineLoop(engine, event_loop, on_fatal_error=exit_worker)
         self._engine_loop.start()
         self._runner = GenerationRunner(self._engine_loop)
         # Adapter loads in progress, by name: a request naming one waits for it, so that DJL's calls take

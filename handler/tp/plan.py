@@ -145,6 +145,34 @@ class ShardingPlan:
     def holds_lm_head(self) -> bool:
         return self.rank == 0
 
+    # ---- communication ------------------------------------------------------------------------------
+
+    def step_all_reduce_bytes(self, num_tokens: int, element_size: int, lora_groups=(),
+                              max_lora_rank: int = 0) -> dict[str, int]:
+        """Bytes each rank puts into the all-reduces of one forward over `num_tokens` tokens, by what they
+        carry, as TensorParallelComm.bytes_sent counts them (the tests check the model sends exactly this):
+        per layer the o and down partial sums [T, hidden], and for a row-parallel group that some adapter
+        of the step targets ("o", "down" in `lora_groups`) its shrunk intermediate [T, max_lora_rank]."""
+        if self.world_size == 1:
+            return {}
+        per_layer = {"o": num_tokens * self.shape.hidden_size * element_size,
+                     "down": num_tokens * self.shape.hidden_size * element_size}
+        for group in ("o", "down"):
+            if group in lora_groups:
+                per_layer[f"lora_{group}"] = num_tokens * max_lora_rank * element_size
+        return {what: size * self.shape.num_layers for what, size in per_layer.items()}
+
+    def vocab_sharded_lm_head_bytes(self, num_rows: int) -> int:
+        """What rank 0 would gather per step with an LM head sharded by vocabulary instead: every other rank's
+        fp32 logits [rows, vocab / N] (the alternative not taken; see the module's docstring)."""
+        return num_rows * (self.shape.vocab_size // self.world_size) * 4 * (self.world_size - 1)
+
+
+def ring_all_reduce_wire_bytes(payload_bytes: int, world_size: int) -> int:
+    """Bytes each rank sends on the wire for a ring all-reduce of `payload_bytes` (NCCL's and gloo's
+    large-message algorithm): a reduce-scatter and an all-gather, (N - 1) / N of the payload each."""
+    return 2 * (world_size - 1) * payload_bytes // world_size
+
 
 def check_shardable(shape: ModelShape, world_size: int) -> None:
     """Refuse, naming the reason, a degree the model's heads or features cannot be split over."""
