@@ -96,10 +96,11 @@ class Engine:
 
         started = time.perf_counter()
         self.hf_config = load_hf_config(model_dir, config.trust_remote_code)
-        devices = _tensor_parallel_devices(config, self.device)
-        self.tensor_parallel_degree = len(devices)
-        # Refused here, before any rank starts, when the heads or features do not split over the ranks.
-        plan = ShardingPlan(ModelShape.from_hf_config(self.hf_config), 0, len(devices))
+        self.tensor_parallel_degree = _resolve_degree(config, self.device)
+        # Refused here, before any rank starts: heads or features that do not split over the ranks, then
+        # more ranks than devices.
+        plan = ShardingPlan(ModelShape.from_hf_config(self.hf_config), 0, self.tensor_parallel_degree)
+        devices = _tensor_parallel_devices(self.tensor_parallel_degree, self.device)
         self.ranks: RankGroup | None = None
         if len(devices) > 1:
             self.ranks = RankGroup(config, len(devices), devices, config.tensor_parallel_timeout,
@@ -479,23 +480,27 @@ def _resolve_device(config: Config) -> torch.device:
     return torch.device(config.device)
 
 
-def _tensor_parallel_devices(config: Config, first: torch.device) -> list[torch.device]:
-    """One device per rank. On CUDA rank i uses cuda:(first + i), so N may not exceed the GPUs visible from
-    the first (DJL's device_id); `max` takes them all. On a CPU every rank shares the machine's memory and
-    gets cores / N threads: N may be up to the CPU's cores (one thread each at least), and `max` is 1 (more
-    ranks than one on a CPU splits the same cores; it runs, for tests and checks, but is not faster)."""
-    degree = config.tensor_parallel_degree
+def _resolve_degree(config: Config, first: torch.device) -> int:
+    """`max`: every GPU visible from the first (DJL's device_id); on a CPU 1, today's behaviour (more ranks
+    on one CPU split the same cores: it runs, for tests and checks, but is not faster)."""
+    if config.tensor_parallel_degree != TENSOR_PARALLEL_MAX:
+        return config.tensor_parallel_degree
     if first.type == "cuda":
-        first_index = first.index if first.index is not None else 0
+        return max(1, torch.cuda.device_count() - (first.index or 0))
+    return 1
+
+
+def _tensor_parallel_devices(degree: int, first: torch.device) -> list[torch.device]:
+    """One device per rank. On CUDA rank i uses cuda:(first + i), so N may not exceed the GPUs visible from
+    the first. On a CPU the ranks share the machine and each gets cores / N threads, so N may be up to the
+    CPU's cores."""
+    if first.type == "cuda":
+        first_index = first.index or 0
         available = torch.cuda.device_count() - first_index
-        if degree == TENSOR_PARALLEL_MAX:
-            degree = max(1, available)
         if degree > available:
             raise ConfigError("tensor_parallel_degree", degree,
                               f"asks for {degree} GPUs but {available} are visible from cuda:{first_index}")
         return [torch.device("cuda", first_index + rank) for rank in range(degree)]
-    if degree == TENSOR_PARALLEL_MAX:
-        degree = 1
     cores = _available_cores()
     if degree > cores:
         raise ConfigError("tensor_parallel_degree", degree,

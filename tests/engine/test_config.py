@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handler.config import Config, parse_properties
+from handler.config import TENSOR_PARALLEL_MAX, Config, parse_properties
 from handler.errors import ConfigError
 
 SAGEMAKER_LORA_EXAMPLE_ENV = {
@@ -96,15 +96,11 @@ def test_prefix_caching_and_chunked_prefill_are_on_unless_turned_off(tmp_path):
         False, False, 512)
 
 
-def test_tensor_parallel_max_means_this_one_device():
-    assert Config.from_options(tensor_parallel_degree="max").tensor_parallel_degree == 1
-
-
-def test_more_devices_than_exist_is_a_clear_startup_error(tiny_models):
-    from handler import Engine
-
-    with pytest.raises(ConfigError, match="asks for 4 GPUs but 0 are visible"):
-        Engine(tiny_models.get("llama", "llama"), tensor_parallel_degree=4)
+def test_tensor_parallel_max_is_kept_for_the_engine_to_count_devices():
+    # The engine resolves it: every visible GPU, or 1 on a CPU (tests/tp/test_tp_failures.py).
+    assert Config.from_options(tensor_parallel_degree="max").tensor_parallel_degree == TENSOR_PARALLEL_MAX
+    with pytest.raises(ConfigError, match="option.tensor_parallel_degree=0: must be a positive integer or max"):
+        Config.from_options(tensor_parallel_degree="0")
 
 
 def test_properties_parser_handles_java_syntax():
