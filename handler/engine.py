@@ -6,6 +6,7 @@ thread driving `step()` picks up at the start of its next step. Everything else 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -103,7 +104,9 @@ class Engine:
         devices = _tensor_parallel_devices(self.tensor_parallel_degree, self.device)
         self.ranks: RankGroup | None = None
         if len(devices) > 1:
-            self.ranks = RankGroup(config, len(devices), devices, config.tensor_parallel_timeout,
+            # The ranks run from another directory: they get the model's absolute path.
+            rank_config = dataclasses.replace(config, model_id=str(model_dir.resolve()))
+            self.ranks = RankGroup(rank_config, len(devices), devices, config.tensor_parallel_timeout,
                                    _cpu_threads_per_rank(config, len(devices)) if self.device.type == "cpu" else None)
         try:
             self._load(config, model_dir, plan)

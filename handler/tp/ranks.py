@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.05
 # A dead rank's exit is seen within this long after its pipe breaks.
 EXIT_WAIT_SECONDS = 2.0
+# How long start-up waits for a rank that is alive but has not joined, or not loaded its shard (a large
+# model from a slow disk takes minutes); a rank that exits fails start-up at once.
+STARTUP_TIMEOUT_SECONDS = 1800.0
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -70,7 +73,7 @@ class RankGroup:
     def wait_for(self, stage: str) -> None:
         """Until every rank has reached `stage` (it sets `<stage>/<rank>` in the store); a rank that exits
         first fails start-up with its exit status, one that takes longer than the timeout with that."""
-        deadline = time.monotonic() + max(self.timeout_seconds, 600.0 if stage == "loaded" else 0.0)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         pending = set(self._processes)
         while pending:
             self.check_alive()

@@ -40,6 +40,21 @@ def test_a_rank_killed_mid_request_fails_the_engine_naming_it(tiny_models):
         engine.close()
 
 
+def test_a_hung_rank_fails_the_step_after_the_collective_timeout(tiny_models):
+    engine = Engine(tiny_models.get("llama", "llama"), dtype="float32", tensor_parallel_degree=2,
+                    cpu_kv_cache_mb=16, max_model_len=256, tensor_parallel_timeout=2)
+    try:
+        engine.add_request("long", [0, 5, 6, 7], SamplingParams(max_new_tokens=200, ignore_eos=True))
+        engine.step()
+        os.kill(engine.ranks.pids[1], signal.SIGSTOP)  # alive, but never answers again
+        stopped_at = time.monotonic()
+        with pytest.raises(RankFailedError, match="timed out after 2s with every rank still running"):
+            engine.step()
+        assert time.monotonic() - stopped_at < 2 + FAILURE_BOUND_SECONDS
+    finally:
+        engine.close()  # kills the stopped rank
+
+
 def test_a_rank_that_dies_while_idle_is_noticed_without_a_request(tiny_models):
     engine = Engine(tiny_models.get("llama", "llama"), dtype="float32", tensor_parallel_degree=2,
                     cpu_kv_cache_mb=16, max_model_len=256)
