@@ -15,7 +15,6 @@ from handler.step_inputs import StepInputs, build_forward_inputs, describe_step
 from handler.tp import protocol
 from handler.tp.ranks import RankGroup
 
-
 # On CPU, up to this many K elements per layer in the padded [B, kv_heads, longest, d] tensor, one gather
 # and one attention call for all decodes beat one call per sequence (small models, short contexts:
 # per-call overhead dominates); above it, per sequence won, up to 4x at bench_engine's shapes.
@@ -81,8 +80,9 @@ class ModelRunner:
                 continue
             keys = sorted(weights.modules)
             modules = [weights.modules[key] for key in keys]
-            writes.append(protocol.SlotWrite(slot, weights.version.content_hash, [
-                (layer, module, m.a.shape[0], m.a.shape[1], m.b.shape[0]) for (layer, module), m in zip(keys, modules)]))
+            shapes = [(layer, module, m.a.shape[0], m.a.shape[1], m.b.shape[0])
+                      for (layer, module), m in zip(keys, modules)]
+            writes.append(protocol.SlotWrite(slot, weights.version.content_hash, shapes))
             tensors.append(torch.cat([t.reshape(-1) for m in modules for t in (m.a, m.b)]).to(self.device))
         message = protocol.StepMessage(inputs, writes, copies, lora.plan if lora is not None else None)
         self.ranks.send(message, tensors)

@@ -3,7 +3,8 @@
 A rank reads its WorkerStart from stdin, joins the process group, loads its shard of the model, and then
 runs every step rank 0 sends (handler/tp/protocol.py) until the pipe closes: the same forward pass on its
 shard, without logits or sampling. Any error ends the process (non-zero): rank 0 sees the exit or the
-failed collective and reports this rank.
+failed collective and reports this rank. Run as a module of the handler package, it imports handler (which
+sets the OpenMP wait policy) before torch, as the engine's own process does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import datetime
 import logging
 import sys
 
-import handler  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 import torch
 import torch.distributed as dist
 
