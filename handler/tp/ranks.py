@@ -116,14 +116,19 @@ class RankGroup:
             self.check_alive(wait_seconds=EXIT_WAIT_SECONDS)
         except RankFailedError as failed:
             return failed
-        return self._fail(None, f"a collective failed or timed out after {self.timeout_seconds:g}s with every "
-                          f"rank still running (one is hung): {error}")
+        text = str(error)
+        if "timeout" in text.lower() or "timed out" in text.lower():
+            return self._fail(None, f"a collective timed out after {self.timeout_seconds:g}s with every rank still "
+                              f"running (one is hung): {text}")
+        return self._fail(None, f"a step failed with every rank still running, leaving them out of step: {text}")
 
     def _fail(self, rank: int | None, reason: str) -> RankFailedError:
         if self._failed is None:
-            who = f"tensor-parallel rank {rank}" if rank is not None else "tensor parallelism"
-            self._failed = RankFailedError(f"{who} (of {self.world_size}) {reason}; the engine cannot go on",
-                                           rank=rank)
+            if rank is not None:
+                message = f"tensor-parallel rank {rank} (of {self.world_size}) {reason}; the engine cannot go on"
+            else:
+                message = f"tensor parallelism over {self.world_size} ranks: {reason}; the engine cannot go on"
+            self._failed = RankFailedError(message, rank=rank)
             logger.error("%s", self._failed)
             self._terminate()
         return self._failed
