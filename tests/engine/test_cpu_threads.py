@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,38 @@ def test_the_engine_step_sets_torch_threads_from_what_others_used(monkeypatch):
     assert set_to == [2, 1]
     threads.maybe_adjust()  # the second interval: others used 0.1 of a core
     assert set_to == [2, 1, 2]
+
+
+# /proc/stat's cpu line: user, nice, system, idle, iowait, irq, softirq, steal, guest, guest_nice.
+CPU_LINE = [100, 40, 20, 500, 5, 1, 2, 3, 0, 0]
+
+
+def test_niced_processes_do_not_count_as_busy_unless_this_one_is_niced_too():
+    assert cpu_threads.busy_ticks(CPU_LINE, own_niceness=0) == 100 + 20 + 1 + 2 + 3
+    # A niced engine competes with other niced work on equal terms, and its own time is in `nice`.
+    assert cpu_threads.busy_ticks(CPU_LINE, own_niceness=10) == 100 + 40 + 20 + 1 + 2 + 3
+
+
+def others_busy_while_running(command: list[str]) -> float:
+    spinner = subprocess.Popen(command)
+    try:
+        time.sleep(0.3)  # let it start
+        before = cpu_threads._sample()
+        time.sleep(1.0)
+        return cpu_threads._others_busy_cores(before, cpu_threads._sample())
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists() or os.getpriority(os.PRIO_PROCESS, 0) > 0,
+                    reason="needs Linux's /proc/stat, and a test process that is not niced itself")
+def test_a_spinning_process_counts_as_a_busy_core_unless_it_is_niced():
+    spin = [sys.executable, "-c", "while True: pass"]
+    plain = others_busy_while_running(spin)
+    niced = others_busy_while_running(["nice", "-n", "19", *spin])
+    assert plain > 0.6, plain
+    assert niced < plain - 0.5, (niced, plain)
 
 
 def test_the_cpu_threads_option():
