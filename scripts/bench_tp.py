@@ -23,6 +23,7 @@ the same cores, so TP=2 is not expected to be faster.
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ from handler.tp.plan import ModelShape, ShardingPlan, ring_all_reduce_wire_bytes
 from handler.tp.protocol import StepMessage
 
 # isort: split
+import torch  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import bench_model_dir, engine_throughput, machine_description, print_table, workload  # noqa: E402
 
@@ -152,7 +155,11 @@ def lm_head_table(rows_list: list[int], repeats: int) -> None:
 def throughput_table(rounds: int, num_requests: int) -> None:
     model_dir = bench_model_dir()
     options = dict(dtype="float32", max_rolling_batch_size=16, cpu_kv_cache_mb=256, max_model_len=512)
-    single = Engine(model_dir, **options)
+    cores = len(os.sched_getaffinity(0))
+    # torch's thread count is per process and both engines' rank 0 live in this one: each side sets its
+    # own before its turn (TP=1 all cores, TP=2 rank 0 half of them, as rank 1 has).
+    threads = {1: cores, 2: max(1, cores // 2)}
+    single = Engine(model_dir, cpu_threads=threads[1], **options)
     parallel = Engine(model_dir, tensor_parallel_degree=2, **options)
     samples: dict[int, list[float]] = {1: [], 2: []}
     try:
@@ -160,13 +167,15 @@ def throughput_table(rounds: int, num_requests: int) -> None:
             requests = workload(num_requests=num_requests, min_len=16, max_len=96, seed=100 + round_index)
             order = [(1, single), (2, parallel)] if round_index % 2 == 0 else [(2, parallel), (1, single)]
             for degree, engine in order:
+                torch.set_num_threads(threads[degree])
                 tokens_per_second, _ = engine_throughput(engine, requests)
                 samples[degree].append(tokens_per_second)
     finally:
         parallel.close()
         single.close()
     print(f"\n(b) Generated tokens/s on this CPU, {num_requests} requests of 16-96 prompt and output tokens, "
-          f"max_rolling_batch_size 16, fp32, {rounds} alternating rounds:")
+          f"max_rolling_batch_size 16, fp32, {rounds} alternating rounds (TP=1 {threads[1]} threads, TP=2 "
+          f"{threads[2]} per rank):")
     rows = [[degree, " ".join(f"{value:.0f}" for value in values), f"{max(values):.0f}"]
             for degree, values in samples.items()]
     print_table(["TP", "tokens/s per round", "best"], rows)
