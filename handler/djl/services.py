@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -29,6 +31,9 @@ from handler.errors import EngineError, InvalidRequestError, RankFailedError
 from handler.generation_runner import GenerationFailedError, GenerationRunner, RunningPrompt
 
 logger = logging.getLogger(__name__)
+
+# How often a synchronous worker checks, between DJL's calls, that its tensor-parallel ranks are alive.
+RANK_CHECK_SECONDS = 0.5
 
 AdapterAction = Callable[[DjlAdapters, AdapterCall], str]
 
@@ -56,7 +61,18 @@ class SyncService:
         driver = EngineDriver(self.engine, model_name=model_name(self.engine))
         self.mode = RollingBatch(driver) if is_rolling_batch(properties) else PlainBatches(driver)
         self.adapters = DjlAdapters(self.engine)
+        if self.engine.ranks is not None:
+            # DJL calls in only when requests come: a rank that dies in between is noticed here.
+            threading.Thread(target=self._watch_ranks, name="tp-watch", daemon=True).start()
         logger.info("engine serving DJL in %s mode", type(self.mode).__name__)
+
+    def _watch_ranks(self) -> None:
+        while True:
+            time.sleep(RANK_CHECK_SECONDS)
+            try:
+                self.engine.check_health()
+            except RankFailedError as error:
+                exit_worker(str(error))
 
     def handle(self, inputs) -> Output | None:
         if inputs.is_empty():

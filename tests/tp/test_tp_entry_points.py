@@ -75,7 +75,8 @@ def test_python_m_container_serves_at_tp2_and_exits_naming_a_dead_rank(server_ba
             process.communicate()
 
 
-def test_djl_handler_serves_at_tp2(djl_dir, server_base, server_adapters, expected, tmp_path):
+def test_djl_handler_serves_at_tp2_and_its_worker_exits_naming_a_dead_rank(djl_dir, server_base, server_adapters,
+                                                                          expected, tmp_path):
     model_dir = djl_model_dir(server_base, server_adapters, tmp_path / "model", "rolling_batch",
                               tensor_parallel_degree="2")
     with running_worker(djl_dir, model_dir, tmp_path) as front_end:
@@ -83,6 +84,11 @@ def test_djl_handler_serves_at_tp2(djl_dir, server_base, server_adapters, expect
             answer = front_end.submit(generate(PROMPT, adapter)).wait()
             assert answer.code == 200, answer.body
             assert token_ids(answer.json()) == expected(PROMPT, adapter, NEW_TOKENS)
+        worker = front_end.worker.process
+        [rank_1] = child_pids(worker.pid)
+        os.kill(rank_1, signal.SIGKILL)  # while idle: DJL sends nothing until the next request
+        assert worker.wait(FAILURE_BOUND_SECONDS) == 1
+        assert "exiting the worker: tensor-parallel rank 1 (of 2) exited with status -9" in front_end.worker.output()
 
 
 def _wait_until_healthy(process, url: str) -> None:
