@@ -9,9 +9,10 @@ Per layer:
 - With fewer KV heads than ranks, KV heads are replicated: N must be a multiple of the KV heads, and the
   N / kv_heads ranks that share a KV head hold a copy of it (their query heads all map to it).
 - The embedding table is replicated (a lookup, no compute to split; sharding it by vocabulary would cost
-  an all-reduce of [T, hidden] per step). The LM head lives on rank 0 only, which samples: sharding it by
-  vocabulary would split its GEMM but gather [rows, vocab] fp32 logits every step (see
-  `lm_head_gather_bytes` and docs/BENCHMARKS.md), more than a decode step's all-reduces at TP=8.
+  an all-reduce of [T, hidden] per step). The LM head lives on rank 0 only, which alone samples and scores
+  prompts: no communication and no protocol for the rows to score. Sharding it by vocabulary would split its
+  GEMM but gather [rows, vocab / N] fp32 logits to rank 0 every step (`vocab_sharded_lm_head_bytes`);
+  docs/BENCHMARKS.md has both measured on CPU, and what they come to for a 70B model.
 
 LoRA (S-LoRA's scheme): for a column-parallel module A [r, in] is replicated and B [out, r] is sharded by
 output rows, as the base weight is; no communication. For a row-parallel module A is sharded by input
