@@ -12,10 +12,11 @@ import random
 import pytest
 import torch
 
-from handler import Engine, SamplingParams
+from handler import Engine, SamplingParams, model_runner
 from handler.attention import paged_attention
 from handler.forward_context import CachedKV, ForwardContext, PaddedDecodes
 from handler.model_runner import PAD_DECODES_MAX_ELEMENTS
+from handler.step_inputs import StepInputs, build_forward_inputs
 from tests.models import reference_greedy
 
 KV_HEADS, Q_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 4, 8, 4, 12
@@ -91,20 +92,20 @@ def test_every_form_of_decode_attention_matches_the_reference(window, form):
 
 @pytest.mark.parametrize("form", ["padded", "per_sequence"])
 @pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 12
-def test_each_form_matches_transformers_in_the_engine(tiny_models, family, form):
+def test_each_form_matches_transformers_in_the_engine(tiny_models, family, form, monkeypatch):
     model_dir = tiny_models.get(family, family)
     engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=16, block_size=4)
     engine.runner.decode_form = form  # "padded" is the GPU form, here on CPU
     forms = []
-    build = engine.runner._decode_kv
+    build = model_runner.build_forward_inputs
 
-    def spy(tables, lengths):
-        built = build(tables, lengths)
-        if tables:
-            forms.append(type(built))
+    def spy(inputs, device):
+        built = build(inputs, device)
+        if inputs.decode_tables:
+            forms.append(type(built[0].decode_kv))
         return built
 
-    engine.runner._decode_kv = spy
+    monkeypatch.setattr(model_runner, "build_forward_inputs", spy)
     rng = random.Random(7)
     short = [[0] + [rng.randrange(3, 1024) for _ in range(rng.randint(2, 6))] for _ in range(8)]
     long = [[0] + [rng.randrange(3, 1024) for _ in range(rng.randint(60, 80))] for _ in range(8)]
@@ -120,7 +121,14 @@ def test_auto_pads_small_batches_and_attends_large_ones_per_sequence(tiny_models
     runner = engine.runner
     assert runner.decode_form == "auto"
     per_token = runner.model.num_kv_heads * runner.model.head_dim * 4  # K elements per 4-token block
+
+    def decodes(tables: list[list[int]], lengths: list[int]) -> StepInputs:
+        """The step inputs of decodes only, the form chosen as the runner chooses it."""
+        count = len(tables)
+        return StepInputs([1] * count, [n - 1 for n in lengths], list(range(count)), list(range(count)), tables,
+                          lengths, runner._pads(count, max(map(len, tables))), [])
+
     small = [[1, 2]] * 2
     large = [list(range(PAD_DECODES_MAX_ELEMENTS // per_token + 1))]
-    assert isinstance(runner._decode_kv(small, [8, 8]), PaddedDecodes)
-    assert isinstance(runner._decode_kv(large, [4 * len(large[0])]), list)
+    assert isinstance(build_forward_inputs(decodes(small, [8, 8]), runner.device)[0].decode_kv, PaddedDecodes)
+    assert isinstance(build_forward_inputs(decodes(large, [4 * len(large[0])]), runner.device)[0].decode_kv, list)
