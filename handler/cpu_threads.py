@@ -12,6 +12,13 @@ count torch started with. Hysteresis keeps it from flapping: a thread is given u
 than 0.6 of a core beyond what the current count leaves them, and taken back when they use less than 0.4.
 Where /proc is not readable (not Linux) the thread count is left as it is.
 
+The process's own other Python threads count as busy too (an application's worker thread beside an
+Engine used as a library, a server's event loop): they are not part of torch's team, and a thread that
+keeps a core busy takes it from the team just as another process would. What this cannot see is many
+short wake-ups that use little CPU but each preempt one of the team's threads: DJL's async worker hands
+every streamed token through two threads and its event loop, using about 0.2 of a core, and on 2 cores
+one torch thread ran its steps faster than two (docs/BENCHMARKS.md, "DJL Serving").
+
 Time of processes that lowered their priority (`nice`) is not counted as busy when this one did not: the
 scheduler gives a nice-19 job about 1.5% of a core that one of our threads wants, so it takes almost nothing
 from us, and giving a thread up for it (a test suite or a build run under `nice` beside the server) cost
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import torch
@@ -51,13 +59,13 @@ class CpuThreads:
         sample = _sample()
         if sample is None:
             return
-        others = _others_busy_cores(self._last, sample)
+        others = _others_busy_cores(self._last, sample, stepping_thread=threading.get_native_id())
         self._last = sample
         self.threads = torch.get_num_threads()  # the count is process-wide: someone else may have set it
         wanted = self.wanted_threads(others)
         if wanted != self.threads:
-            logger.info("other processes keep %.1f of %d cores busy: torch threads %d -> %d", others, self.cores,
-                        self.threads, wanted)
+            logger.info("other processes and threads keep %.1f of %d cores busy: torch threads %d -> %d", others,
+                        self.cores, self.threads, wanted)
             torch.set_num_threads(wanted)
             self.threads = wanted
 
@@ -72,18 +80,40 @@ class CpuThreads:
         return max(1, min(self.max_threads, threads))
 
 
-def _sample() -> tuple[float, float, float] | None:
-    """(wall seconds, machine busy seconds summed over cores, this process's CPU seconds)."""
+# (wall seconds, machine busy seconds summed over cores, this process's CPU seconds, CPU seconds of each of
+# this process's Python threads by native id)
+Sample = tuple[float, float, float, dict[int, float]]
+
+
+def _sample() -> Sample | None:
     try:
         with open("/proc/stat") as stat:
             fields = [int(value) for value in stat.readline().split()[1:]]
         with open("/proc/self/stat") as own:
-            own_fields = own.read().rsplit(")", 1)[1].split()
+            own_seconds = _cpu_seconds(own.read())
     except (OSError, ValueError, IndexError):
         return None
     busy = busy_ticks(fields, own_niceness=os.getpriority(os.PRIO_PROCESS, 0)) / _CLOCK_TICKS
-    own = (int(own_fields[11]) + int(own_fields[12])) / _CLOCK_TICKS  # utime, stime
-    return time.monotonic(), busy, own
+    return time.monotonic(), busy, own_seconds, _python_threads_seconds()
+
+
+def _cpu_seconds(stat_line: str) -> float:
+    """utime + stime of a /proc/.../stat line (after the command name, which may hold spaces)."""
+    fields = stat_line.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _python_threads_seconds() -> dict[int, float]:
+    seconds = {}
+    for thread in threading.enumerate():
+        if thread.native_id is None:
+            continue
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/stat") as stat:
+                seconds[thread.native_id] = _cpu_seconds(stat.read())
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+    return seconds
 
 
 def busy_ticks(cpu_fields: list[int], own_niceness: int) -> int:
@@ -95,8 +125,13 @@ def busy_ticks(cpu_fields: list[int], own_niceness: int) -> int:
     return busy
 
 
-def _others_busy_cores(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+def _others_busy_cores(before: Sample, after: Sample, stepping_thread: int | None = None) -> float:
+    """Cores kept busy by other processes and by this process's Python threads other than `stepping_thread`
+    (the one that runs torch's ops; torch's own worker threads are not Python threads)."""
     wall = after[0] - before[0]
     if wall <= 0:
         return 0.0
-    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / wall
+    other_processes = max(0.0, (after[1] - before[1]) - (after[2] - before[2]))
+    siblings = sum(max(0.0, after[3][tid] - before[3][tid]) for tid in after[3].keys() & before[3].keys()
+                   if tid != stepping_thread)
+    return (other_processes + siblings) / wall

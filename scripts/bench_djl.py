@@ -9,7 +9,7 @@ between them and each keeps its best round. Model: benchlib's 50M Llama, fp32, w
 8/16 on all projections; requests cycle over the base model and the adapters; `--clients` clients each
 stream requests one after another (prompts 16..128 tokens, outputs 16..128 tokens, eos ignored).
 
-    .venv/bin/python scripts/bench_djl.py [--clients 16] [--requests 64] [--rounds 2]
+    .venv/bin/python scripts/bench_djl.py [--clients 16] [--requests 64] [--rounds 2] [--async-cpu-threads 1 2]
 """
 
 from __future__ import annotations
@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--port", type=int, default=18080)
+    parser.add_argument("--async-cpu-threads", nargs="*", default=[], metavar="N",
+                        help="also run async workers with these option.cpu_threads values (auto or a number)")
     args = parser.parse_args()
     djl_dir = djl_serving_dir()
     if djl_dir is None:
@@ -151,7 +153,9 @@ def main() -> None:
         front_ends = {}
         try:
             senders = {"python -m container": container_sender(f"http://127.0.0.1:{args.port}")}
-            for name, mode in MODES.items():
+            modes = {**MODES, **{f"djl async, cpu_threads={threads}": {**MODES["djl async"], "cpu_threads": threads}
+                                 for threads in args.async_cpu_threads}}
+            for name, mode in modes.items():
                 model_dir = model_directory(scratch / name.replace(" ", "-"), base, adapters, {**OPTIONS, **mode})
                 sock_dir = scratch / f"{name.replace(' ', '-')}-socket"
                 sock_dir.mkdir()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,9 +43,9 @@ def test_threads_follow_the_cores_left_free(cores, threads, others, wanted):
 
 
 def test_the_engine_step_sets_torch_threads_from_what_others_used(monkeypatch):
-    # (wall seconds, machine busy seconds, own seconds): over 1 s the machine was busy 1.9 core-seconds, this
+    # (wall seconds, machine busy seconds, own seconds, own Python threads' seconds): over 1 s the machine was busy 1.9 core-seconds, this
     # process 0.9, so others held a whole core.
-    samples = iter([(0.0, 10.0, 5.0), (1.0, 11.9, 5.9), (2.0, 12.1, 6.0)])
+    samples = iter([(0.0, 10.0, 5.0, {}), (1.0, 11.9, 5.9, {}), (2.0, 12.1, 6.0, {})])
     monkeypatch.setattr(cpu_threads, "_sample", lambda: next(samples))
     monkeypatch.setattr(cpu_threads, "CHECK_INTERVAL_SECONDS", 0.0)
     set_to = [2]  # torch's count, as torch.set_num_threads leaves it
@@ -88,6 +89,28 @@ def test_a_spinning_process_counts_as_a_busy_core_unless_it_is_niced():
     niced = others_busy_while_running(["nice", "-n", "19", *spin])
     assert plain > 0.6, plain
     assert niced < plain - 0.5, (niced, plain)
+
+
+def test_this_process_s_other_python_threads_count_as_busy_but_not_the_stepping_one():
+    # 1 s: the machine 1.5 core-seconds busy, all of it this process's: 0.1 in the stepping thread (its
+    # ops' other 0.7 in torch's workers), 0.7 in an event loop thread; thread 9 ended meanwhile.
+    before = (0.0, 10.0, 5.0, {1: 2.0, 2: 3.0, 9: 0.5})
+    after = (1.0, 11.5, 6.5, {1: 2.1, 2: 3.7})
+    assert cpu_threads._others_busy_cores(before, after, stepping_thread=1) == pytest.approx(0.7)
+
+
+def test_a_spinning_python_thread_of_this_process_counts_as_a_busy_core():
+    stop = threading.Event()
+    spinner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True)
+    spinner.start()
+    try:
+        before = cpu_threads._sample()
+        stop.wait(1.0)
+        busy = cpu_threads._others_busy_cores(before, cpu_threads._sample(), stepping_thread=threading.get_native_id())
+    finally:
+        stop.set()
+        spinner.join()
+    assert busy > 0.6, busy
 
 
 def test_the_cpu_threads_option():
