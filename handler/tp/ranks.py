@@ -112,15 +112,31 @@ class RankGroup:
         """The error for a collective or send that failed mid-step: names the rank that died if one did."""
         if isinstance(error, RankFailedError):
             return error
+        text = str(error)
+        if "timeout" in text.lower() or "timed out" in text.lower():
+            return self._hung(text)
         try:
             self.check_alive(wait_seconds=EXIT_WAIT_SECONDS)
         except RankFailedError as failed:
             return failed
-        text = str(error)
-        if "timeout" in text.lower() or "timed out" in text.lower():
-            return self._fail(None, f"a collective timed out after {self.timeout_seconds:g}s with every rank still "
-                              f"running (one is hung): {text}")
         return self._fail(None, f"a step failed with every rank still running, leaving them out of step: {text}")
+
+    def _hung(self, text: str) -> RankFailedError:
+        """A collective timed out. The ranks that only waited for the hung one time out too (they share the
+        timeout) and exit, as a worker does on any error; the ones still running after that are hung."""
+        deadline = time.monotonic() + EXIT_WAIT_SECONDS
+        while True:
+            running = [rank for rank, process in self._processes.items() if process.poll() is None]
+            if len(running) <= 1 or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_SECONDS)
+        reason = f"a collective timed out after {self.timeout_seconds:g}s"
+        if len(running) == 1:
+            return self._fail(running[0], f"hung: it still runs but stopped answering ({reason}): {text}")
+        if running:
+            ranks = ", ".join(str(rank) for rank in running)
+            return self._fail(None, f"{reason}; ranks {ranks} still run, one of them hung: {text}")
+        return self._fail(None, f"{reason} and every other rank has exited: {text}")
 
     def _fail(self, rank: int | None, reason: str) -> RankFailedError:
         if self._failed is None:
