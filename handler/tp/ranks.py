@@ -100,10 +100,12 @@ class RankGroup:
             raise self._failed
         deadline = time.monotonic() + wait_seconds
         while True:
-            for rank, process in self._processes.items():
-                code = process.poll()
-                if code is not None:
-                    raise self._fail(rank, f"exited with status {code}")
+            exited = {rank: code for rank, process in self._processes.items() if (code := process.poll()) is not None}
+            if exited:
+                # The ranks that lost a peer mid-collective exit too, with status 1 (a worker's error): one
+                # killed by a signal is the likelier cause.
+                rank = min(exited, key=lambda rank: (exited[rank] >= 0, rank))
+                raise self._fail(rank, f"exited with status {exited[rank]}")
             if time.monotonic() >= deadline:
                 return
             time.sleep(POLL_SECONDS)

@@ -111,3 +111,31 @@ def test_kv_heads_that_neither_split_nor_replicate_evenly_are_refused():
                        head_dim=64, vocab_size=1000)
     with pytest.raises(ConfigError, match="3 KV heads can neither be split over 2 ranks nor replicated"):
         ShardingPlan(shape, 0, 2)
+
+
+class _ExitedRank:
+    """A rank process that has exited with `code` (None: still running)."""
+
+    def __init__(self, code: int | None) -> None:
+        self.code, self.stdin = code, None
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def kill(self) -> None:
+        self.code = -9
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.code
+
+
+def test_a_rank_killed_by_a_signal_is_named_before_those_that_exited_after_losing_it():
+    from handler.tp.ranks import RankGroup
+
+    group = RankGroup.__new__(RankGroup)
+    group.world_size, group._failed = 4, None
+    # Rank 1 lost its peer mid-collective and exited with a worker's error status; rank 2 was killed.
+    group._processes = {1: _ExitedRank(1), 2: _ExitedRank(-9), 3: _ExitedRank(None)}
+    with pytest.raises(RankFailedError, match=r"rank 2 \(of 4\) exited with status -9") as failed:
+        group.check_alive()
+    assert failed.value.rank == 2
