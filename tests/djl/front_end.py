@@ -150,7 +150,10 @@ class DjlFrontEnd:
         self.worker.start()
         init = self.predict_standard({**self.options}, [])
         if init.code >= 300:
-            raise RuntimeError(f"Failed to initialize model: {init.message}\n{self.worker.output()}")
+            # PyModel.load reports the message; DJL logs the worker's output. The error Output's body holds the
+            # handler's own error text, which the log may not have reached yet.
+            body = b"".join(value for _, value in init.content).decode(errors="replace")
+            raise RuntimeError(f"Failed to initialize model: {init.message}\n{body}\n{self.worker.output()}")
         self._ready = True
         if self.rolling_batch:
             self._rolling = RollingBatchLoop(self)
