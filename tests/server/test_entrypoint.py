@@ -32,6 +32,19 @@ def launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def wait_until_healthy(process: subprocess.Popen, url: str, seconds: float = 120) -> None:
+    """Until `url`/ping answers 200; fails with the server's output if it exits first, or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(process.stdout.read() if process.poll() is not None else "no answer in time")
+
+
 def test_python_m_container_listens_on_sagemaker_bind_to_port(server_base, server_adapters, tmp_path):
     """The repository's example serving.properties, unchanged, with adapters in the model directory."""
     model_dir = lmi_model_dir(server_base, tmp_path / "model", {}, server_adapters)
@@ -41,17 +54,7 @@ def test_python_m_container_listens_on_sagemaker_bind_to_port(server_base, serve
                      {"SAGEMAKER_BIND_TO_PORT": str(port), "OPTION_MAX_MODEL_LEN": "128",
                       "OPTION_CPU_KV_CACHE_MB": "16"})
     try:
-        deadline = time.monotonic() + 120
-        status = None
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                status = httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code
-            except httpx.TransportError:
-                status = None
-            if status == 200:
-                break
-            time.sleep(0.2)
-        assert status == 200, process.stdout.read() if process.poll() is not None else "no answer"
+        wait_until_healthy(process, f"http://127.0.0.1:{port}")
         answer = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": ["hello", "hi"],
                                                                           "adapters": ["a1", "a2"]}, timeout=30)
         assert answer.status_code == 200 and len(answer.json()) == 2

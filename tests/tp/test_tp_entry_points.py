@@ -20,7 +20,7 @@ from tests.djl.conftest import (  # noqa: F401  (fixtures, reused)
     token_ids,
 )
 from tests.server.conftest import LORA_PROPERTIES, lmi_model_dir, server_adapters, server_base  # noqa: F401
-from tests.server.test_entrypoint import free_port, launch
+from tests.server.test_entrypoint import free_port, launch, wait_until_healthy
 
 # Start-up of two ranks (each imports torch and transformers) and the exit after a rank dies.
 START_SECONDS = 120
@@ -47,7 +47,7 @@ def test_python_m_container_serves_at_tp2_and_exits_naming_a_dead_rank(server_ba
                      {"SM_NUM_GPUS": "2", "OPTION_CACHE_DIR": str(tmp_path / "cache")})
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_healthy(process, url)
+        wait_until_healthy(process, url, START_SECONDS)
         prompts, adapters = [PROMPT, "hi"], ["a1", "a2"]
         answer = httpx.post(f"{url}/invocations", json={"inputs": prompts, "adapters": adapters, "parameters": {
             "max_new_tokens": NEW_TOKENS, "details": True}}, timeout=60)
@@ -90,14 +90,3 @@ def test_djl_handler_serves_at_tp2_and_its_worker_exits_naming_a_dead_rank(djl_d
         assert worker.wait(FAILURE_BOUND_SECONDS) == 1
         assert "exiting the worker: tensor-parallel rank 1 (of 2) exited with status -9" in front_end.worker.output()
 
-
-def _wait_until_healthy(process, url: str) -> None:
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(process.stdout.read() if process.poll() is not None else "no answer in time")
