@@ -45,7 +45,7 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 class CpuThreads:
     def __init__(self, max_threads: int | None = None) -> None:
         self.max_threads = max_threads or torch.get_num_threads()
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.cores = available_cores()
         self.threads = torch.get_num_threads()
         self._last = _sample()
         self._next_check = time.monotonic() + CHECK_INTERVAL_SECONDS
@@ -78,6 +78,11 @@ class CpuThreads:
         elif excess < TAKE_BACK_BELOW - 1:  # the others would still fit with one thread more
             threads = self.threads + 1
         return max(1, min(self.max_threads, threads))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # (wall seconds, machine busy seconds summed over cores, this process's CPU seconds, CPU seconds of each of

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -21,7 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 import handler
 from handler.block_manager import BlockManager
-from handler.config import TENSOR_PARALLEL_MAX, Config
+from handler.config import Config
 from handler.cpu_threads import CpuThreads
 from handler.errors import AdapterError, ConfigError, InvalidRequestError, LoraNotEnabledError, ModelLoadError
 from handler.lora.manager import AdapterInfo, LoraManager
@@ -41,6 +40,7 @@ from handler.sequence import (
     TokenOutput,
 )
 from handler.structured_output import StructuredOutputCompiler
+from handler.tp.devices import cpu_threads_per_rank, rank_devices, resolve_degree
 from handler.tp.lora import RowParallelLora
 from handler.tp.plan import ModelShape, ShardingPlan
 from handler.tp.protocol import WorkerInit
@@ -97,17 +97,17 @@ class Engine:
 
         started = time.perf_counter()
         self.hf_config = load_hf_config(model_dir, config.trust_remote_code)
-        self.tensor_parallel_degree = _resolve_degree(config, self.device)
+        self.tensor_parallel_degree = resolve_degree(config, self.device)
         # Refused here, before any rank starts: heads or features that do not split over the ranks, then
         # more ranks than devices.
         plan = ShardingPlan(ModelShape.from_hf_config(self.hf_config), 0, self.tensor_parallel_degree)
-        devices = _tensor_parallel_devices(self.tensor_parallel_degree, self.device)
+        devices = rank_devices(self.tensor_parallel_degree, self.device)
         self.ranks: RankGroup | None = None
         if len(devices) > 1:
             # The ranks run from another directory: they get the model's absolute path.
             rank_config = dataclasses.replace(config, model_id=str(model_dir.resolve()))
             self.ranks = RankGroup(rank_config, len(devices), devices, config.tensor_parallel_timeout,
-                                   _cpu_threads_per_rank(config, len(devices)) if self.device.type == "cpu" else None)
+                                   cpu_threads_per_rank(config, len(devices)) if self.device.type == "cpu" else None)
         try:
             self._load(config, model_dir, plan)
         except BaseException:
@@ -483,45 +483,6 @@ def _resolve_device(config: Config) -> torch.device:
     return torch.device(config.device)
 
 
-def _resolve_degree(config: Config, first: torch.device) -> int:
-    """`max`: every GPU visible from the first (DJL's device_id); on a CPU 1, today's behaviour (more ranks
-    on one CPU split the same cores: it runs, for tests and checks, but is not faster)."""
-    if config.tensor_parallel_degree != TENSOR_PARALLEL_MAX:
-        return config.tensor_parallel_degree
-    if first.type == "cuda":
-        return max(1, torch.cuda.device_count() - (first.index or 0))
-    return 1
-
-
-def _tensor_parallel_devices(degree: int, first: torch.device) -> list[torch.device]:
-    """One device per rank. On CUDA rank i uses cuda:(first + i), so N may not exceed the GPUs visible from
-    the first. On a CPU the ranks share the machine and each gets cores / N threads, so N may be up to the
-    CPU's cores."""
-    if first.type == "cuda":
-        first_index = first.index or 0
-        available = torch.cuda.device_count() - first_index
-        if degree > available:
-            raise ConfigError("tensor_parallel_degree", degree,
-                              f"asks for {degree} GPUs but {available} are visible from cuda:{first_index}")
-        return [torch.device("cuda", first_index + rank) for rank in range(degree)]
-    cores = _available_cores()
-    if degree > cores:
-        raise ConfigError("tensor_parallel_degree", degree,
-                          f"asks for {degree} ranks but {torch.cuda.device_count()} GPUs are visible and the CPU "
-                          f"has {cores} cores (on a CPU each rank needs a core of its own)")
-    return [first] * degree
-
-
-def _available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _cpu_threads_per_rank(config: Config, world_size: int) -> int:
-    if config.cpu_threads != "auto":
-        return int(config.cpu_threads)
-    return max(1, _available_cores() // world_size)
-
-
 def _cpu_threads(config: Config, device: torch.device, world_size: int) -> CpuThreads | None:
     """The adaptive thread count for a CPU engine with cpu_threads=auto; a fixed count is set here once, and
     so is each tensor-parallel rank's share of the cores (the ranks must not fight over them)."""
@@ -532,7 +493,7 @@ def _cpu_threads(config: Config, device: torch.device, world_size: int) -> CpuTh
                        "for milliseconds after every op, taking the CPU from other threads. Import handler "
                        "first, or set OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=%s", handler.GOMP_SPINCOUNT)
     if world_size > 1:
-        torch.set_num_threads(_cpu_threads_per_rank(config, world_size))
+        torch.set_num_threads(cpu_threads_per_rank(config, world_size))
         return None
     if config.cpu_threads == "auto":
         return CpuThreads()

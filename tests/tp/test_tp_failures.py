@@ -11,7 +11,7 @@ import pytest
 
 from handler import Engine, SamplingParams
 from handler.config import Config
-from handler.engine import _available_cores
+from handler.cpu_threads import available_cores
 from handler.errors import ConfigError, RankFailedError
 from handler.tp.plan import ModelShape, ShardingPlan
 
@@ -77,7 +77,7 @@ def test_a_degree_that_does_not_divide_the_heads_is_refused_before_any_rank_star
 
 
 def test_more_ranks_than_cpu_cores_is_refused(tiny_models):
-    cores = _available_cores()
+    cores = available_cores()
     # A model whose heads and features do split over cores + 1 ranks: only the device count is wrong.
     degree = cores + 1
     model_dir = tiny_models.get(f"llama-{degree}-heads", "llama", num_attention_heads=degree, num_key_value_heads=1,
