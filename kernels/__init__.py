@@ -1,8 +1,9 @@
-"""LoRA ops for many unmerged adapters in one batch: Triton kernels on CUDA, a torch path elsewhere.
+"""LoRA ops for many unmerged adapters in one batch: Triton kernels on CUDA, a C kernel and torch on CPU.
 
 See docs/KERNELS.md. Imports only torch (and triton, lazily, on the first CUDA call).
 """
 
+from .cpu_native import enabled as cpu_kernel_enabled
 from .layout import allocate_lora_buffers, allocate_lora_group_buffers, is_rank_major
 from .metadata import LoraBatchMeta
 from .ops import add_lora, add_lora_packed, triton_available
@@ -11,6 +12,7 @@ __all__ = [
     "LoraBatchMeta",
     "add_lora",
     "add_lora_packed",
+    "cpu_kernel_enabled",
     "allocate_lora_buffers",
     "allocate_lora_group_buffers",
     "is_rank_major",

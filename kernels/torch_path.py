@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_native
 from .layout import shared_rank_major_rows
 from .metadata import LoraBatchMeta
 
@@ -50,6 +51,7 @@ class _GroupViews:
     # slice's lora_a[s, :, h]; and per slice [S * R_max, O], row (s, j) holding lora_b[s, :, j].
     a_rows: torch.Tensor | None
     b_rows: tuple | None
+    native: cpu_native.Weights | None  # the same rows for the C kernel: fp32 CPU buffers, when it builds here
 
 
 @dataclass(frozen=True)
@@ -86,30 +88,20 @@ def add_lora_torch(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta: 
             add_lora_torch(y[:, offset : offset + width], x, (lora_a,), (lora_b,), (slot_ranks,), meta)
             offset += width
         return
-    ranks = tuple(tuple(slot_ranks.tolist()) for slot_ranks in slot_ranks_slices)
     max_rank = lora_a_slices[0].shape[1]
+    if views.native is not None and x.stride(1) == 1 and y.stride(1) == 1 and cpu_native.ranks_supported(
+            slot_ranks_slices):
+        _add_native(y, x, views, lora_b_slices, slot_ranks_slices, meta, max_rank)
+        return
+    ranks = tuple(tuple(slot_ranks.tolist()) for slot_ranks in slot_ranks_slices)
     bags_possible = views.a_rows is not None
     plan_key = (x.shape[1], max_rank, bags_possible, ranks)
     plan = meta.plan_cache.get(plan_key)
     if plan is None:
         plan = meta.plan_cache[plan_key] = _plan(meta, x.shape[1], max_rank, bags_possible, ranks)
     gemm_segments, bag = plan
-    widths = [lora_b.shape[1] for lora_b in lora_b_slices]
-    outputs = _column_blocks(y, widths)
-
-    for segment in gemm_segments:
-        xs = x[segment.rows] if segment.rows is not None else x.index_select(0, segment.token_ids)
-        # [n, columns]: slice i's ranks at columns i * R_max...; the padding between them is computed, unused.
-        shrunk = xs @ views.a_columns[segment.slot, :, : segment.columns]
-        for index, (lora_b, rank) in enumerate(zip(lora_b_slices, segment.ranks)):
-            if rank == 0:
-                continue
-            ranked = shrunk[:, index * max_rank : index * max_rank + rank]
-            b = lora_b[segment.slot, :, :rank]  # [O, r]
-            if segment.rows is not None:
-                outputs[index][segment.rows].addmm_(ranked, b.T)
-            else:
-                outputs[index].index_add_(0, segment.token_ids, ranked @ b.T)
+    outputs = _column_blocks(y, [lora_b.shape[1] for lora_b in lora_b_slices])
+    _add_gemm_segments(outputs, x, views, lora_b_slices, max_rank, gemm_segments)
 
     if bag is not None:
         xs = x if bag.token_ids is None else x.index_select(0, bag.token_ids)
@@ -131,6 +123,62 @@ def add_lora_torch(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta: 
                 output.add_(delta)
             else:
                 output.index_add_(0, bag.token_ids, delta)
+
+
+def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, meta: LoraBatchMeta, max_rank: int):
+    """Long segments by GEMM as on the other route; every other token in one call of the C kernel, which reads
+    the ranks itself (so, unlike the embedding_bag plan, this plan depends only on the step and H)."""
+    plan_key = ("native", x.shape[1])
+    plan = meta.plan_cache.get(plan_key)
+    if plan is None:
+        plan = meta.plan_cache[plan_key] = _native_plan(meta, x.shape[1])
+    long_segments, call = plan
+    if long_segments:
+        ranks = [slot_ranks.tolist() for slot_ranks in slot_ranks_slices]
+        segments = []
+        for slot, rows, token_ids in long_segments:
+            slot_ranks = tuple(slice_ranks[slot] for slice_ranks in ranks)
+            if any(slot_ranks):
+                columns = max(index * max_rank + rank for index, rank in enumerate(slot_ranks) if rank)
+                segments.append(_GemmSegment(slot, slot_ranks, columns, rows, token_ids))
+        outputs = _column_blocks(y, [lora_b.shape[1] for lora_b in lora_b_slices])
+        _add_gemm_segments(outputs, x, views, lora_b_slices, max_rank, segments)
+    if call is not None:
+        cpu_native.add(y, x, call, views.native, slot_ranks_slices)
+
+
+def _native_plan(meta: LoraBatchMeta, hidden: int):
+    """(long segments as (slot, rows or None, token_ids), a cpu_native.Call for the rest or None)."""
+    block = cpu_native.token_block()
+    long_segments, items = [], []
+    segments = zip(meta.active_slots, meta.segment_starts, meta.segment_counts, meta.segment_first_tokens)
+    for slot, start, count, first_token in segments:
+        consecutive = first_token >= 0
+        gemm_threshold = GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE if consecutive else GEMM_MIN_TOKEN_FEATURES_GATHERED
+        if count * hidden >= gemm_threshold:
+            rows = slice(first_token, first_token + count) if consecutive else None
+            long_segments.append((slot, rows, meta.sorted_token_ids[start : start + count]))
+        else:
+            items += [(slot, first, min(block, start + count - first)) for first in range(start, start + count, block)]
+    if not items:
+        return long_segments, None
+    return long_segments, cpu_native.Call(torch.tensor(items, dtype=torch.int64).T.contiguous(), meta.sorted_token_ids)
+
+
+def _add_gemm_segments(outputs, x, views: _GroupViews, lora_b_slices, max_rank: int, segments) -> None:
+    for segment in segments:
+        xs = x[segment.rows] if segment.rows is not None else x.index_select(0, segment.token_ids)
+        # [n, columns]: slice i's ranks at columns i * R_max...; the padding between them is computed, unused.
+        shrunk = xs @ views.a_columns[segment.slot, :, : segment.columns]
+        for index, (lora_b, rank) in enumerate(zip(lora_b_slices, segment.ranks)):
+            if rank == 0:
+                continue
+            ranked = shrunk[:, index * max_rank : index * max_rank + rank]
+            b = lora_b[segment.slot, :, :rank]  # [O, r]
+            if segment.rows is not None:
+                outputs[index][segment.rows].addmm_(ranked, b.T)
+            else:
+                outputs[index].index_add_(0, segment.token_ids, ranked @ b.T)
 
 
 def _column_blocks(y: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
@@ -162,12 +210,17 @@ def _views(lora_a_slices, lora_b_slices) -> _GroupViews:
         a_rows = b_rows = None
     else:
         b_rows = tuple(lora_b.transpose(1, 2).view(num_slots * max_rank, lora_b.shape[1]) for lora_b in lora_b_slices)
+    native = None
+    if (a_rows is not None and a_rows.dtype == torch.float32 and a_rows.device.type == "cpu"
+            and cpu_native.enabled()):
+        native = cpu_native.Weights(a_rows, b_rows, max_rank)
     views = _GroupViews(
         lora_a=tuple(weakref.ref(t) for t in lora_a_slices),
         lora_b=tuple(weakref.ref(t) for t in lora_b_slices),
         a_columns=a_columns,
         a_rows=a_rows,
         b_rows=b_rows,
+        native=native,
     )
     _group_views[key] = views
     for tensor in (*lora_a_slices, *lora_b_slices):

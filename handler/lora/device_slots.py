@@ -58,6 +58,9 @@ class DeviceSlots:
             for layer in range(num_layers)
         ]
         self.owner: list[str | None] = [None] * num_slots  # content hash held by each slot
+        if torch.device(device).type == "cpu" and dtype == torch.float32:
+            # Build (or find cached) the CPU LoRA kernel now, not in the first adapter request's step.
+            kernels.cpu_kernel_enabled()
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         if self.mirror_ops is not None:

@@ -16,13 +16,27 @@ ON_GPU = torch.cuda.is_available()
 TRITON_CHECKS = triton_checks(ON_GPU)
 
 
+# The torch path serves decode-sized segments with the C kernel (fp32, rank-major buffers) or, switched off
+# or unavailable, with embedding_bag calls: both run the grid.
+CPU_KERNEL = pytest.mark.parametrize("cpu_kernel", ["auto", "off"], ids=["c_kernel", "embedding_bag"],
+                                     indirect=True)
+
+
+@pytest.fixture
+def cpu_kernel(request, monkeypatch):
+    monkeypatch.setenv("LORA_CPU_KERNEL", request.param)
+    return request.param
+
+
+@CPU_KERNEL
 @pytest.mark.parametrize("case", torch_cases(), ids=str)
-def test_torch_path_matches_reference(case):
+def test_torch_path_matches_reference(case, cpu_kernel):
     check_matches_reference(case, "torch", "cpu")
 
 
+@CPU_KERNEL
 @pytest.mark.parametrize("case", [case for case in torch_cases() if case.tokens > 1], ids=str)
-def test_torch_path_with_gemm_route_for_segments_of_a_few_tokens(case, monkeypatch):
+def test_torch_path_with_gemm_route_for_segments_of_a_few_tokens(case, cpu_kernel, monkeypatch):
     # At test sizes every segment would take the embedding_bag route; lower the thresholds so the
     # GEMM route (consecutive and gathered) runs too, alone and beside the bags in one call.
     monkeypatch.setattr(torch_path, "GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE", 300)
@@ -30,8 +44,9 @@ def test_torch_path_with_gemm_route_for_segments_of_a_few_tokens(case, monkeypat
     check_matches_reference(case, "torch", "cpu")
 
 
+@CPU_KERNEL
 @pytest.mark.parametrize("name", sorted(SPECIAL_CHECKS))
-def test_torch_path(name):
+def test_torch_path(name, cpu_kernel):
     SPECIAL_CHECKS[name]("torch", "cpu")
 
 

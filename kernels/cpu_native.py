@@ -1,0 +1,144 @@
+"""The CPU LoRA kernel (kernels/cpu_lora.c): compiled on first use with the system's C compiler, called through
+ctypes.
+
+Why C and not torch ops: at decode each adapter serves one or two tokens, so the LoRA math is a few hundred
+tiny matrix-vector products a step. Torch's fastest expression of that (two embedding_bag calls per shrink
+and expand, kernels/torch_path.py) spends more on per-call dispatch and on summing rank-wide rows than on
+the bytes it reads (docs/BENCHMARKS.md, Multi-LoRA); one C pass per slot does the whole projection.
+
+The library is built once per (source, compiler, CPU) into a cache directory ($LORA_SERVING_KERNEL_CACHE, else
+$XDG_CACHE_HOME/lora-serving/kernels, else ~/.cache/...) and takes ~0.3 s to compile. Where no compiler works
+the torch path's embedding_bag route serves instead, with one warning; $LORA_CPU_KERNEL=off chooses that route
+on purpose (benchmarks compare the two).
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_lora.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def enabled() -> bool:
+    """Whether the torch path should use the kernel: $LORA_CPU_KERNEL is not "off" and it builds and loads."""
+    if os.environ.get("LORA_CPU_KERNEL", "auto").lower() in ("off", "0", "false", "no"):
+        return False
+    return library() is not None
+
+
+@functools.cache
+def library():
+    """The loaded kernel library, or None (logged once) when it cannot be built here."""
+    try:
+        return _load(_build())
+    except Exception as error:  # no compiler, a read-only disk, an odd libc: the torch route still serves
+        logger.warning("the CPU LoRA kernel is unavailable (%s); the slower embedding_bag route serves LoRA", error)
+        return None
+
+
+class Call:
+    """The arguments of one projection's kernel call that stay fixed for a step (items) or for a module's buffers
+    (weights), kept as ctypes values so that a layer's call converts only x, y and the thread count."""
+
+    def __init__(self, items: torch.Tensor, token_ids: torch.Tensor) -> None:
+        self.items = items  # [3, n] int64: slot, start in token_ids, count (<= token_block())
+        self.token_ids = token_ids
+        self.prefix = (_I64(items.shape[1]), _PTR(items[0].data_ptr()), _PTR(items[1].data_ptr()),
+                       _PTR(items[2].data_ptr()), _PTR(token_ids.data_ptr()))
+
+
+class Weights:
+    """One fused projection's rank-major buffers as the kernel reads them (ranks come with each call: they
+    change as adapters load, and a caller may pass new tensors)."""
+
+    def __init__(self, a_rows: torch.Tensor, b_rows: tuple, max_rank: int) -> None:
+        widths = torch.tensor([b.shape[1] for b in b_rows], dtype=torch.int64)
+        offsets = torch.cumsum(widths, 0) - widths
+        b_pointers = (_PTR * len(b_rows))(*[b.data_ptr() for b in b_rows])
+        self._keep = (a_rows, b_rows, widths, offsets, b_pointers)
+        self.num_slices = len(b_rows)
+        self.weights = (_PTR(a_rows.data_ptr()), _I64(a_rows.shape[1]), _I64(max_rank), _I64(len(b_rows)),
+                        b_pointers, _PTR(widths.data_ptr()), _PTR(offsets.data_ptr()))
+
+
+def ranks_supported(slot_ranks_slices) -> bool:
+    """The kernel reads each slice's ranks in place: contiguous CPU int32/int64 tensors of one dtype."""
+    dtype = slot_ranks_slices[0].dtype
+    return dtype in (torch.int32, torch.int64) and all(
+        r.dtype == dtype and r.device.type == "cpu" and r.is_contiguous() for r in slot_ranks_slices)
+
+
+def add(y: torch.Tensor, x: torch.Tensor, call: Call, weights: Weights, slot_ranks_slices) -> None:
+    """y[t] += the LoRA delta of each token in call's items; x [T, H] and y [T, O] fp32 with unit column stride,
+    slot_ranks_slices as ranks_supported accepts."""
+    rank_pointers = (_PTR * weights.num_slices)(*[ranks.data_ptr() for ranks in slot_ranks_slices])
+    ranks_are_int64 = ctypes.c_int(slot_ranks_slices[0].dtype == torch.int64)
+    library().lora_add_f32(*call.prefix, _PTR(x.data_ptr()), _I64(x.stride(0)), _I64(x.shape[1]), *weights.weights,
+                           rank_pointers, ranks_are_int64, _PTR(y.data_ptr()), _I64(y.stride(0)),
+                           ctypes.c_int(torch.get_num_threads()))
+
+
+@functools.cache
+def token_block() -> int:
+    return library().lora_token_block()
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_identity()]))
+    target = _cache_dir() / f"cpu_lora-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename: processes starting together never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        completed = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {completed.stderr.strip()[-500:]}")
+        os.replace(built, target)
+    return target
+
+
+def _load(path: Path):
+    torch.get_num_threads()  # torch (and its libgomp) is loaded: the kernel binds to the same OpenMP runtime
+    lib = ctypes.CDLL(str(path))
+    lib.lora_add_f32.restype = None
+    lib.lora_add_f32.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR,
+                                 _PTR, _PTR, ctypes.c_int, _PTR, _I64, ctypes.c_int]
+    lib.lora_token_block.restype = ctypes.c_int
+    return lib
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("LORA_SERVING_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "lora-serving" / "kernels"
+
+
+def _cpu_identity() -> bytes:
+    """-march=native builds for this CPU: a cache shared by machines must not hand one's build to another."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return (platform.machine() + flags).encode()
