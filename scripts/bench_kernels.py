@@ -13,6 +13,7 @@ LoRA.
 """
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -152,11 +153,33 @@ def engine_modules(device="cpu") -> dict[str, tuple[int, Module]]:
     }
 
 
+@contextlib.contextmanager
+def cpu_kernel(on: bool):
+    """The torch path with its C kernel (kernels/cpu_native.py) on or off for decode-sized segments."""
+    saved = os.environ.get("LORA_CPU_KERNEL")
+    os.environ["LORA_CPU_KERNEL"] = "auto" if on else "off"
+    torch_path._group_views.clear()  # the route is chosen when a module's buffers are first seen
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LORA_CPU_KERNEL")
+        else:
+            os.environ["LORA_CPU_KERNEL"] = saved
+        torch_path._group_views.clear()
+
+
+def timed_with_kernel(on: bool, fn, repeats, calls) -> float:
+    with cpu_kernel(on):
+        return best_time(fn, "cpu", repeats, calls)
+
+
 def cpu_call_table(repeats):
     rng = random.Random(0)
     print("\n### CPU: one call, engine shapes (fp32, slots of rank 8 and 16, R_max 16), microseconds")
-    print("| module | T | adapters | ours | slot loop | gather+bmm | ours at padded rank | vs slot loop | vs gather+bmm |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| module | T | adapters | ours | ours, embedding_bag route | slot loop | gather+bmm | ours at padded rank "
+          "| vs embedding_bag | vs slot loop | vs gather+bmm |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (hidden, module) in engine_modules().items():
         padded = module.padded()
         width = sum(b.shape[1] for b in module.lora_b)
@@ -166,23 +189,25 @@ def cpu_call_table(repeats):
             x, y = torch.randn(tokens, hidden), torch.zeros(tokens, width)
             meta = kernels.LoraBatchMeta.build(token_slots, ENGINE_SLOTS)
             times = [
-                best_time(fn, "cpu", repeats, calls=20)
-                for fn in (
-                    lambda: module.add(y, x, token_slots, meta),
-                    lambda: slot_loop(y, x, module, slots),
-                    lambda: gather_bmm(y, x, module, token_slots),
-                    lambda: padded.add(y, x, token_slots, meta),
+                timed_with_kernel(on, fn, repeats, calls=20)
+                for on, fn in (
+                    (True, lambda: module.add(y, x, token_slots, meta)),
+                    (False, lambda: module.add(y, x, token_slots, meta)),
+                    (True, lambda: slot_loop(y, x, module, slots)),
+                    (True, lambda: gather_bmm(y, x, module, token_slots)),
+                    (True, lambda: padded.add(y, x, token_slots, meta)),
                 )
             ]
             ours = times[0]
             cells = " | ".join(f"{t * 1e6:.0f}" for t in times)
-            print(f"| {name} | {tokens} | {adapters} | {cells} | {times[1] / ours:.1f}x | {times[2] / ours:.1f}x |")
+            print(f"| {name} | {tokens} | {adapters} | {cells} | {times[1] / ours:.1f}x | {times[2] / ours:.1f}x "
+                  f"| {times[3] / ours:.1f}x |")
 
 
 def cpu_route_table(repeats):
     print("\n### CPU: the torch path's routes for a segment of n tokens (4 slots, rank 16), microseconds")
-    print("| H | n | tokens consecutive | embedding_bag route | GEMM route |")
-    print("|---|---|---|---|---|")
+    print("| H | n | tokens consecutive | C kernel | embedding_bag route | GEMM route |")
+    print("|---|---|---|---|---|---|")
     saved = torch_path.GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE, torch_path.GEMM_MIN_TOKEN_FEATURES_GATHERED
     try:
         for hidden in (512, 1376):
@@ -192,12 +217,15 @@ def cpu_route_table(repeats):
                     slots = torch.arange(4).repeat_interleave(count) if consecutive else torch.arange(4).repeat(count)
                     x, y = torch.randn(slots.numel(), hidden), torch.zeros(slots.numel(), 512)
                     times = []
-                    for threshold in (10**9, 1):  # everything to the bags, then everything to GEMMs
+                    # Everything to the C kernel, to the bags, then to GEMMs.
+                    for threshold, kernel_on in ((10**9, True), (10**9, False), (1, True)):
                         torch_path.GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE = threshold
                         torch_path.GEMM_MIN_TOKEN_FEATURES_GATHERED = threshold
                         meta = kernels.LoraBatchMeta.build(slots, 4)
-                        times.append(best_time(lambda: module.add(y, x, slots, meta), "cpu", repeats, calls=20))
-                    print(f"| {hidden} | {count} | {consecutive} | {times[0] * 1e6:.0f} | {times[1] * 1e6:.0f} |")
+                        times.append(timed_with_kernel(kernel_on, lambda: module.add(y, x, slots, meta), repeats,
+                                                       calls=20))
+                    cells = " | ".join(f"{t * 1e6:.0f}" for t in times)
+                    print(f"| {hidden} | {count} | {consecutive} | {cells} |")
     finally:
         torch_path.GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE, torch_path.GEMM_MIN_TOKEN_FEATURES_GATHERED = saved
 
@@ -251,14 +279,16 @@ def cpu_step_table(repeats):
         ("prefill 200 + 32 decode, 16 adapters", [5] * 200 + decode_slots(32, 16, rng)),
     ]
     print("\n### CPU: one step of the engine model's projections (8 layers, 32 LoRA calls + 1 meta build)")
-    print("| batch | base ms | with LoRA ms | throughput vs base |")
-    print("|---|---|---|---|")
+    print("| batch | base ms | with LoRA ms | throughput vs base | with LoRA, embedding_bag route ms | vs base |")
+    print("|---|---|---|---|---|---|")
     for label, slots in batches:
         token_slots = torch.tensor(slots)
         x = torch.randn(len(slots), ENGINE_HIDDEN)
         base = best_time(lambda: stack.step(x, token_slots, False), "cpu", repeats, calls=2)
-        lora = best_time(lambda: stack.step(x, token_slots, True), "cpu", repeats, calls=2)
-        print(f"| {label} | {base * 1e3:.1f} | {lora * 1e3:.1f} | {base / lora:.2f}x |")
+        lora = timed_with_kernel(True, lambda: stack.step(x, token_slots, True), repeats, calls=2)
+        bags = timed_with_kernel(False, lambda: stack.step(x, token_slots, True), repeats, calls=2)
+        print(f"| {label} | {base * 1e3:.1f} | {lora * 1e3:.1f} | {base / lora:.2f}x | {bags * 1e3:.1f} "
+              f"| {base / bags:.2f}x |")
 
 
 # ---------------------------------------------------------------- CUDA table
