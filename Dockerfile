@@ -5,6 +5,10 @@
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
+# A C compiler at run time: Triton builds its launcher with one on first use, and the CPU LoRA kernel
+# (kernels/cpu_lora.c) is compiled at start; the runtime base image has none.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/lora-serving
 COPY pyproject.toml ./
 COPY scripts/setup scripts/setup
