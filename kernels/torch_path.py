@@ -35,6 +35,9 @@ from .metadata import LoraBatchMeta
 # "routes" table); a gathered segment also pays a gather and a scatter, so it switches much later.
 GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE = 8_192
 GEMM_MIN_TOKEN_FEATURES_GATHERED = 65_536
+# Beside the C kernel, consecutive segments stay off the GEMM route longer: it was as fast or faster up to
+# 64 tokens at H = 512 and 32 at 1376 (scripts/bench_kernels.py "routes", 2 threads, 2026-12-01).
+C_KERNEL_GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE = 32_768
 _EMBEDDING_BAG_SUM = 0  # torch.embedding_bag's mode code for "sum"
 
 
@@ -154,7 +157,8 @@ def _native_plan(meta: LoraBatchMeta, hidden: int):
     segments = zip(meta.active_slots, meta.segment_starts, meta.segment_counts, meta.segment_first_tokens)
     for slot, start, count, first_token in segments:
         consecutive = first_token >= 0
-        gemm_threshold = GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE if consecutive else GEMM_MIN_TOKEN_FEATURES_GATHERED
+        gemm_threshold = (C_KERNEL_GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE if consecutive
+                          else GEMM_MIN_TOKEN_FEATURES_GATHERED)
         if count * hidden >= gemm_threshold:
             rows = slice(first_token, first_token + count) if consecutive else None
             long_segments.append((slot, rows, meta.sorted_token_ids[start : start + count]))

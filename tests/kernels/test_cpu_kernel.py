@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu_native
+from kernels import cpu_native, torch_path
 from kernels.reference import add_lora_packed_reference
 from tests.kernels.lora_checks import torch_cases
 from tests.kernels.lora_kernel_cases import Case, make_batch, tolerance
@@ -52,7 +52,8 @@ def test_the_kernel_serves_fp32_rank_major_buffers_and_matches_the_reference(cas
     no_adapter = batch.token_slots < 0
     assert torch.equal(batch.y[no_adapter], y_before[no_adapter])
     has_lora = bool((batch.token_slots >= 0).any())
-    long_segment = case.popularity in ("same", "huge_segment") and case.tokens * case.hidden >= 8192
+    long_segment = (case.popularity in ("same", "huge_segment")
+                    and case.tokens * case.hidden >= torch_path.C_KERNEL_GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE)
     assert kernel_calls or not has_lora or long_segment, "the fp32 case did not reach the C kernel"
 
 

@@ -41,6 +41,7 @@ def test_torch_path_with_gemm_route_for_segments_of_a_few_tokens(case, cpu_kerne
     # GEMM route (consecutive and gathered) runs too, alone and beside the bags in one call.
     monkeypatch.setattr(torch_path, "GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE", 300)
     monkeypatch.setattr(torch_path, "GEMM_MIN_TOKEN_FEATURES_GATHERED", 300)
+    monkeypatch.setattr(torch_path, "C_KERNEL_GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE", 300)
     check_matches_reference(case, "torch", "cpu")
 
 
