@@ -7,7 +7,8 @@ and expand, kernels/torch_path.py) spends more on per-call dispatch and on summi
 the bytes it reads (docs/BENCHMARKS.md, Multi-LoRA); one C pass per slot does the whole projection.
 
 The library is built once per (source, compiler, CPU) into a cache directory ($LORA_SERVING_KERNEL_CACHE, else
-$XDG_CACHE_HOME/lora-serving/kernels, else ~/.cache/...) and takes ~0.3 s to compile. Where no compiler works
+$XDG_CACHE_HOME/lora-serving/kernels, else ~/.cache/...; the temporary directory when that cannot be written)
+and takes ~0.3 s to compile. Where no compiler works
 the torch path's embedding_bag route serves instead, with one warning; $LORA_CPU_KERNEL=off chooses that route
 on purpose (benchmarks compare the two).
 """
@@ -103,10 +104,12 @@ def _build() -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_identity()]))
-    target = _cache_dir() / f"cpu_lora-{key.hexdigest()[:16]}.so"
+    name = f"cpu_lora-{key.hexdigest()[:16]}.so"
+    if (_cache_dir() / name).is_file():
+        return _cache_dir() / name
+    target = _writable_cache_dir() / name
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Compile beside the target and rename: processes starting together never load a half-written file.
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
@@ -133,6 +136,18 @@ def _cache_dir() -> Path:
         return Path(configured)
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "lora-serving" / "kernels"
+
+
+def _writable_cache_dir() -> Path:
+    """The cache directory, or one under the temporary directory when it cannot be written (a read-only home)."""
+    for candidate in (_cache_dir(), Path(tempfile.gettempdir()) / f"lora-serving-kernels-{os.getuid()}"):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(candidate, os.W_OK):
+            return candidate
+    raise RuntimeError(f"no writable directory to build the kernel in ({_cache_dir()} and the temporary directory)")
 
 
 def _cpu_identity() -> bytes:

@@ -6,6 +6,7 @@ items of one slot split over threads, its build and its fallback.
 """
 
 import logging
+import os
 
 import pytest
 import torch
@@ -136,3 +137,14 @@ def test_the_build_is_cached_and_shared_by_processes(monkeypatch, tmp_path):
     mtime = first.stat().st_mtime_ns
     assert cpu_native._build() == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no scratch left behind
+
+
+def test_an_unusable_cache_directory_builds_under_the_temporary_directory(monkeypatch, tmp_path):
+    # A path under a regular file cannot be made by anyone, root included (a read-only home, in effect).
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("LORA_SERVING_KERNEL_CACHE", str(blocker / "kernels"))
+    monkeypatch.setattr(cpu_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    built = cpu_native._build()
+    assert built.parent == tmp_path / "tmp" / f"lora-serving-kernels-{os.getuid()}" and built.is_file()
+    assert cpu_native._build() == built  # found there the next time
