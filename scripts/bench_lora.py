@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -164,7 +165,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-loras", type=int, default=32)
     parser.add_argument("--max-cpu-loras", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating base/LoRA runs; the best is kept")
+    parser.add_argument("--repeats", type=int, default=4,
+                        help="rounds of one LoRA and one base run, alternating which goes first")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the engine's and PEFT's")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -184,24 +186,31 @@ def main() -> None:
         for index, path in enumerate(all_paths[:count]):
             engine.register_adapter(f"a{index}", path, preload=False)
         choices = zipf_choices(len(requests), count)
-        # Base and LoRA runs alternate and each keeps its best: interference on a shared machine only
-        # slows a run, so the best runs are the comparable ones. The first LoRA run starts cold (adapters
-        # on disk), as a server's first minutes would.
-        base_throughput = lora_throughput = 0.0
-        for _ in range(args.repeats):
-            lora_run, tokens = engine_throughput(engine, requests, [f"a{c}" for c in choices])
-            lora_throughput = max(lora_throughput, lora_run)
-            base_throughput = max(base_throughput, engine_throughput(engine, requests)[0])
+        # One LoRA run first, uncounted: it loads the adapters from disk, as a server's first minutes would.
+        # Then rounds of one LoRA and one base run, the order alternating. This VM's speed drifts by more
+        # than LoRA costs over minutes (other tenants), so (a)/(b) is the median of each round's ratio of
+        # two neighbouring runs, not a ratio of bests taken minutes apart; the tok/s columns keep each side's best.
+        lora_names = [f"a{c}" for c in choices]
+        engine_throughput(engine, requests, lora_names)
+        lora_rates, base_rates = [], []
+        for round_index in range(args.repeats):
+            sides = [(lora_rates, lora_names), (base_rates, None)]
+            for rates, names in sides if round_index % 2 == 0 else reversed(sides):
+                rate, tokens = engine_throughput(engine, requests, names)
+                rates.append(rate)
+        ratio = statistics.median(lora / base for lora, base in zip(lora_rates, base_rates))
+        lora_throughput, base_throughput = max(lora_rates), max(base_rates)
         traffic = LoraTraffic(engine)
-        engine_throughput(engine, requests, [f"a{c}" for c in choices])
+        engine_throughput(engine, requests, lora_names)
         traffic.close()
-        overhead_ms = (tokens / lora_throughput - tokens / base_throughput) / traffic.steps * 1e3
+        overhead_ms = statistics.median(tokens / lora - tokens / base
+                                        for lora, base in zip(lora_rates, base_rates)) / traffic.steps * 1e3
         floors.append([count, traffic.bytes / traffic.steps / 1e6, traffic.flops / traffic.steps / 1e9,
                        traffic.bytes / traffic.steps / bandwidth * 1e3, overhead_ms,
                        overhead_ms / (traffic.bytes / traffic.steps / bandwidth * 1e3)])
         peft_throughput = (peft_run(model_dir, all_paths[:count], requests, choices, args.batch_size, device)
                            if count <= args.peft_max else None)
-        rows.append([count, len(set(choices)), lora_throughput, base_throughput, lora_throughput / base_throughput,
+        rows.append([count, len(set(choices)), lora_throughput, base_throughput, ratio,
                      peft_throughput if peft_throughput else "skipped",
                      lora_throughput / peft_throughput if peft_throughput else ""])
 
@@ -216,7 +225,8 @@ def main() -> None:
     print(f"# bench_lora: {machine_description(device)}, on {device}")
     print(f"# {args.requests} requests, batch size {args.batch_size}, max_loras {args.max_loras}, "
           f"max_cpu_loras {args.max_cpu_loras}; adapters rank 8/16 on all 7 projections, Zipf(1.0); "
-          f"best of {args.repeats} alternating runs")
+          f"{args.repeats} rounds of a LoRA and a base run, alternating; tok/s: each side's best; (a)/(b): the "
+          "median of the rounds' ratios")
     print_table(["adapters N", "distinct used", "(a) LoRA tok/s", "(b) base tok/s", "(a)/(b)", "(c) PEFT tok/s",
                  "(a)/(c)"], rows)
     print()
@@ -224,8 +234,8 @@ def main() -> None:
                                                  ["adapter resident in a slot", warm * 1e3]])
     print()
     print(f"# The LoRA ops' floor per step: the adapters a step uses, read once at {bandwidth / 1e9:.1f} GB/s "
-          "(this run's copy bandwidth), next to the measured LoRA cost per step (LoRA run time less base run "
-          "time, over the LoRA run's steps)")
+          "(this run's copy bandwidth), next to the measured LoRA cost per step (the median over rounds of the LoRA "
+          "run's time less the base run's, over the LoRA run's steps)")
     print_table(["adapters N", "adapter MB/step", "LoRA GFLOP/step", "floor ms/step", "measured ms/step",
                  "measured / floor"], floors)
 
