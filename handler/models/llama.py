@@ -86,10 +86,13 @@ class DecoderLayer:
         qkv = self.qkv(x)
         if lora is not None:
             lora.apply(self.index, "qkv", qkv, x)
-        q, k, v = qkv.split([model.q_size, model.kv_size, model.kv_size], dim=-1)  # this rank's heads
-        q = model.rotary.apply(q.view(num_tokens, model.num_heads, model.head_dim), ctx.positions)
-        k = model.rotary.apply(k.view(num_tokens, model.num_kv_heads, model.head_dim), ctx.positions)
-        v = v.view(num_tokens, model.num_kv_heads, model.head_dim)
+        # q and k sit side by side in qkv (this rank's heads), so RoPE rotates them as one set of heads: half
+        # the elementwise calls of rotating each, the same arithmetic per element.
+        heads = model.num_heads + model.num_kv_heads
+        q_and_k = model.rotary.apply(qkv[:, : model.q_size + model.kv_size].view(num_tokens, heads, model.head_dim),
+                                     ctx.positions)
+        q, k = q_and_k[:, : model.num_heads], q_and_k[:, model.num_heads :]
+        v = qkv[:, model.q_size + model.kv_size :].view(num_tokens, model.num_kv_heads, model.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, ctx, self.sliding_window, model.attention_scale)
         attn = attn.reshape(num_tokens, model.q_size)
         o = self.o(attn)
