@@ -1,19 +1,23 @@
-"""The pure-torch LoRA path: CPU tensors, and CUDA when Triton is absent or the torch path is forced.
+"""The CPU LoRA path (torch ops and a C kernel): CPU tensors, and on CUDA (torch routes) when Triton is absent or forced.
 
 One call serves all the slices of a fused projection (q/k/v, gate/up). When their lora_a share one
 rank-major buffer (kernels/layout.py, allocate_lora_group_buffers: as the engine allocates them), the
 shrink runs once for all slices, x @ [A_q | A_k | A_v], and only the expand is per slice; otherwise each
 slice is shrunk on its own.
 
-Each segment (the tokens of one slot) takes one of two routes, decided once per step:
+Each segment (the tokens of one slot) takes one of these routes, decided once per step:
 - a long segment (a prefill) is one shrink GEMM and one expand GEMM per slice, at the slot's real rank
   for the expand; when its tokens are consecutive in the batch (a prefill, or any segment once the engine
   orders sequences by slot) its rows are slices of x and y: no gather, no scatter;
-- all other tokens (decode: one or a few tokens per slot) share one embedding_bag call for the shrink
-  and one per slice for the expand, which read only each token's own weight rows. A Python loop over ~32
-  slots spends more on op dispatch than on math, and gathering per-token [T, R, H] weight copies spends
-  more on memory traffic: both measured slower (docs/BENCHMARKS.md). This route needs the rank-major
-  layout; other layouts send every segment down the GEMM route, which is correct but slower for decode.
+- all other tokens (decode: one or a few tokens per slot) go to the C kernel (kernels/cpu_native.py) in
+  one call, when the buffers are rank-major fp32 on the CPU and the kernel builds here: one pass per slot
+  over its contiguous weight rows;
+- failing that (no compiler, LORA_CPU_KERNEL=off, another dtype) they share one embedding_bag call for the
+  shrink and one per slice for the expand, which read only each token's own weight rows. A Python loop
+  over ~32 slots spends more on op dispatch than on math, and gathering per-token [T, R, H] weight copies
+  spends more on memory traffic: both measured slower (docs/BENCHMARKS.md). Both of these routes need the
+  rank-major layout; other layouts send every segment down the GEMM route, which is correct but slower for
+  decode.
 Per call the host work is a few dictionary lookups: the routes and index tensors are built once per step
 for each (hidden size, buffer shape, slot ranks) and shared by all the layers' calls that match. Slot
 ranks are read on the host (free on CPU; one sync per call on CUDA, where this path is only the baseline
