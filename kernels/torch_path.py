@@ -1,4 +1,4 @@
-"""The CPU LoRA path (torch ops and a C kernel): CPU tensors, and on CUDA (torch routes) when Triton is absent or forced.
+"""The CPU LoRA path (torch ops and a C kernel): CPU tensors, and CUDA ones when Triton is absent or forced.
 
 One call serves all the slices of a fused projection (q/k/v, gate/up). When their lora_a share one
 rank-major buffer (kernels/layout.py, allocate_lora_group_buffers: as the engine allocates them), the
