@@ -8,9 +8,8 @@ the bytes it reads (docs/BENCHMARKS.md, Multi-LoRA); one C pass per slot does th
 
 The library is built once per (source, compiler, CPU) into a cache directory ($LORA_SERVING_KERNEL_CACHE, else
 $XDG_CACHE_HOME/lora-serving/kernels, else ~/.cache/...; the temporary directory when that cannot be written)
-and takes ~0.3 s to compile. Where no compiler works
-the torch path's embedding_bag route serves instead, with one warning; $LORA_CPU_KERNEL=off chooses that route
-on purpose (benchmarks compare the two).
+and takes ~0.3 s to compile. Where no compiler works the torch path's embedding_bag route serves instead,
+with one warning; $LORA_CPU_KERNEL=off chooses that route on purpose (benchmarks compare the two).
 """
 
 import ctypes
@@ -51,8 +50,8 @@ def library():
 
 
 class Call:
-    """The arguments of one projection's kernel call that stay fixed for a step (items) or for a module's buffers
-    (weights), kept as ctypes values so that a layer's call converts only x, y and the thread count."""
+    """The arguments of the kernel calls that stay fixed for a step (its work items, shared by every module of
+    one hidden size), kept as ctypes values; Weights holds those fixed for a module's buffers."""
 
     def __init__(self, items: torch.Tensor, token_ids: torch.Tensor) -> None:
         self.items = items  # [3, n] int64: slot, start in token_ids, count (<= token_block())

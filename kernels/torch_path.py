@@ -143,11 +143,10 @@ def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, meta
     if long_segments:
         ranks = [slot_ranks.tolist() for slot_ranks in slot_ranks_slices]
         segments = []
-        for slot, rows, token_ids in long_segments:
+        for slot, first_token, token_ids in long_segments:
             slot_ranks = tuple(slice_ranks[slot] for slice_ranks in ranks)
             if any(slot_ranks):
-                columns = max(index * max_rank + rank for index, rank in enumerate(slot_ranks) if rank)
-                segments.append(_GemmSegment(slot, slot_ranks, columns, rows, token_ids))
+                segments.append(_gemm_segment(slot, slot_ranks, max_rank, first_token, token_ids))
         outputs = _column_blocks(y, [lora_b.shape[1] for lora_b in lora_b_slices])
         _add_gemm_segments(outputs, x, views, lora_b_slices, max_rank, segments)
     if call is not None:
@@ -155,22 +154,32 @@ def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, meta
 
 
 def _native_plan(meta: LoraBatchMeta, hidden: int):
-    """(long segments as (slot, rows or None, token_ids), a cpu_native.Call for the rest or None)."""
+    """(long segments as (slot, first token or -1, token_ids), a cpu_native.Call for the rest or None)."""
     block = cpu_native.token_block()
     long_segments, items = [], []
     segments = zip(meta.active_slots, meta.segment_starts, meta.segment_counts, meta.segment_first_tokens)
     for slot, start, count, first_token in segments:
-        consecutive = first_token >= 0
-        gemm_threshold = (C_KERNEL_GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE if consecutive
-                          else GEMM_MIN_TOKEN_FEATURES_GATHERED)
-        if count * hidden >= gemm_threshold:
-            rows = slice(first_token, first_token + count) if consecutive else None
-            long_segments.append((slot, rows, meta.sorted_token_ids[start : start + count]))
+        if _takes_gemm(count, hidden, first_token, C_KERNEL_GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE):
+            long_segments.append((slot, first_token, meta.sorted_token_ids[start : start + count]))
         else:
             items += [(slot, first, min(block, start + count - first)) for first in range(start, start + count, block)]
     if not items:
         return long_segments, None
     return long_segments, cpu_native.Call(torch.tensor(items, dtype=torch.int64).T.contiguous(), meta.sorted_token_ids)
+
+
+def _takes_gemm(count: int, hidden: int, first_token: int, consecutive_threshold: int) -> bool:
+    """Whether a segment of `count` tokens is long enough for the GEMM route; one whose tokens are not
+    consecutive (first_token -1) also pays a gather and a scatter there, so it switches later."""
+    threshold = consecutive_threshold if first_token >= 0 else GEMM_MIN_TOKEN_FEATURES_GATHERED
+    return count * hidden >= threshold
+
+
+def _gemm_segment(slot: int, slot_ranks: tuple, max_rank: int, first_token: int, token_ids) -> _GemmSegment:
+    """The GEMM route's view of one segment whose slot targets at least one slice."""
+    rows = slice(first_token, first_token + token_ids.shape[0]) if first_token >= 0 else None
+    columns = max(index * max_rank + rank for index, rank in enumerate(slot_ranks) if rank)
+    return _GemmSegment(slot, slot_ranks, columns, rows, token_ids)
 
 
 def _add_gemm_segments(outputs, x, views: _GroupViews, lora_b_slices, max_rank: int, segments) -> None:
@@ -245,12 +254,8 @@ def _plan(meta: LoraBatchMeta, hidden: int, max_rank: int, bags_possible: bool, 
         if not any(slot_ranks):
             continue  # this slot's adapter targets none of the slices
         token_ids = meta.sorted_token_ids[start : start + count]
-        consecutive = first_token >= 0
-        gemm_threshold = GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE if consecutive else GEMM_MIN_TOKEN_FEATURES_GATHERED
-        if count * hidden >= gemm_threshold or not bags_possible:
-            rows = slice(first_token, first_token + count) if consecutive else None
-            columns = max(index * max_rank + rank for index, rank in enumerate(slot_ranks) if rank)
-            gemm_segments.append(_GemmSegment(slot, slot_ranks, columns, rows, token_ids))
+        if _takes_gemm(count, hidden, first_token, GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE) or not bags_possible:
+            gemm_segments.append(_gemm_segment(slot, slot_ranks, max_rank, first_token, token_ids))
         else:
             bag_ids.append(token_ids)
             bag_slots.append(torch.full((count,), slot, dtype=torch.int64, device=meta.device))
