@@ -49,8 +49,8 @@ class RotaryTable:
         angles = torch.cat((freqs, freqs), dim=-1)
         self.cos = (angles.cos() * attention_scaling).to(dtype=dtype, device=device)
         self.sin = (angles.sin() * attention_scaling).to(dtype=dtype, device=device)
-        # The rows of the last positions tensor seen: every layer's q and k of a step share one (16 lookups a
-        # step on an 8-layer model, a measurable share of a batch-1 decode step on CPU).
+        # The rows of the last positions tensor seen: every layer of a step rotates with the same one (one lookup
+        # a step instead of one per layer; small calls are a measurable share of a batch-1 decode step on CPU).
         self._rows_for: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

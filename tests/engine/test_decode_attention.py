@@ -129,6 +129,10 @@ def test_auto_pads_small_batches_and_attends_large_ones_per_sequence(tiny_models
                           lengths, runner._pads(count, max(map(len, tables))), [])
 
     small = [[1, 2]] * 2
-    large = [list(range(PAD_DECODES_MAX_ELEMENTS // per_token + 1))]
+    # Two decodes, so that the size threshold decides (a lone decode is never padded, below).
+    large = [list(range(PAD_DECODES_MAX_ELEMENTS // per_token + 1))] * 2
     assert isinstance(build_forward_inputs(decodes(small, [8, 8]), runner.device)[0].decode_kv, PaddedDecodes)
-    assert isinstance(build_forward_inputs(decodes(large, [4 * len(large[0])]), runner.device)[0].decode_kv, list)
+    assert isinstance(build_forward_inputs(decodes(large, [4 * len(large[0])] * 2), runner.device)[0].decode_kv, list)
+    # One decode is one attention call either way; unpadded it reads its consecutive blocks in place.
+    lone = build_forward_inputs(decodes(small[:1], [8]), runner.device)[0].decode_kv
+    assert isinstance(lone, list) and lone[0].first_block == 1
