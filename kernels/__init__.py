@@ -1,8 +1,10 @@
-"""LoRA ops for many unmerged adapters in one batch: Triton kernels on CUDA, a C kernel and torch on CPU.
+"""LoRA ops for many unmerged adapters in one batch: Triton kernels on CUDA, a C kernel and torch on CPU; and the C
+kernel for the base model's projections at one to four rows on CPU (cpu_matvec.py).
 
 See docs/KERNELS.md. Imports only torch (and triton, lazily, on the first CUDA call).
 """
 
+from .cpu_matvec import PackedMatvec
 from .cpu_native import enabled as cpu_kernel_enabled
 from .layout import allocate_lora_buffers, allocate_lora_group_buffers, is_rank_major
 from .metadata import LoraBatchMeta
@@ -10,6 +12,7 @@ from .ops import add_lora, add_lora_packed, triton_available
 
 __all__ = [
     "LoraBatchMeta",
+    "PackedMatvec",
     "add_lora",
     "add_lora_packed",
     "cpu_kernel_enabled",

@@ -1,15 +1,17 @@
-"""The CPU LoRA kernel (kernels/cpu_lora.c): compiled on first use with the system's C compiler, called through
-ctypes.
+"""The CPU kernels in C (kernels/cpu_lora.c, and kernels/cpu_matvec.c for kernels/cpu_matvec.py): compiled on first
+use with the system's C compiler into one library, called through ctypes. This module builds and loads it and holds
+the LoRA kernel's calls.
 
 Why C and not torch ops: at decode each adapter serves one or two tokens, so the LoRA math is a few hundred
 tiny matrix-vector products a step. Torch's fastest expression of that (two embedding_bag calls per shrink
 and expand, kernels/torch_path.py) spends more on per-call dispatch and on summing rank-wide rows than on
 the bytes it reads (docs/BENCHMARKS.md, Multi-LoRA); one C pass per slot does the whole projection.
 
-The library is built once per (source, compiler, CPU) into a cache directory ($LORA_SERVING_KERNEL_CACHE, else
+The library is built once per (sources, compiler, CPU) into a cache directory ($LORA_SERVING_KERNEL_CACHE, else
 $XDG_CACHE_HOME/lora-serving/kernels, else ~/.cache/...; the temporary directory when that cannot be written)
-and takes ~0.3 s to compile. Where no compiler works the torch path's embedding_bag route serves instead,
-with one warning; $LORA_CPU_KERNEL=off chooses that route on purpose (benchmarks compare the two).
+and takes ~0.5 s to compile. Where no compiler works the torch path's embedding_bag route serves LoRA instead (and
+oneDNN every projection), with one warning; $LORA_CPU_KERNEL=off chooses that LoRA route on purpose (benchmarks
+compare the two).
 """
 
 import ctypes
@@ -27,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_lora.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_matvec.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -45,7 +47,8 @@ def library():
     try:
         return _load(_build())
     except Exception as error:  # no compiler, a read-only disk, an odd libc: the torch route still serves
-        logger.warning("the CPU LoRA kernel is unavailable (%s); the slower embedding_bag route serves LoRA", error)
+        logger.warning("the CPU kernels are unavailable (%s): the slower embedding_bag route serves LoRA and oneDNN "
+                       "every projection", error)
         return None
 
 
@@ -101,9 +104,9 @@ def _build() -> Path:
     if not compiler:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_identity()]))
-    name = f"cpu_lora-{key.hexdigest()[:16]}.so"
+    sources = [path.read_bytes() for path in SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(FLAGS).encode(), _cpu_identity()]))
+    name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if (_cache_dir() / name).is_file():
         return _cache_dir() / name
     target = _writable_cache_dir() / name
@@ -112,7 +115,7 @@ def _build() -> Path:
     # Compile beside the target and rename: processes starting together never load a half-written file.
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        completed = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+        completed = subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)], capture_output=True, text=True)
         if completed.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {completed.stderr.strip()[-500:]}")
         os.replace(built, target)
@@ -126,6 +129,9 @@ def _load(path: Path):
     lib.lora_add_f32.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR,
                                  _PTR, _PTR, ctypes.c_int, _PTR, _I64, ctypes.c_int]
     lib.lora_token_block.restype = ctypes.c_int
+    lib.packed_matvec_f32.restype = None
+    lib.packed_matvec_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int]
+    lib.matvec_max_rows.restype = ctypes.c_int
     return lib
 
 

@@ -7,7 +7,9 @@ Measured on a 2-core AVX2 VM with torch 2.13, against MKL's sgemm on the plain w
 1.8x for the LM head; prefills go through in 64-row pieces, about as fast as MKL. The packed copy
 replaces the plain weight, the same size (an LM head tied to the embedding table needs both), but
 oneDNN keeps some state per input shape: bounded by the 64-row cap, about 100-180 MB on
-bench_engine's model.
+bench_engine's model. One to four rows (decodes at small batch sizes, where the step is bound by
+reading the weights) go instead to a C kernel that reads the packed weight in place
+(kernels/cpu_matvec.py): oneDNN's fixed cost per call made it 1.2-1.7x slower at one row.
 
 Without oneDNN (or for other dtypes, or on GPUs, where cuBLAS picks its own kernels) the plain weight
 is used. There MKL is markedly slower for a few activation rows against a wide weight when called as
@@ -22,6 +24,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from kernels import PackedMatvec
 
 # Up to this many rows the weight-major call is used on CPU: the decode regime (one row per sequence).
 WEIGHT_MAJOR_MAX_ROWS = 64
@@ -44,16 +48,24 @@ class Projection:
         self.out_features = weight.shape[0]
         self.bias = bias
         self._packed = _pack_for_onednn(weight) if use_onednn and onednn_usable_for(weight) else None
+        self._matvec = None if self._packed is None else PackedMatvec.for_weight(weight, self._packed, bias)
         self.weight = weight if self._packed is None else None
 
     @property
     def backend(self) -> str:
         return "onednn" if self._packed is not None else "dense"
 
+    @property
+    def matvec_rows(self) -> int:
+        """Up to how many rows the C kernel multiplies (0: it does not serve this projection)."""
+        return 0 if self._matvec is None else self._matvec.max_rows
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
             return _dense_project(x, self.weight, self.bias)
         rows = x.shape[0]
+        if self._matvec is not None and rows <= self._matvec.max_rows:
+            return self._matvec(x)
         if rows <= ONEDNN_MAX_ROWS:
             return self._onednn(x)
         out = torch.empty(rows, self.out_features, dtype=x.dtype, device=x.device)

@@ -121,3 +121,20 @@ def test_qwen2_sliding_window_layers_match_transformers(tiny_models):
     results = engine.generate(prompts, SamplingParams(max_new_tokens=20))
     for prompt, result in zip(prompts, results):
         assert result.token_ids == reference_greedy(model_dir, prompt, 20)
+
+
+def test_projections_packed_for_onednn_match_transformers(tiny_models):
+    # Wide enough that the projections are packed for oneDNN (handler/models/projection.py), so that decodes of
+    # one to four sequences go through the C matrix-vector kernel and larger batches through oneDNN.
+    model_dir = tiny_models.get("llama-packed", "llama", hidden_size=256, intermediate_size=512)
+    engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=8)
+    lm_head = engine.model.lm_head
+    if lm_head.backend != "onednn" or lm_head.matvec_rows == 0:
+        pytest.skip("no oneDNN prepacked linear or no C kernel here: the tiny models' test covers the dense path")
+    prompts = random_prompts(7, seed=7, max_len=40)
+    [alone] = engine.generate(prompts[:1], SamplingParams(max_new_tokens=20))
+    assert alone.token_ids == reference_greedy(model_dir, prompts[0], 20)
+    max_new = [random.Random(200 + i).randint(6, 24) for i in range(len(prompts))]
+    outputs = run_staggered(engine, prompts, max_new, join_every=3, per_join=2)  # batches of 1 to 7
+    for prompt, new_tokens, output in zip(prompts, max_new, outputs):
+        assert output == reference_greedy(model_dir, prompt, new_tokens)
