@@ -1,16 +1,18 @@
-"""Attention over the paged KV cache, in plain torch (scaled_dot_product_attention).
+"""Attention over the paged KV cache: torch's scaled_dot_product_attention, and a C kernel for CPU decodes.
 
 The cache of one layer is `[kv_heads, num_blocks, block_size, head_dim]` for K and for V. A prefill from
 position 0 attends to its own fresh K/V (the fast path: causal attention over contiguous tensors). A
 prefill that starts later (after a prefix-cache hit, or a chunk after earlier chunks) reads the whole
 sequence's K/V from the cache, its new ones written there first, with a causal mask aligned to the bottom
 right: its query at position p sees keys 0..p (the last `sliding_window` of them, with a window).
-Decodes read their cached K/V in one of two ways. On CPU each attends on its own: head-major blocks make
-a sequence whose blocks are consecutive one strided view of the cache (no copy at all), and any other
-sequence one `index_select` whose result is already `[kv_heads, L, d]` with each head's keys contiguous.
-On GPUs, where that would be a kernel launch per sequence and layer, and on CPU while the result is
-small, all are gathered into one padded `[B, kv_heads, L, d]` tensor (the same `index_select`) and
-attended in one call.
+Decodes read their cached K/V in one of three ways. On CPU with fp32 the C kernel (kernels/cpu_attention.py)
+attends all of them in one call per layer, reading each one's blocks in place through its block table (one
+query row per sequence is where torch's attention costs most above its bytes). Without the kernel, on CPU
+each attends on its own: head-major blocks make a sequence whose blocks are consecutive one strided view of
+the cache (no copy at all), and any other sequence one `index_select` whose result is already
+`[kv_heads, L, d]` with each head's keys contiguous. On GPUs, where that would be a kernel launch per
+sequence and layer, and on CPU without the kernel while the result is small, all are gathered into one
+padded `[B, kv_heads, L, d]` tensor (the same `index_select`) and attended in one call.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from handler.forward_context import CachedKV, ForwardContext, PaddedDecodes, PrefillSpan
+from kernels import cpu_attention
 
 
 def paged_attention(
@@ -116,6 +119,9 @@ def _cached(cache: torch.Tensor, seq: CachedKV, start: int, block_size: int) -> 
 
 def _padded_decode_attention(q, k_cache, v_cache, decodes: PaddedDecodes, sliding_window: int | None,
                              scale: float):
+    if decodes.in_kernel:
+        return cpu_attention.decode_attention(q, k_cache, v_cache, decodes.block_tables, decodes.context_lens,
+                                              _kernel_starts(decodes, sliding_window), scale)
     batch, q_heads, head_dim = q.shape
     kv_heads, _, block_size, _ = k_cache.shape
     block_ids = decodes.block_tables.flatten()
@@ -128,6 +134,16 @@ def _padded_decode_attention(q, k_cache, v_cache, decodes: PaddedDecodes, slidin
     out = F.scaled_dot_product_attention(grouped_q, keys.transpose(0, 1), values.transpose(0, 1),
                                          attn_mask=_padded_decode_mask(decodes, sliding_window), scale=scale)
     return out.reshape(batch, q_heads, head_dim)
+
+
+def _kernel_starts(decodes: PaddedDecodes, sliding_window: int | None) -> torch.Tensor | None:
+    """The first key each decode sees through `sliding_window` (None: all from the first)."""
+    if sliding_window is None or sliding_window >= decodes.longest:
+        return None
+    starts = decodes.starts.get(sliding_window)
+    if starts is None:
+        starts = decodes.starts[sliding_window] = (decodes.context_lens - sliding_window).clamp_(min=0)
+    return starts
 
 
 def _padded_decode_mask(decodes: PaddedDecodes, sliding_window: int | None) -> torch.Tensor | None:

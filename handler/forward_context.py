@@ -37,19 +37,24 @@ class CachedKV:
 
 @dataclass(slots=True)
 class PaddedDecodes:
-    """All decoding sequences' blocks, gathered into one padded tensor and attended in one call.
+    """All decoding sequences' block tables, padded to one width, for one attention call per layer over them all.
 
-    The form for GPUs, where one attention per sequence would cost a kernel launch per sequence and
-    layer, and a gather is cheap next to that; and on CPU while the padded tensor is small (a small
-    model, short contexts), where per-call overhead outweighs the copy.
+    On CPU with fp32 (`in_kernel`), the C decode attention kernel (kernels/cpu_attention.py) reads every
+    sequence's K/V in place through these tables. Otherwise the blocks are gathered into one padded tensor
+    and attended by torch: the form for GPUs, where one attention per sequence would cost a kernel launch per
+    sequence and layer, and a gather is cheap next to that; and on CPU without the kernel while the padded
+    tensor is small (a small model, short contexts), where per-call overhead outweighs the copy.
     """
 
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
     context_lens: torch.Tensor  # [B] tokens each attends to, itself included
     longest: int  # the longest and shortest of those, known on the host
     shortest: int
-    # Masks per sliding-window size (None = full attention), built on first use in the step.
+    in_kernel: bool = False
+    # Per sliding-window size (None = full attention), built on first use in the step: the masks of the padded
+    # gather, or the first key each decode sees for the kernel.
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    starts: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -73,7 +78,7 @@ class ForwardContext:
     slot_mapping: torch.Tensor  # [T] flat KV-cache index each token's K/V is written to
     num_decode_tokens: int
     # The decodes' cached K/V in one of two forms (see each): one per decode token in the same order,
-    # or all padded together.
+    # or all in padded block tables.
     decode_kv: list[CachedKV] | PaddedDecodes
     prefills: list[PrefillSpan]
     lora: LoraApplier | None = None

@@ -14,10 +14,12 @@ from handler.scheduler import ScheduledStep
 from handler.step_inputs import StepInputs, build_forward_inputs, describe_step
 from handler.tp import protocol
 from handler.tp.ranks import RankGroup
+from kernels import cpu_attention
 
-# On CPU, up to this many K elements per layer in the padded [B, kv_heads, longest, d] tensor, one gather
-# and one attention call for all decodes beat one call per sequence (small models, short contexts:
-# per-call overhead dominates); above it, per sequence won, up to 4x at bench_engine's shapes.
+# On CPU without the C attention kernel, up to this many K elements per layer in the padded [B, kv_heads,
+# longest, d] tensor, one gather and one attention call for all decodes beat one call per sequence (small
+# models, short contexts: per-call overhead dominates); above it, per sequence won, up to 4x at bench_engine's
+# shapes.
 # Measured crossover on 2 cores: between 0.26M (padded 1.6x faster) and 0.82-1.05M (per sequence 1.1-1.4x).
 PAD_DECODES_MAX_ELEMENTS = 2**19
 
@@ -45,9 +47,13 @@ class ModelRunner:
             device=self.device,
         )
         self.sampler = Sampler(self.device)
-        # How decodes read their K/V (handler/forward_context.py): "padded" (always, on GPUs),
-        # "per_sequence", or "auto" (CPU): padded while the padded tensor is small. Tests force each.
-        self.decode_form = "padded" if self.device.type == "cuda" else "auto"
+        # How decodes read their K/V (handler/forward_context.py): "padded" (always, on GPUs), "kernel" (CPU
+        # fp32 where the C kernel builds), "per_sequence", or "auto" (CPU otherwise): padded while the padded
+        # tensor is small. Tests force each.
+        if self.device.type == "cuda":
+            self.decode_form = "padded"
+        else:
+            self.decode_form = "kernel" if cpu_attention.serves(model.dtype, self.device) else "auto"
 
     def execute(self, step: ScheduledStep, lora: LoraStepApplier | None = None) -> SampledTokens:
         """Run one forward pass over the step's tokens; return each sampling sequence's next token and
@@ -55,7 +61,7 @@ class ModelRunner:
         step). A prefill chunk that does not complete its sequence samples nothing. With tensor parallelism
         the other ranks get the step first and run the same forward on their shards."""
         copies = self.block_manager.take_copies()
-        inputs = describe_step(step, self.block_manager, self._pads)
+        inputs = describe_step(step, self.block_manager, self._decode_form)
         if self.ranks is not None:
             self._send_step(inputs, copies, lora)
         self._copy_blocks(copies)
@@ -115,12 +121,13 @@ class ModelRunner:
             scored = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
             seq.prompt_log_probs.extend(scored.tolist())
 
-    def _pads(self, num_decodes: int, width: int) -> bool:
+    def _decode_form(self, num_decodes: int, width: int) -> str:
         if self.decode_form != "auto":
-            return self.decode_form == "padded"
+            return self.decode_form
         if num_decodes == 1:
             # One sequence is one attention call either way, and unpadded it reads its blocks in place when they
             # are consecutive (no gather at all): 16 gathers of ~40 us a step at batch 1 on bench_engine's model.
-            return False
+            return "per_sequence"
         padded_tokens = num_decodes * width * self.block_manager.block_size
-        return padded_tokens * self.model.num_kv_heads * self.model.head_dim <= PAD_DECODES_MAX_ELEMENTS
+        small = padded_tokens * self.model.num_kv_heads * self.model.head_dim <= PAD_DECODES_MAX_ELEMENTS
+        return "padded" if small else "per_sequence"

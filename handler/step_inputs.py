@@ -33,12 +33,12 @@ class StepInputs:
     last_token_index: list[int]  # rows whose logits are sampled
     decode_tables: list[list[int]]
     decode_lengths: list[int]
-    pad_decodes: bool  # all decodes gathered into one padded tensor (see handler/attention.py)
+    decode_form: str  # "per_sequence", "padded" or "kernel" (see handler/forward_context.py, handler/attention.py)
     prefills: list[PrefillInput]
 
 
-def describe_step(step: ScheduledStep, block_manager: BlockManager, pad_decodes) -> StepInputs:
-    """`pad_decodes(num_decodes, widest_table)`: whether the decodes take the padded form this step."""
+def describe_step(step: ScheduledStep, block_manager: BlockManager, decode_form) -> StepInputs:
+    """`decode_form(num_decodes, widest_table)`: the form the decodes' K/V take this step (see StepInputs)."""
     block_size = block_manager.block_size
     input_ids: list[int] = []
     positions: list[int] = []
@@ -76,7 +76,7 @@ def describe_step(step: ScheduledStep, block_manager: BlockManager, pad_decodes)
         last_token_index=last_token_index,
         decode_tables=[list(table) for table in decode_tables],
         decode_lengths=decode_lengths,
-        pad_decodes=bool(decode_tables) and pad_decodes(len(decode_tables), width),
+        decode_form=decode_form(len(decode_tables), width) if decode_tables else "per_sequence",
         prefills=prefills,
     )
 
@@ -104,7 +104,7 @@ def build_forward_inputs(inputs: StepInputs, device: torch.device) -> tuple[Forw
 
 def _decode_kv(inputs: StepInputs, device: torch.device) -> list[CachedKV] | PaddedDecodes:
     tables, lengths = inputs.decode_tables, inputs.decode_lengths
-    if inputs.pad_decodes:
+    if inputs.decode_form != "per_sequence":
         width = max(len(table) for table in tables)
         return PaddedDecodes(
             block_tables=torch.tensor([table + [0] * (width - len(table)) for table in tables],
@@ -112,6 +112,7 @@ def _decode_kv(inputs: StepInputs, device: torch.device) -> list[CachedKV] | Pad
             context_lens=torch.tensor(lengths, dtype=torch.long, device=device),
             longest=max(lengths),
             shortest=min(lengths),
+            in_kernel=inputs.decode_form == "kernel",
         )
     return [_cached_kv(table, length, device) for table, length in zip(tables, lengths)]
 

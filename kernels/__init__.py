@@ -1,9 +1,11 @@
 """LoRA ops for many unmerged adapters in one batch: Triton kernels on CUDA, a C kernel and torch on CPU; and the C
-kernel for the base model's projections at one to four rows on CPU (cpu_matvec.py).
+kernels for the base model's projections at one to four rows (cpu_matvec.py) and for decode attention
+(cpu_attention.py) on CPU.
 
 See docs/KERNELS.md. Imports only torch (and triton, lazily, on the first CUDA call).
 """
 
+from . import cpu_attention
 from .cpu_matvec import PackedMatvec
 from .cpu_native import enabled as cpu_kernel_enabled
 from .layout import allocate_lora_buffers, allocate_lora_group_buffers, is_rank_major
@@ -15,6 +17,7 @@ __all__ = [
     "PackedMatvec",
     "add_lora",
     "add_lora_packed",
+    "cpu_attention",
     "cpu_kernel_enabled",
     "allocate_lora_buffers",
     "allocate_lora_group_buffers",

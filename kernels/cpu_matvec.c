@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_vec.h"
+
 #define MAX_ROWS 4
 #define MAX_BLOCK 64
 /* Inputs processed per pass over a chunk of the block: the chunk (K_CHUNK x 64 floats, 16 KB) stays in L1 while
@@ -20,13 +22,6 @@
 #define K_CHUNK 64
 
 int matvec_max_rows(void) { return MAX_ROWS; }
-
-/* Eight floats as one value: GCC and Clang map it onto the CPU's vector registers (two on 128-bit ISAs), so that
- * the running sums stay in registers instead of going through memory at every multiply-add. */
-typedef float vec8 __attribute__((vector_size(32)));
-
-static inline vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
 
 /* Inlined with a constant `block`, so that the loops over its vectors unroll into named registers. */
 static inline __attribute__((always_inline)) void block_product(

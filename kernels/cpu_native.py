@@ -1,6 +1,6 @@
-"""The CPU kernels in C (kernels/cpu_lora.c, and kernels/cpu_matvec.c for kernels/cpu_matvec.py): compiled on first
-use with the system's C compiler into one library, called through ctypes. This module builds and loads it and holds
-the LoRA kernel's calls.
+"""The CPU kernels in C (kernels/cpu_lora.c; cpu_matvec.c and cpu_attention.c for the modules of those names):
+compiled on first use with the system's C compiler into one library, called through ctypes. This module builds and
+loads it and holds the LoRA kernel's calls.
 
 Why C and not torch ops: at decode each adapter serves one or two tokens, so the LoRA math is a few hundred
 tiny matrix-vector products a step. Torch's fastest expression of that (two embedding_bag calls per shrink
@@ -10,7 +10,7 @@ the bytes it reads (docs/BENCHMARKS.md, Multi-LoRA); one C pass per slot does th
 The library is built once per (sources, compiler, CPU) into a cache directory ($LORA_SERVING_KERNEL_CACHE, else
 $XDG_CACHE_HOME/lora-serving/kernels, else ~/.cache/...; the temporary directory when that cannot be written)
 and takes ~0.5 s to compile. Where no compiler works the torch path's embedding_bag route serves LoRA instead (and
-oneDNN every projection), with one warning; $LORA_CPU_KERNEL=off chooses that LoRA route on purpose (benchmarks
+oneDNN every projection, torch decode attention), with one warning; $LORA_CPU_KERNEL=off chooses that LoRA route on purpose (benchmarks
 compare the two).
 """
 
@@ -29,7 +29,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_matvec.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_matvec.c", "cpu_attention.c"))
+HEADERS = (Path(__file__).with_name("cpu_vec.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -104,7 +105,7 @@ def _build() -> Path:
     if not compiler:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    sources = [path.read_bytes() for path in SOURCES]
+    sources = [path.read_bytes() for path in SOURCES + HEADERS]
     key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(FLAGS).encode(), _cpu_identity()]))
     name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if (_cache_dir() / name).is_file():
@@ -115,7 +116,8 @@ def _build() -> Path:
     # Compile beside the target and rename: processes starting together never load a half-written file.
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        completed = subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)], capture_output=True, text=True)
+        command = [compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), "-lm"]
+        completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {completed.stderr.strip()[-500:]}")
         os.replace(built, target)
@@ -132,6 +134,9 @@ def _load(path: Path):
     lib.packed_matvec_f32.restype = None
     lib.packed_matvec_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int]
     lib.matvec_max_rows.restype = ctypes.c_int
+    lib.paged_decode_attention_f32.restype = ctypes.c_int
+    lib.paged_decode_attention_f32.argtypes = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR,
+                                               _I64, _PTR, _PTR, ctypes.c_float, _PTR, ctypes.c_int]
     return lib
 
 

@@ -58,13 +58,13 @@ def step_message_bytes(num_decodes: int, context: int, prefill: int) -> int:
     blocks = -(-context // BLOCK_SIZE)
     if prefill:
         inputs = StepInputs(list(range(prefill)), list(range(prefill)), list(range(prefill)), [prefill - 1], [], [],
-                            False, [])
+                            "per_sequence", [])
         token_slots = [0] * prefill
     else:
         inputs = StepInputs([7] * num_decodes, [context] * num_decodes, list(range(num_decodes)),
                             list(range(num_decodes)), [list(range(i * blocks, (i + 1) * blocks))
                                                        for i in range(num_decodes)],
-                            [context] * num_decodes, True, [])
+                            [context] * num_decodes, "padded", [])
         token_slots = [i % 4 for i in range(num_decodes)]
     message = StepMessage(inputs, [], [], LoraStepPlan(token_slots, set(LORA_ON_ALL_SEVEN)))
     return len(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))

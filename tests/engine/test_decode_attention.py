@@ -1,8 +1,9 @@
 """Decode attention straight from the paged cache, against an fp32 softmax written out by hand.
 
-On CPU a sequence whose blocks are consecutive is read in place, any other is gathered; on GPUs all are
-gathered into one padded batch. Every form must give the reference's answer, with grouped-query heads
-and with a sliding window, and the engine must still equal transformers with the GPU form.
+On CPU with fp32 the C kernel reads every sequence's blocks in place through the block tables; without it a
+sequence whose blocks are consecutive is read in place, any other is gathered; on GPUs all are gathered into
+one padded batch. Every form must give the reference's answer, with grouped-query heads and with a sliding
+window, and the engine must still equal transformers with each form.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from handler.attention import paged_attention
 from handler.forward_context import CachedKV, ForwardContext, PaddedDecodes
 from handler.model_runner import PAD_DECODES_MAX_ELEMENTS
 from handler.step_inputs import StepInputs, build_forward_inputs
+from kernels import cpu_attention
 from tests.models import reference_greedy
 
 KV_HEADS, Q_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 4, 8, 4, 12
@@ -42,16 +44,23 @@ def decode_kv(table: list[int], length: int) -> CachedKV:
     return CachedKV(length=length, first_block=None, block_ids=torch.tensor(table))
 
 
-def padded(layouts) -> PaddedDecodes:
+def padded(layouts, in_kernel: bool) -> PaddedDecodes:
     width = max(len(table) for table, _ in layouts)
     lengths = [length for _, length in layouts]
     return PaddedDecodes(block_tables=torch.tensor([table + [0] * (width - len(table)) for table, _ in layouts]),
-                         context_lens=torch.tensor(lengths), longest=max(lengths), shortest=min(lengths))
+                         context_lens=torch.tensor(lengths), longest=max(lengths), shortest=min(lengths),
+                         in_kernel=in_kernel)
+
+
+def skip_without_the_kernel(form: str) -> None:
+    if form == "kernel" and not cpu_attention.serves(torch.float32, "cpu"):
+        pytest.skip("the C kernels do not build here")
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("form", ["per sequence", "padded"])
-def test_every_form_of_decode_attention_matches_the_reference(window, form):
+@pytest.mark.parametrize("form", ["per sequence", "padded", "kernel"])
+def test_every_form_of_decode_attention_matches_the_reference(window, form, monkeypatch):
+    skip_without_the_kernel(form)
     gen = torch.Generator().manual_seed(0)
     # Three decoding sequences: consecutive blocks, scattered blocks, and one that ends mid-block.
     layouts = [([2, 3, 4], 10), ([9, 0, 6], 12), ([7, 11], 5)]
@@ -79,20 +88,25 @@ def test_every_form_of_decode_attention_matches_the_reference(window, form):
         slot_mapping=torch.tensor(slots),
         num_decode_tokens=len(layouts),
         decode_kv=[decode_kv(table, length) for table, length in layouts] if form == "per sequence"
-        else padded(layouts),
+        else padded(layouts, in_kernel=form == "kernel"),
         prefills=[],
     )
     if form == "per sequence":
         assert [kv.first_block for kv in ctx.decode_kv] == [2, None, None]
+    kernel_calls = []
+    kernel = cpu_attention.decode_attention
+    monkeypatch.setattr(cpu_attention, "decode_attention", lambda *args: kernel_calls.append(1) or kernel(*args))
     scale = HEAD_DIM**-0.5
     out = paged_attention(q, torch.stack(new_k), torch.stack(new_v), k_cache, v_cache, ctx, window, scale)
+    assert len(kernel_calls) == (form == "kernel")
     for row, (keys, values) in enumerate(history):
         torch.testing.assert_close(out[row], reference(q[row], keys, values, scale, window), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["padded", "per_sequence"])
+@pytest.mark.parametrize("form", ["padded", "per_sequence", "kernel"])
 @pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 12
 def test_each_form_matches_transformers_in_the_engine(tiny_models, family, form, monkeypatch):
+    skip_without_the_kernel(form)
     model_dir = tiny_models.get(family, family)
     engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=16, block_size=4)
     engine.runner.decode_form = form  # "padded" is the GPU form, here on CPU
@@ -102,7 +116,9 @@ def test_each_form_matches_transformers_in_the_engine(tiny_models, family, form,
     def spy(inputs, device):
         built = build(inputs, device)
         if inputs.decode_tables:
-            forms.append(type(built[0].decode_kv))
+            decode_kv = built[0].decode_kv
+            forms.append("per_sequence" if isinstance(decode_kv, list) else
+                         "kernel" if decode_kv.in_kernel else "padded")
         return built
 
     monkeypatch.setattr(model_runner, "build_forward_inputs", spy)
@@ -111,22 +127,28 @@ def test_each_form_matches_transformers_in_the_engine(tiny_models, family, form,
     long = [[0] + [rng.randrange(3, 1024) for _ in range(rng.randint(60, 80))] for _ in range(8)]
     prompts = [prompt for pair in zip(short, long) for prompt in pair]
     results = engine.generate(prompts, SamplingParams(max_new_tokens=12))
-    assert set(forms) == {PaddedDecodes if form == "padded" else list}
+    assert set(forms) == {form}
     for prompt, result in zip(prompts, results):
         assert result.token_ids == reference_greedy(model_dir, prompt, 12)
+
+
+def test_cpu_decodes_take_the_kernel_where_it_builds(tiny_models):
+    runner = Engine(tiny_models.get("llama", "llama"), dtype="float32").runner
+    assert runner.decode_form == ("kernel" if cpu_attention.serves(torch.float32, "cpu") else "auto")
+    assert Engine(tiny_models.get("llama", "llama"), dtype="bfloat16").runner.decode_form == "auto"
 
 
 def test_auto_pads_small_batches_and_attends_large_ones_per_sequence(tiny_models):
     engine = Engine(tiny_models.get("llama", "llama"), dtype="float32", block_size=4)
     runner = engine.runner
-    assert runner.decode_form == "auto"
+    runner.decode_form = "auto"  # CPU without the C kernel (or another dtype)
     per_token = runner.model.num_kv_heads * runner.model.head_dim * 4  # K elements per 4-token block
 
     def decodes(tables: list[list[int]], lengths: list[int]) -> StepInputs:
         """The step inputs of decodes only, the form chosen as the runner chooses it."""
         count = len(tables)
         return StepInputs([1] * count, [n - 1 for n in lengths], list(range(count)), list(range(count)), tables,
-                          lengths, runner._pads(count, max(map(len, tables))), [])
+                          lengths, runner._decode_form(count, max(map(len, tables))), [])
 
     small = [[1, 2]] * 2
     # Two decodes, so that the size threshold decides (a lone decode is never padded, below).

@@ -21,7 +21,7 @@ BLOCK_SIZE = 16
 def prefill_hidden(model, token_ids: list[int]) -> torch.Tensor:
     """Final hidden states [T, H] of one prefill from position 0, on a fresh KV cache."""
     count = len(token_ids)
-    inputs = StepInputs(token_ids, list(range(count)), list(range(count)), [count - 1], [], [], False,
+    inputs = StepInputs(token_ids, list(range(count)), list(range(count)), [count - 1], [], [], "per_sequence",
                         [PrefillInput(0, count, 0, None)])
     ctx, input_ids, _ = build_forward_inputs(inputs, torch.device("cpu"))
     blocks = -(-count // BLOCK_SIZE)

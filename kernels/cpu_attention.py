@@ -1,0 +1,51 @@
+"""Decode attention on CPU by a C kernel (kernels/cpu_attention.c) that reads each sequence's K/V in place through
+its block table: every decoding sequence and head of a layer in one call, fp32.
+
+handler/attention.py takes it for the decodes of a step when `serves(dtype, device)`; otherwise (other dtypes,
+GPUs, no C compiler, or $LORA_SERVING_CPU_ATTENTION=off, which benchmarks use to compare) torch's
+scaled_dot_product_attention serves, per sequence or over a padded gather.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from . import cpu_native
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def serves(dtype: torch.dtype, device: torch.device | str) -> bool:
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        return False
+    if os.environ.get("LORA_SERVING_CPU_ATTENTION", "auto").lower() in ("off", "0", "false", "no"):
+        return False
+    return cpu_native.library() is not None
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     lengths: torch.Tensor, starts: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [B, q_heads, d] (unit stride along d), one query per sequence; caches [kv_heads, blocks, block_size, d];
+    block_tables [B, width] and lengths [B] (keys each attends to, its own included), starts [B] (first key, for a
+    sliding window) or None, all int64 -> out [B, q_heads, d]."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads, num_blocks, block_size, _ = k_cache.shape
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                         ("lengths", lengths)) + ((("starts", starts),) if starts is not None else ()):
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    out = torch.empty(batch, q_heads, head_dim, dtype=torch.float32)
+    status = cpu_native.library().paged_decode_attention_f32(
+        _I64(batch), _PTR(q.data_ptr()), _I64(q.stride(0)), _I64(q.stride(1)), _I64(q_heads), _I64(kv_heads),
+        _I64(head_dim), _PTR(k_cache.data_ptr()), _PTR(v_cache.data_ptr()), _I64(num_blocks), _I64(block_size),
+        _PTR(block_tables.data_ptr()), _I64(block_tables.shape[1]), _PTR(lengths.data_ptr()),
+        None if starts is None else _PTR(starts.data_ptr()), ctypes.c_float(scale), _PTR(out.data_ptr()),
+        ctypes.c_int(torch.get_num_threads()))
+    if status != 0:
+        raise MemoryError("decode attention: no memory for the attention scores")
+    return out
