@@ -14,11 +14,19 @@
  *   slice_ranks[i]    [S]: slice i's rank per slot (int32, or int64 when ranks_are_int64); 0 = untargeted
  *   x [T, H] and y [T, O] have unit column strides; slice i adds into y's columns out_offsets[i] ...
  * Accumulation is fp32 in the same order as the embedding_bag route (feature by feature, rank by rank).
+ * The running sums of the shrink (up to 32 of its columns at a time) and of the expand (64 of y's columns at a
+ * time) stay in vector registers through their loop: summed in memory, each step waited on the last one's
+ * store (store-to-load latency), which made the kernel ~2x slower than its arithmetic and bytes.
  */
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "cpu_vec.h"
+
 #define TOKEN_BLOCK 4
+/* Vectors of eight summed in registers at once: shrink columns (4 x 8) and expand outputs (8 x 8). */
+#define SHRINK_VECTORS 4
+#define EXPAND_VECTORS 8
 
 static int64_t rank_of(const void *ranks, int ranks_are_int64, int64_t slot)
 {
@@ -26,6 +34,74 @@ static int64_t rank_of(const void *ranks, int ranks_are_int64, int64_t slot)
 }
 
 int lora_token_block(void) { return TOKEN_BLOCK; }
+
+/* shrunk[j] = sum_h x[h] * a[h * a_width + j] for j < 8 * vectors; inlined with a constant `vectors`, so that
+ * the sums are named registers. */
+static inline __attribute__((always_inline)) void shrink_vectors(
+    const float *a, int64_t a_width, int64_t hidden, const float *x, const int vectors, float *shrunk)
+{
+    vec8 sums[SHRINK_VECTORS];
+    for (int v = 0; v < vectors; v++) sums[v] = (vec8){0};
+    for (int64_t h = 0; h < hidden; h++) {
+        const float *row = a + h * a_width;
+        const vec8 feature = (vec8){0} + x[h];
+        #pragma GCC unroll 4
+        for (int v = 0; v < vectors; v++) sums[v] += load8(row + 8 * v) * feature;
+    }
+    for (int v = 0; v < vectors; v++) store8(shrunk + 8 * v, sums[v]);
+}
+
+/* shrunk[j] for j < columns: the slot's A rows (a) against one token's features (x). */
+static void shrink(const float *a, int64_t a_width, int64_t hidden, const float *x, int64_t columns, float *shrunk)
+{
+    int64_t j = 0;
+    /* Whole vectors while they stay inside the row (a vector past `columns` computes unused sums). */
+    for (; j < columns && j + 8 <= a_width; j += 8 * SHRINK_VECTORS) {
+        int64_t vectors = (columns - j + 7) / 8;
+        if (vectors > SHRINK_VECTORS) vectors = SHRINK_VECTORS;
+        if (j + 8 * vectors > a_width) vectors = (a_width - j) / 8;
+        switch (vectors) {
+        case 4: shrink_vectors(a + j, a_width, hidden, x, 4, shrunk + j); break;
+        case 3: shrink_vectors(a + j, a_width, hidden, x, 3, shrunk + j); break;
+        case 2: shrink_vectors(a + j, a_width, hidden, x, 2, shrunk + j); break;
+        default: shrink_vectors(a + j, a_width, hidden, x, 1, shrunk + j); break;
+        }
+        if (vectors < SHRINK_VECTORS) { j += 8 * vectors; break; }
+    }
+    for (; j < columns; j++) {  /* a row narrower than a vector's reach: one column at a time */
+        float sum = 0.0f;
+        for (int64_t h = 0; h < hidden; h++) sum += x[h] * a[h * a_width + j];
+        shrunk[j] = sum;
+    }
+}
+
+/* out[o] += sum_{j < rank} weights[j] * b[j * width + o] for o < 8 * vectors, j in order; constant `vectors`. */
+static inline __attribute__((always_inline)) void expand_vectors(
+    const float *b, int64_t width, int64_t rank, const float *weights, const int vectors, float *out)
+{
+    vec8 sums[EXPAND_VECTORS];
+    for (int v = 0; v < vectors; v++) sums[v] = load8(out + 8 * v);
+    for (int64_t j = 0; j < rank; j++) {
+        const float *row = b + j * width;
+        const vec8 weight = (vec8){0} + weights[j];
+        #pragma GCC unroll 8
+        for (int v = 0; v < vectors; v++) sums[v] += load8(row + 8 * v) * weight;
+    }
+    for (int v = 0; v < vectors; v++) store8(out + 8 * v, sums[v]);
+}
+
+static void expand(const float *b, int64_t width, int64_t rank, const float *weights, float *out)
+{
+    int64_t o = 0;
+    for (; o + 8 * EXPAND_VECTORS <= width; o += 8 * EXPAND_VECTORS)
+        expand_vectors(b + o, width, rank, weights, EXPAND_VECTORS, out + o);
+    for (; o + 8 <= width; o += 8) expand_vectors(b + o, width, rank, weights, 1, out + o);
+    for (; o < width; o++) {
+        float sum = out[o];
+        for (int64_t j = 0; j < rank; j++) sum += weights[j] * b[j * width + o];
+        out[o] = sum;
+    }
+}
 
 void lora_add_f32(
     int64_t num_items, const int64_t *item_slots, const int64_t *item_starts, const int64_t *item_counts,
@@ -49,29 +125,16 @@ void lora_add_f32(
                 if (rank) columns = i * max_rank + rank;
             }
             if (!columns) continue;
-            for (int64_t k = 0; k < count; k++)
-                for (int64_t j = 0; j < columns; j++) acc[k * a_width + j] = 0.0f;
             const float *a = a_rows + slot * hidden * a_width;
-            for (int64_t h = 0; h < hidden; h++) {
-                const float *row = a + h * a_width;
-                for (int64_t k = 0; k < count; k++) {
-                    const float feature = x[tokens[k] * x_stride + h];
-                    float *shrunk = acc + k * a_width;
-                    for (int64_t j = 0; j < columns; j++) shrunk[j] += feature * row[j];
-                }
-            }
+            for (int64_t k = 0; k < count; k++)
+                shrink(a, a_width, hidden, x + tokens[k] * x_stride, columns, acc + k * a_width);
             for (int64_t i = 0; i < num_slices; i++) {
                 const int64_t rank = rank_of(slice_ranks[i], ranks_are_int64, slot);
-                const int64_t width = out_widths[i];
-                const float *b = b_rows[i] + slot * max_rank * width;
-                for (int64_t j = 0; j < rank; j++) {
-                    const float *row = b + j * width;
-                    for (int64_t k = 0; k < count; k++) {
-                        const float weight = acc[k * a_width + i * max_rank + j];
-                        float *out = y + tokens[k] * y_stride + out_offsets[i];
-                        for (int64_t o = 0; o < width; o++) out[o] += weight * row[o];
-                    }
-                }
+                if (!rank) continue;
+                const float *b = b_rows[i] + slot * max_rank * out_widths[i];
+                for (int64_t k = 0; k < count; k++)
+                    expand(b, out_widths[i], rank, acc + k * a_width + i * max_rank,
+                           y + tokens[k] * y_stride + out_offsets[i]);
             }
         }
     }
