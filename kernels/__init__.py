@@ -8,12 +8,14 @@ See docs/KERNELS.md. Imports only torch (and triton, lazily, on the first CUDA c
 from . import cpu_attention
 from .cpu_matvec import PackedMatvec
 from .cpu_native import enabled as cpu_kernel_enabled
+from .group import LoraGroup
 from .layout import allocate_lora_buffers, allocate_lora_group_buffers, is_rank_major
 from .metadata import LoraBatchMeta
 from .ops import add_lora, add_lora_packed, triton_available
 
 __all__ = [
     "LoraBatchMeta",
+    "LoraGroup",
     "PackedMatvec",
     "add_lora",
     "add_lora_packed",

@@ -85,13 +85,18 @@ def ranks_supported(slot_ranks_slices) -> bool:
         r.dtype == dtype and r.device.type == "cpu" and r.is_contiguous() for r in slot_ranks_slices)
 
 
-def add(y: torch.Tensor, x: torch.Tensor, call: Call, weights: Weights, slot_ranks_slices) -> None:
+def rank_arguments(slot_ranks_slices) -> tuple:
+    """The kernel's arguments that point at each slice's ranks (slot_ranks_slices as ranks_supported accepts). The
+    kernel reads the ranks at each call, so these stay valid while the tensors do, whatever is written into them."""
+    pointers = (_PTR * len(slot_ranks_slices))(*[ranks.data_ptr() for ranks in slot_ranks_slices])
+    return pointers, ctypes.c_int(slot_ranks_slices[0].dtype == torch.int64), tuple(slot_ranks_slices)
+
+
+def add(y: torch.Tensor, x: torch.Tensor, call: Call, weights: Weights, rank_args: tuple) -> None:
     """y[t] += the LoRA delta of each token in call's items; x [T, H] and y [T, O] fp32 with unit column stride,
-    slot_ranks_slices as ranks_supported accepts."""
-    rank_pointers = (_PTR * weights.num_slices)(*[ranks.data_ptr() for ranks in slot_ranks_slices])
-    ranks_are_int64 = ctypes.c_int(slot_ranks_slices[0].dtype == torch.int64)
+    rank_args from rank_arguments."""
     library().lora_add_f32(*call.prefix, _PTR(x.data_ptr()), _I64(x.stride(0)), _I64(x.shape[1]), *weights.weights,
-                           rank_pointers, ranks_are_int64, _PTR(y.data_ptr()), _I64(y.stride(0)),
+                           rank_args[0], rank_args[1], _PTR(y.data_ptr()), _I64(y.stride(0)),
                            ctypes.c_int(torch.get_num_threads()))
 
 

@@ -98,7 +98,8 @@ def add_lora_torch(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta: 
     max_rank = lora_a_slices[0].shape[1]
     if views.native is not None and x.stride(1) == 1 and y.stride(1) == 1 and cpu_native.ranks_supported(
             slot_ranks_slices):
-        _add_native(y, x, views, lora_b_slices, slot_ranks_slices, meta, max_rank)
+        _add_native(y, x, views, lora_b_slices, slot_ranks_slices, cpu_native.rank_arguments(slot_ranks_slices),
+                    meta, max_rank)
         return
     ranks = tuple(tuple(slot_ranks.tolist()) for slot_ranks in slot_ranks_slices)
     bags_possible = views.a_rows is not None
@@ -132,7 +133,30 @@ def add_lora_torch(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta: 
                 output.index_add_(0, bag.token_ids, delta)
 
 
-def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, meta: LoraBatchMeta, max_rank: int):
+class NativeGroup:
+    """One fused projection's buffers and slot ranks as the C kernel takes them, resolved once (kernels/group.py)."""
+
+    def __init__(self, views: _GroupViews, lora_b_slices, slot_ranks_slices, max_rank: int) -> None:
+        self._arguments = (views, tuple(lora_b_slices), tuple(slot_ranks_slices),
+                           cpu_native.rank_arguments(slot_ranks_slices))
+        self._max_rank = max_rank
+
+    @classmethod
+    def for_buffers(cls, lora_a_slices, lora_b_slices, slot_ranks_slices) -> "NativeGroup | None":
+        """None unless add_lora_torch would take the C kernel for these buffers."""
+        views = _views(lora_a_slices, lora_b_slices)
+        if views.native is None or not cpu_native.ranks_supported(slot_ranks_slices):
+            return None
+        return cls(views, lora_b_slices, slot_ranks_slices, lora_a_slices[0].shape[1])
+
+    def add(self, y, x, meta: LoraBatchMeta) -> None:
+        """As add_lora_torch, for x and y with unit column strides (the caller checked them)."""
+        if meta.num_lora_tokens:
+            _add_native(y, x, *self._arguments, meta, self._max_rank)
+
+
+def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, rank_args, meta: LoraBatchMeta,
+                max_rank: int):
     """Long segments by GEMM as on the other route; every other token in one call of the C kernel, which reads
     the ranks itself (so, unlike the embedding_bag plan, this plan depends only on the step and H)."""
     plan_key = ("native", x.shape[1])
@@ -150,7 +174,7 @@ def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, meta
         outputs = _column_blocks(y, [lora_b.shape[1] for lora_b in lora_b_slices])
         _add_gemm_segments(outputs, x, views, lora_b_slices, max_rank, segments)
     if call is not None:
-        cpu_native.add(y, x, call, views.native, slot_ranks_slices)
+        cpu_native.add(y, x, call, views.native, rank_args)
 
 
 def _native_plan(meta: LoraBatchMeta, hidden: int):

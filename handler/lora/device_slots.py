@@ -61,6 +61,8 @@ class DeviceSlots:
         if torch.device(device).type == "cpu" and dtype == torch.float32:
             # Build (or find cached) the CPU LoRA kernel now, not in the first adapter request's step.
             kernels.cpu_kernel_enabled()
+        # The same buffers checked and resolved once, for the layers' calls of every step.
+        self.groups = [{group: kernels.LoraGroup(*args) for group, args in layer.items()} for layer in self.group_args]
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         if self.mirror_ops is not None:

@@ -420,6 +420,7 @@ class LoraStepApplier:
                  row_parallel: RowParallelLora | None = None) -> None:
         self.plan = plan
         self._group_args = slots.group_args
+        self._groups = slots.groups
         # Built from a host tensor: the metadata needs no read back from the device.
         host_slots = torch.tensor(plan.token_slots, dtype=torch.int32)
         self._meta = kernels.LoraBatchMeta.build(host_slots, slots.num_slots, device=device)
@@ -429,12 +430,11 @@ class LoraStepApplier:
     def apply(self, layer_index: int, group: str, y: torch.Tensor, x: torch.Tensor) -> None:
         if group not in self.plan.groups:
             return
-        args = self._group_args[layer_index][group]
         if self._row_parallel is not None and group in ROW_PARALLEL_GROUPS:
+            args = self._group_args[layer_index][group]
             self._row_parallel.apply(group, y, x, args, self._token_slots, self._meta)
             return
-        lora_a, lora_b, ranks = args
-        kernels.add_lora_packed(y, x, lora_a, lora_b, self._token_slots, ranks, self._meta)
+        self._groups[layer_index][group].add(y, x, self._token_slots, self._meta)
 
 
 def _entry_for(weights: AdapterWeights, pinned: bool, load_seconds: float | None) -> _Entry:
