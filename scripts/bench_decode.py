@@ -5,7 +5,11 @@ bench_engine's model and workload: throughput over 64 requests at batch size 32 
 16..128), and the decode step at batch 1 (a prompt of 124 tokens, 64 new ones). The variants run in rounds,
 the order rotating each round; each keeps its best. Ratios are against "both kernels" in the same run.
 
-    .venv/bin/python scripts/bench_decode.py [--rounds 3]
+    .venv/bin/python scripts/bench_decode.py [--rounds 3] [--prefix-caching]
+
+The prefix cache is off unless asked for: the workload repeats, so with it every prompt from the second run on
+starts with cached blocks and its block table is in two runs, which torch's attention forms gather at every
+step and the kernel reads in place.
 """
 
 from __future__ import annotations
@@ -71,12 +75,12 @@ def decode_step_seconds(engine: Engine, prompt_ids, new_tokens: int, request_id:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefix-caching", action="store_true", help="the engine's default; off unless given")
     args = parser.parse_args()
 
     model_dir = bench_model_dir()
     requests = workload(64)
-    # No prefix cache: the batch-1 probe repeats one prompt, and a hit would leave its blocks in two runs.
-    engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=32, enable_prefix_caching=False)
+    engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=32, enable_prefix_caching=args.prefix_caching)
     switches = KernelSwitches(engine)
     engine.generate([requests[0].prompt_ids], SamplingParams(max_new_tokens=4, ignore_eos=True))
     probe = requests[0].prompt_ids
@@ -94,7 +98,8 @@ def main() -> None:
     floor = model_weight_bytes(model_dir) / measure_memory_bandwidth()
 
     base = "both kernels"
-    print(f"# bench_decode: {machine_description()}; model {model_dir.name}; best of {args.rounds} rotating rounds; "
+    print(f"# bench_decode: {machine_description()}; model {model_dir.name}; prefix cache "
+          f"{'on' if args.prefix_caching else 'off'}; best of {args.rounds} rotating rounds; "
           f"batch-1 floor {floor * 1e3:.2f} ms (weights / copy bandwidth)")
     print_table(
         ["variant", "tok/s at batch 32", "vs both kernels", "batch-1 step (ms)", "vs both kernels", "vs floor"],
