@@ -2,9 +2,9 @@
 handler/models/projection.py packed for oneDNN.
 
 Why: a decode step at batch 1 is a chain of matrix-vector products whose floor is reading the weights once.
-oneDNN's inner product reached 15-22 GB/s on them where a copy moves 29 GB/s on a 2-core AVX2 VM; the kernel
-reached 24-27 GB/s (1.2-1.7x faster at one row, 1.1-1.4x at two; docs/BENCHMARKS.md). It reads the packed
-weight in place, so nothing is stored twice.
+At one row oneDNN's inner product read them at 13-24 GB/s where a copy moves 28 GB/s on a 2-core AVX2 VM; the
+kernel at 21-35 GB/s (1.3-1.7x faster at one row, 1.2-1.6x at two; docs/BENCHMARKS.md, "CPU decode kernels").
+It reads the packed weight in place, so nothing is stored twice.
 
 The packed tensor is opaque to torch and its layout is oneDNN's choice (by CPU, shape and version), so
 `PackedMatvec.for_weight` reads the packed bytes and takes the kernel only when they hold the weight exactly

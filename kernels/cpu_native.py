@@ -9,9 +9,9 @@ the bytes it reads (docs/BENCHMARKS.md, Multi-LoRA); one C pass per slot does th
 
 The library is built once per (sources, compiler, CPU) into a cache directory ($LORA_SERVING_KERNEL_CACHE, else
 $XDG_CACHE_HOME/lora-serving/kernels, else ~/.cache/...; the temporary directory when that cannot be written)
-and takes ~0.5 s to compile. Where no compiler works the torch path's embedding_bag route serves LoRA instead (and
-oneDNN every projection, torch decode attention), with one warning; $LORA_CPU_KERNEL=off chooses that LoRA route on purpose (benchmarks
-compare the two).
+and takes under a second to compile (0.8 s here). Where no compiler works the torch path's embedding_bag route
+serves LoRA instead (and oneDNN every projection, torch decode attention), with one warning; $LORA_CPU_KERNEL=off
+chooses that LoRA route on purpose (benchmarks compare the two).
 """
 
 import ctypes

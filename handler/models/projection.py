@@ -9,7 +9,7 @@ replaces the plain weight, the same size (an LM head tied to the embedding table
 oneDNN keeps some state per input shape: bounded by the 64-row cap, about 100-180 MB on
 bench_engine's model. One to four rows (decodes at small batch sizes, where the step is bound by
 reading the weights) go instead to a C kernel that reads the packed weight in place
-(kernels/cpu_matvec.py): oneDNN's fixed cost per call made it 1.2-1.7x slower at one row.
+(kernels/cpu_matvec.py): oneDNN's fixed cost per call made it 1.3-1.7x slower at one row.
 
 Without oneDNN (or for other dtypes, or on GPUs, where cuBLAS picks its own kernels) the plain weight
 is used. There MKL is markedly slower for a few activation rows against a wide weight when called as
