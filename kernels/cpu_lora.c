@@ -35,20 +35,23 @@ static int64_t rank_of(const void *ranks, int ranks_are_int64, int64_t slot)
 
 int lora_token_block(void) { return TOKEN_BLOCK; }
 
-/* shrunk[j] = sum_h x[h] * a[h * a_width + j] for j < 8 * vectors; inlined with a constant `vectors`, so that
- * the sums are named registers. */
-static inline __attribute__((always_inline)) void shrink_vectors(
-    const float *a, int64_t a_width, int64_t hidden, const float *x, const int vectors, float *shrunk)
+/* out[i] (+)= sum_{r < count} scales[r] * rows[r * stride + i] for i < 8 * vectors, r in order. The shrink is
+ * this over A's rows scaled by one token's features, from zero; the expand over B's rows scaled by the token's
+ * shrunk values, added to y. Inlined with constant `vectors` and `add_to_out`, so that the sums are named
+ * registers. */
+static inline __attribute__((always_inline)) void scaled_row_sum(
+    const float *rows, int64_t stride, int64_t count, const float *scales, const int vectors, const int add_to_out,
+    float *out)
 {
-    vec8 sums[SHRINK_VECTORS];
-    for (int v = 0; v < vectors; v++) sums[v] = (vec8){0};
-    for (int64_t h = 0; h < hidden; h++) {
-        const float *row = a + h * a_width;
-        const vec8 feature = (vec8){0} + x[h];
-        #pragma GCC unroll 4
-        for (int v = 0; v < vectors; v++) sums[v] += load8(row + 8 * v) * feature;
+    vec8 sums[EXPAND_VECTORS];
+    for (int v = 0; v < vectors; v++) sums[v] = add_to_out ? load8(out + 8 * v) : (vec8){0};
+    for (int64_t r = 0; r < count; r++) {
+        const float *row = rows + r * stride;
+        const vec8 scale = (vec8){0} + scales[r];
+        #pragma GCC unroll 8
+        for (int v = 0; v < vectors; v++) sums[v] += load8(row + 8 * v) * scale;
     }
-    for (int v = 0; v < vectors; v++) store8(shrunk + 8 * v, sums[v]);
+    for (int v = 0; v < vectors; v++) store8(out + 8 * v, sums[v]);
 }
 
 /* shrunk[j] for j < columns: the slot's A rows (a) against one token's features (x). */
@@ -61,10 +64,10 @@ static void shrink(const float *a, int64_t a_width, int64_t hidden, const float 
         if (vectors > SHRINK_VECTORS) vectors = SHRINK_VECTORS;
         if (j + 8 * vectors > a_width) vectors = (a_width - j) / 8;
         switch (vectors) {
-        case 4: shrink_vectors(a + j, a_width, hidden, x, 4, shrunk + j); break;
-        case 3: shrink_vectors(a + j, a_width, hidden, x, 3, shrunk + j); break;
-        case 2: shrink_vectors(a + j, a_width, hidden, x, 2, shrunk + j); break;
-        default: shrink_vectors(a + j, a_width, hidden, x, 1, shrunk + j); break;
+        case 4: scaled_row_sum(a + j, a_width, hidden, x, 4, 0, shrunk + j); break;
+        case 3: scaled_row_sum(a + j, a_width, hidden, x, 3, 0, shrunk + j); break;
+        case 2: scaled_row_sum(a + j, a_width, hidden, x, 2, 0, shrunk + j); break;
+        default: scaled_row_sum(a + j, a_width, hidden, x, 1, 0, shrunk + j); break;
         }
         if (vectors < SHRINK_VECTORS) { j += 8 * vectors; break; }
     }
@@ -75,27 +78,12 @@ static void shrink(const float *a, int64_t a_width, int64_t hidden, const float 
     }
 }
 
-/* out[o] += sum_{j < rank} weights[j] * b[j * width + o] for o < 8 * vectors, j in order; constant `vectors`. */
-static inline __attribute__((always_inline)) void expand_vectors(
-    const float *b, int64_t width, int64_t rank, const float *weights, const int vectors, float *out)
-{
-    vec8 sums[EXPAND_VECTORS];
-    for (int v = 0; v < vectors; v++) sums[v] = load8(out + 8 * v);
-    for (int64_t j = 0; j < rank; j++) {
-        const float *row = b + j * width;
-        const vec8 weight = (vec8){0} + weights[j];
-        #pragma GCC unroll 8
-        for (int v = 0; v < vectors; v++) sums[v] += load8(row + 8 * v) * weight;
-    }
-    for (int v = 0; v < vectors; v++) store8(out + 8 * v, sums[v]);
-}
-
 static void expand(const float *b, int64_t width, int64_t rank, const float *weights, float *out)
 {
     int64_t o = 0;
     for (; o + 8 * EXPAND_VECTORS <= width; o += 8 * EXPAND_VECTORS)
-        expand_vectors(b + o, width, rank, weights, EXPAND_VECTORS, out + o);
-    for (; o + 8 <= width; o += 8) expand_vectors(b + o, width, rank, weights, 1, out + o);
+        scaled_row_sum(b + o, width, rank, weights, EXPAND_VECTORS, 1, out + o);
+    for (; o + 8 <= width; o += 8) scaled_row_sum(b + o, width, rank, weights, 1, 1, out + o);
     for (; o < width; o++) {
         float sum = out[o];
         for (int64_t j = 0; j < rank; j++) sum += weights[j] * b[j * width + o];

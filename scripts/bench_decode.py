@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
@@ -25,6 +24,7 @@ import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     bench_model_dir,
+    engine_decode_step_seconds,
     engine_throughput,
     machine_description,
     measure_memory_bandwidth,
@@ -61,17 +61,6 @@ class KernelSwitches:
             projection._matvec = kernel if matvec else None
 
 
-def decode_step_seconds(engine: Engine, prompt_ids, new_tokens: int, request_id: str) -> float:
-    engine.add_request(request_id, prompt_ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-    engine.step()  # the prefill
-    started = time.perf_counter()
-    steps = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-    return (time.perf_counter() - started) / steps
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -93,7 +82,7 @@ def main() -> None:
         for name in order:
             switches.set(*VARIANTS[name])
             throughput[name] = max(throughput[name], engine_throughput(engine, requests)[0])
-            step[name] = min(step[name], decode_step_seconds(engine, probe, 64, f"probe-{round_index}-{name}"))
+            step[name] = min(step[name], engine_decode_step_seconds(engine, probe, 64, f"probe-{round_index}-{name}"))
     switches.set(True, True)
     floor = model_weight_bytes(model_dir) / measure_memory_bandwidth()
 

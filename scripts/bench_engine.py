@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     bench_model_dir,
+    engine_decode_step_seconds,
     engine_throughput,
     left_padded_batch,
     machine_description,
@@ -47,17 +48,6 @@ def transformers_throughput(model, requests, batch_size: int, pad_id: int) -> fl
                        do_sample=False, pad_token_id=pad_id)
         useful_tokens += sum(r.max_new_tokens for r in batch)
     return useful_tokens / (time.perf_counter() - started)
-
-
-def engine_decode_step_seconds(engine: Engine, prompt_ids, new_tokens: int) -> float:
-    engine.add_request("decode-probe", prompt_ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-    engine.step()  # the prefill
-    started = time.perf_counter()
-    steps = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-    return (time.perf_counter() - started) / steps
 
 
 def transformers_decode_step_seconds(model, prompt_ids, new_tokens: int, pad_id: int) -> float:

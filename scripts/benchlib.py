@@ -80,6 +80,18 @@ def engine_throughput(engine, requests: list[Request], adapters=None) -> tuple[f
     return tokens / elapsed, tokens
 
 
+def engine_decode_step_seconds(engine, prompt_ids, new_tokens: int, request_id: str = "decode-probe") -> float:
+    """One request alone: the mean time of its decode steps after its prefill."""
+    engine.add_request(request_id, prompt_ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    engine.step()  # the prefill
+    started = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return (time.perf_counter() - started) / steps
+
+
 def measure_memory_bandwidth(size_mb: int = 512, repeats: int = 5, device="cpu") -> float:
     """Bytes per second of a large tensor copy (read + write) on `device`, best of a few runs."""
     source = torch.ones(size_mb * 1024 * 1024 // 4, device=device)
