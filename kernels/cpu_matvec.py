@@ -15,7 +15,6 @@ build, or with $LORA_SERVING_CPU_MATVEC=off (benchmarks compare the two), oneDNN
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
@@ -26,9 +25,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 def enabled() -> bool:
-    if os.environ.get("LORA_SERVING_CPU_MATVEC", "auto").lower() in ("off", "0", "false", "no"):
-        return False
-    return cpu_native.library() is not None
+    return cpu_native.available_unless("LORA_SERVING_CPU_MATVEC")
 
 
 class PackedMatvec:

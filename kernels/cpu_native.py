@@ -37,7 +37,13 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 def enabled() -> bool:
     """Whether the torch path should use the kernel: $LORA_CPU_KERNEL is not "off" and it builds and loads."""
-    if os.environ.get("LORA_CPU_KERNEL", "auto").lower() in ("off", "0", "false", "no"):
+    return available_unless("LORA_CPU_KERNEL")
+
+
+def available_unless(switch: str) -> bool:
+    """Whether the library builds and loads here and the environment variable `switch` does not turn its
+    user off ("off", "0", "false" or "no"; benchmarks compare each kernel with the route it replaces)."""
+    if os.environ.get(switch, "auto").lower() in ("off", "0", "false", "no"):
         return False
     return library() is not None
 
@@ -48,8 +54,8 @@ def library():
     try:
         return _load(_build())
     except Exception as error:  # no compiler, a read-only disk, an odd libc: the torch route still serves
-        logger.warning("the CPU kernels are unavailable (%s): the slower embedding_bag route serves LoRA and oneDNN "
-                       "every projection", error)
+        logger.warning("the CPU kernels are unavailable (%s): the slower embedding_bag route serves LoRA, oneDNN "
+                       "every projection and torch decode attention", error)
         return None
 
 
