@@ -9,7 +9,6 @@ scaled_dot_product_attention serves, per sequence or over a padded gather.
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
@@ -21,9 +20,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 def serves(dtype: torch.dtype, device: torch.device | str) -> bool:
     if torch.device(device).type != "cpu" or dtype != torch.float32:
         return False
-    if os.environ.get("LORA_SERVING_CPU_ATTENTION", "auto").lower() in ("off", "0", "false", "no"):
-        return False
-    return cpu_native.library() is not None
+    return cpu_native.available_unless("LORA_SERVING_CPU_ATTENTION")
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -35,6 +32,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kv_heads, num_blocks, block_size, _ = k_cache.shape
     if q.stride(2) != 1:
         q = q.contiguous()
+    # The kernel reads these through raw pointers: the layout and element types it assumes are checked here.
+    if not q.dtype == k_cache.dtype == v_cache.dtype == torch.float32:
+        raise ValueError(f"q and the caches must be float32, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    indices = (block_tables, lengths) if starts is None else (block_tables, lengths, starts)
+    if any(index.dtype != torch.int64 for index in indices):
+        raise ValueError("block_tables, lengths and starts must be int64")
     for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
                          ("lengths", lengths)) + ((("starts", starts),) if starts is not None else ()):
         if not tensor.is_contiguous():

@@ -70,3 +70,10 @@ def test_non_contiguous_tables_are_refused():
     tables = torch.zeros(2, 4, dtype=torch.long)[:, ::2]
     with pytest.raises(ValueError, match="block_tables must be contiguous"):
         cpu_attention.decode_attention(torch.zeros(2, 1, 8), k_cache, k_cache, tables, torch.tensor([1, 1]), None, 1.0)
+
+
+def test_index_tensors_of_another_dtype_are_refused():
+    k_cache = torch.zeros(1, 4, BLOCK_SIZE, 8)
+    tables = torch.zeros(2, 2, dtype=torch.int32)  # the kernel reads int64: int32 would be read as garbage
+    with pytest.raises(ValueError, match="must be int64"):
+        cpu_attention.decode_attention(torch.zeros(2, 1, 8), k_cache, k_cache, tables, torch.tensor([1, 1]), None, 1.0)
