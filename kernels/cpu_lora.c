@@ -14,9 +14,11 @@
  *   slice_ranks[i]    [S]: slice i's rank per slot (int32, or int64 when ranks_are_int64); 0 = untargeted
  *   x [T, H] and y [T, O] have unit column strides; slice i adds into y's columns out_offsets[i] ...
  * Accumulation is fp32 in the same order as the embedding_bag route (feature by feature, rank by rank).
- * The running sums of the shrink (up to 32 of its columns at a time) and of the expand (64 of y's columns at a
- * time) stay in vector registers through their loop: summed in memory, each step waited on the last one's
- * store (store-to-load latency), which made the kernel ~2x slower than its arithmetic and bytes.
+ * Each row of A and of B is read once for all the tokens of an item (up to 12 running sums of eight stay in
+ * vector registers: tokens x vectors), instead of once per token: a decode item of two tokens read its
+ * weights twice before, and the warm kernel ran 1.3-1.7x slower (docs/BENCHMARKS.md, Multi-LoRA). Summed in
+ * memory, each step would wait on the last one's store (store-to-load latency), which once made the kernel
+ * ~2x slower than its arithmetic and bytes.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,9 +26,6 @@
 #include "cpu_vec.h"
 
 #define TOKEN_BLOCK 4
-/* Vectors of eight summed in registers at once: shrink columns (4 x 8) and expand outputs (8 x 8). */
-#define SHRINK_VECTORS 4
-#define EXPAND_VECTORS 8
 
 static int64_t rank_of(const void *ranks, int ranks_are_int64, int64_t slot)
 {
@@ -35,59 +34,94 @@ static int64_t rank_of(const void *ranks, int ranks_are_int64, int64_t slot)
 
 int lora_token_block(void) { return TOKEN_BLOCK; }
 
-/* out[i] (+)= sum_{r < count} scales[r] * rows[r * stride + i] for i < 8 * vectors, r in order. The shrink is
- * this over A's rows scaled by one token's features, from zero; the expand over B's rows scaled by the token's
- * shrunk values, added to y. Inlined with constant `vectors` and `add_to_out`, so that the sums are named
- * registers. */
-static inline __attribute__((always_inline)) void scaled_row_sum(
-    const float *rows, int64_t stride, int64_t count, const float *scales, const int vectors, const int add_to_out,
-    float *out)
+/* Up to MAX_SUMS vectors of running sums live in registers (AVX2 has 16: the rest hold a loaded row and the
+ * broadcast scales). */
+#define MAX_SUMS 12
+
+/* For tokens k < K: out[k][i] (+)= sum_{r < count} scales[k][r] * rows[r * stride + i], i < 8 * V. Each row is
+ * read once for all K tokens. */
+static inline __attribute__((always_inline)) void scaled_row_sums(
+    const float *rows, int64_t stride, int64_t count, const float *const *scales, const int V, const int K,
+    const int add_to_out, float *const *out)
 {
-    vec8 sums[EXPAND_VECTORS];
-    for (int v = 0; v < vectors; v++) sums[v] = add_to_out ? load8(out + 8 * v) : (vec8){0};
+    vec8 sums[MAX_SUMS];
+    for (int k = 0; k < K; k++)
+        for (int v = 0; v < V; v++) sums[k * V + v] = add_to_out ? load8(out[k] + 8 * v) : (vec8){0};
     for (int64_t r = 0; r < count; r++) {
         const float *row = rows + r * stride;
-        const vec8 scale = (vec8){0} + scales[r];
-        #pragma GCC unroll 8
-        for (int v = 0; v < vectors; v++) sums[v] += load8(row + 8 * v) * scale;
+        #pragma GCC unroll 12
+        for (int v = 0; v < V; v++) {
+            const vec8 value = load8(row + 8 * v);
+            #pragma GCC unroll 4
+            for (int k = 0; k < K; k++) sums[k * V + v] += value * scales[k][r];
+        }
     }
-    for (int v = 0; v < vectors; v++) store8(out + 8 * v, sums[v]);
+    for (int k = 0; k < K; k++)
+        for (int v = 0; v < V; v++) store8(out[k] + 8 * v, sums[k * V + v]);
 }
 
-/* shrunk[j] for j < columns: the slot's A rows (a) against one token's features (x). */
-static void shrink(const float *a, int64_t a_width, int64_t hidden, const float *x, int64_t columns, float *shrunk)
+/* Every (vectors, tokens) pair that vectors_for allows, each compiled with constant bounds so that its sums are
+ * registers. */
+#define CASE(V, K) case (V) * 8 + (K): scaled_row_sums(rows, stride, count, scales, V, K, add_to_out, out); break;
+static void scaled_row_sums_any(const float *rows, int64_t stride, int64_t count, const float *const *scales,
+                                int vectors, int tokens, int add_to_out, float *const *out)
 {
+    switch (vectors * 8 + tokens) {
+    CASE(1, 1) CASE(2, 1) CASE(3, 1) CASE(4, 1) CASE(5, 1) CASE(6, 1) CASE(7, 1) CASE(8, 1)
+    CASE(1, 2) CASE(2, 2) CASE(3, 2) CASE(4, 2) CASE(5, 2) CASE(6, 2)
+    CASE(1, 3) CASE(2, 3) CASE(3, 3) CASE(4, 3)
+    CASE(1, 4) CASE(2, 4) CASE(3, 4)
+    default: break;
+    }
+}
+#undef CASE
+
+/* The most vectors of columns a pass takes for `tokens` tokens: tokens x vectors <= MAX_SUMS. */
+static int vectors_for(int tokens) { return tokens == 1 ? 8 : tokens == 2 ? 6 : tokens == 3 ? 4 : 3; }
+
+/* shrunk[k][j] for j < columns, k < count: the slot's A rows (a) against each token's features. */
+static void shrink(const float *a, int64_t a_width, int64_t hidden, const float *const *xs, int count,
+                   int64_t columns, float *const *shrunk)
+{
+    const int max_vectors = vectors_for(count);
     int64_t j = 0;
-    /* Whole vectors while they stay inside the row (a vector past `columns` computes unused sums). */
-    for (; j < columns && j + 8 <= a_width; j += 8 * SHRINK_VECTORS) {
+    for (; j < columns && j + 8 <= a_width;) {
         int64_t vectors = (columns - j + 7) / 8;
-        if (vectors > SHRINK_VECTORS) vectors = SHRINK_VECTORS;
+        if (vectors > max_vectors) vectors = max_vectors;
         if (j + 8 * vectors > a_width) vectors = (a_width - j) / 8;
-        switch (vectors) {
-        case 4: scaled_row_sum(a + j, a_width, hidden, x, 4, 0, shrunk + j); break;
-        case 3: scaled_row_sum(a + j, a_width, hidden, x, 3, 0, shrunk + j); break;
-        case 2: scaled_row_sum(a + j, a_width, hidden, x, 2, 0, shrunk + j); break;
-        default: scaled_row_sum(a + j, a_width, hidden, x, 1, 0, shrunk + j); break;
-        }
-        if (vectors < SHRINK_VECTORS) { j += 8 * vectors; break; }
+        float *outs[TOKEN_BLOCK];
+        for (int k = 0; k < count; k++) outs[k] = shrunk[k] + j;
+        scaled_row_sums_any(a + j, a_width, hidden, xs, (int)vectors, count, 0, outs);
+        j += 8 * vectors;
     }
     for (; j < columns; j++) {  /* a row narrower than a vector's reach: one column at a time */
-        float sum = 0.0f;
-        for (int64_t h = 0; h < hidden; h++) sum += x[h] * a[h * a_width + j];
-        shrunk[j] = sum;
+        for (int k = 0; k < count; k++) {
+            float sum = 0.0f;
+            for (int64_t h = 0; h < hidden; h++) sum += xs[k][h] * a[h * a_width + j];
+            shrunk[k][j] = sum;
+        }
     }
 }
 
-static void expand(const float *b, int64_t width, int64_t rank, const float *weights, float *out)
+static void expand(const float *b, int64_t width, int64_t rank, const float *const *weights, int count,
+                   float *const *out)
 {
+    const int max_vectors = vectors_for(count);
     int64_t o = 0;
-    for (; o + 8 * EXPAND_VECTORS <= width; o += 8 * EXPAND_VECTORS)
-        scaled_row_sum(b + o, width, rank, weights, EXPAND_VECTORS, 1, out + o);
-    for (; o + 8 <= width; o += 8) scaled_row_sum(b + o, width, rank, weights, 1, 1, out + o);
+    float *outs[TOKEN_BLOCK];
+    for (; o + 8 <= width;) {
+        int64_t vectors = (width - o) / 8;
+        if (vectors > max_vectors) vectors = max_vectors;
+        for (int k = 0; k < count; k++) outs[k] = out[k] + o;
+        scaled_row_sums_any(b + o, width, rank, weights, (int)vectors, count, 1, outs);
+        o += 8 * vectors;
+    }
     for (; o < width; o++) {
-        float sum = out[o];
-        for (int64_t j = 0; j < rank; j++) sum += weights[j] * b[j * width + o];
-        out[o] = sum;
+        for (int k = 0; k < count; k++) {
+            float sum = out[k][o];
+            for (int64_t j = 0; j < rank; j++) sum += weights[k][j] * b[j * width + o];
+            out[k][o] = sum;
+        }
     }
 }
 
@@ -114,15 +148,24 @@ void lora_add_f32(
             }
             if (!columns) continue;
             const float *a = a_rows + slot * hidden * a_width;
-            for (int64_t k = 0; k < count; k++)
-                shrink(a, a_width, hidden, x + tokens[k] * x_stride, columns, acc + k * a_width);
+            const float *xs[TOKEN_BLOCK];
+            float *shrunk[TOKEN_BLOCK];
+            for (int64_t k = 0; k < count; k++) {
+                xs[k] = x + tokens[k] * x_stride;
+                shrunk[k] = acc + k * a_width;
+            }
+            shrink(a, a_width, hidden, xs, (int)count, columns, shrunk);
             for (int64_t i = 0; i < num_slices; i++) {
                 const int64_t rank = rank_of(slice_ranks[i], ranks_are_int64, slot);
                 if (!rank) continue;
                 const float *b = b_rows[i] + slot * max_rank * out_widths[i];
-                for (int64_t k = 0; k < count; k++)
-                    expand(b, out_widths[i], rank, acc + k * a_width + i * max_rank,
-                           y + tokens[k] * y_stride + out_offsets[i]);
+                const float *weights[TOKEN_BLOCK];
+                float *outs[TOKEN_BLOCK];
+                for (int64_t k = 0; k < count; k++) {
+                    weights[k] = acc + k * a_width + i * max_rank;
+                    outs[k] = y + tokens[k] * y_stride + out_offsets[i];
+                }
+                expand(b, out_widths[i], rank, weights, (int)count, outs);
             }
         }
     }
