@@ -125,13 +125,37 @@ static void expand(const float *b, int64_t width, int64_t rank, const float *con
     }
 }
 
-void lora_add_f32(
-    int64_t num_items, const int64_t *item_slots, const int64_t *item_starts, const int64_t *item_counts,
-    const int64_t *token_ids, const float *x, int64_t x_stride, int64_t hidden,
-    const float *a_rows, int64_t a_width, int64_t max_rank, int64_t num_slices,
-    const float *const *b_rows, const int64_t *out_widths, const int64_t *out_offsets,
-    const void *const *slice_ranks, int ranks_are_int64, float *y, int64_t y_stride, int num_threads)
+/* A step's work items (the same for every module of one hidden size): item n is item_counts[n] <= TOKEN_BLOCK
+ * tokens of slot item_slots[n], listed at token_ids[item_starts[n]] ... */
+struct lora_items {
+    int64_t num_items;
+    const int64_t *item_slots, *item_starts, *item_counts, *token_ids;
+};
+
+/* One fused projection's buffers and slot ranks (the layouts above), fixed while the engine runs. */
+struct lora_buffers {
+    const float *a_rows;
+    int64_t a_width, max_rank, num_slices;
+    const float *const *b_rows;
+    const int64_t *out_widths, *out_offsets;
+    const void *const *slice_ranks;
+    int64_t ranks_are_int64;
+};
+
+/* Called through ctypes with two struct pointers made once (per step, per module) instead of twenty scalars:
+ * ctypes converts each argument at every call, 32 calls a decode step. */
+void lora_add_f32(const struct lora_items *items, const struct lora_buffers *buffers, const float *x,
+                  int64_t x_stride, int64_t hidden, float *y, int64_t y_stride, int num_threads)
 {
+    const int64_t num_items = items->num_items;
+    const int64_t *item_slots = items->item_slots, *item_starts = items->item_starts;
+    const int64_t *item_counts = items->item_counts, *token_ids = items->token_ids;
+    const float *a_rows = buffers->a_rows;
+    const int64_t a_width = buffers->a_width, max_rank = buffers->max_rank, num_slices = buffers->num_slices;
+    const float *const *b_rows = buffers->b_rows;
+    const int64_t *out_widths = buffers->out_widths, *out_offsets = buffers->out_offsets;
+    const void *const *slice_ranks = buffers->slice_ranks;
+    const int ranks_are_int64 = (int)buffers->ranks_are_int64;
     #pragma omp parallel num_threads(num_threads) if (num_items > 1 && num_threads > 1)
     {
         float acc[TOKEN_BLOCK * a_width];

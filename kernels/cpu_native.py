@@ -59,20 +59,30 @@ def library():
         return None
 
 
+class _Items(ctypes.Structure):
+    _fields_ = [("num_items", _I64), ("item_slots", _PTR), ("item_starts", _PTR), ("item_counts", _PTR),
+                ("token_ids", _PTR)]
+
+
+class _Buffers(ctypes.Structure):
+    _fields_ = [("a_rows", _PTR), ("a_width", _I64), ("max_rank", _I64), ("num_slices", _I64), ("b_rows", _PTR),
+                ("out_widths", _PTR), ("out_offsets", _PTR), ("slice_ranks", _PTR), ("ranks_are_int64", _I64)]
+
+
 class Call:
-    """The arguments of the kernel calls that stay fixed for a step (its work items, shared by every module of
-    one hidden size), kept as ctypes values; Weights holds those fixed for a module's buffers."""
+    """A step's work items for the kernel (shared by every module of one hidden size), as the struct it reads."""
 
     def __init__(self, items: torch.Tensor, token_ids: torch.Tensor) -> None:
         self.items = items  # [3, n] int64: slot, start in token_ids, count (<= token_block())
         self.token_ids = token_ids
-        self.prefix = (_I64(items.shape[1]), _PTR(items[0].data_ptr()), _PTR(items[1].data_ptr()),
-                       _PTR(items[2].data_ptr()), _PTR(token_ids.data_ptr()))
+        self._struct = _Items(items.shape[1], items[0].data_ptr(), items[1].data_ptr(), items[2].data_ptr(),
+                              token_ids.data_ptr())
+        self.address = ctypes.addressof(self._struct)
 
 
 class Weights:
-    """One fused projection's rank-major buffers as the kernel reads them (ranks come with each call: they
-    change as adapters load, and a caller may pass new tensors)."""
+    """One fused projection's rank-major buffers as the kernel reads them; bind() adds the slot ranks (they may
+    come as new tensors with each call of add_lora_packed, and are fixed for the engine's prepared groups)."""
 
     def __init__(self, a_rows: torch.Tensor, b_rows: tuple, max_rank: int) -> None:
         widths = torch.tensor([b.shape[1] for b in b_rows], dtype=torch.int64)
@@ -80,8 +90,23 @@ class Weights:
         b_pointers = (_PTR * len(b_rows))(*[b.data_ptr() for b in b_rows])
         self._keep = (a_rows, b_rows, widths, offsets, b_pointers)
         self.num_slices = len(b_rows)
-        self.weights = (_PTR(a_rows.data_ptr()), _I64(a_rows.shape[1]), _I64(max_rank), _I64(len(b_rows)),
-                        b_pointers, _PTR(widths.data_ptr()), _PTR(offsets.data_ptr()))
+        self._fields = (a_rows.data_ptr(), a_rows.shape[1], max_rank, len(b_rows), ctypes.addressof(b_pointers),
+                        widths.data_ptr(), offsets.data_ptr())
+
+    def bind(self, slot_ranks_slices) -> "Buffers":
+        """These buffers with the slices' ranks (as ranks_supported accepts), read in place at each call."""
+        return Buffers(self, slot_ranks_slices)
+
+
+class Buffers:
+    """Weights bound to slot ranks: the second argument of add()."""
+
+    def __init__(self, weights: Weights, slot_ranks_slices) -> None:
+        pointers = (_PTR * len(slot_ranks_slices))(*[ranks.data_ptr() for ranks in slot_ranks_slices])
+        self._keep = (weights, pointers, tuple(slot_ranks_slices))
+        self._struct = _Buffers(*weights._fields, ctypes.addressof(pointers),
+                                int(slot_ranks_slices[0].dtype == torch.int64))
+        self.address = ctypes.addressof(self._struct)
 
 
 def ranks_supported(slot_ranks_slices) -> bool:
@@ -91,19 +116,10 @@ def ranks_supported(slot_ranks_slices) -> bool:
         r.dtype == dtype and r.device.type == "cpu" and r.is_contiguous() for r in slot_ranks_slices)
 
 
-def rank_arguments(slot_ranks_slices) -> tuple:
-    """The kernel's arguments that point at each slice's ranks (slot_ranks_slices as ranks_supported accepts). The
-    kernel reads the ranks at each call, so these stay valid while the tensors do, whatever is written into them."""
-    pointers = (_PTR * len(slot_ranks_slices))(*[ranks.data_ptr() for ranks in slot_ranks_slices])
-    return pointers, ctypes.c_int(slot_ranks_slices[0].dtype == torch.int64), tuple(slot_ranks_slices)
-
-
-def add(y: torch.Tensor, x: torch.Tensor, call: Call, weights: Weights, rank_args: tuple) -> None:
-    """y[t] += the LoRA delta of each token in call's items; x [T, H] and y [T, O] fp32 with unit column stride,
-    rank_args from rank_arguments."""
-    library().lora_add_f32(*call.prefix, _PTR(x.data_ptr()), _I64(x.stride(0)), _I64(x.shape[1]), *weights.weights,
-                           rank_args[0], rank_args[1], _PTR(y.data_ptr()), _I64(y.stride(0)),
-                           ctypes.c_int(torch.get_num_threads()))
+def add(y: torch.Tensor, x: torch.Tensor, call: Call, buffers: Buffers) -> None:
+    """y[t] += the LoRA delta of each token in call's items; x [T, H] and y [T, O] fp32 with unit column stride."""
+    library().lora_add_f32(call.address, buffers.address, x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(),
+                           y.stride(0), torch.get_num_threads())
 
 
 @functools.cache
@@ -139,8 +155,7 @@ def _load(path: Path):
     torch.get_num_threads()  # torch (and its libgomp) is loaded: the kernel binds to the same OpenMP runtime
     lib = ctypes.CDLL(str(path))
     lib.lora_add_f32.restype = None
-    lib.lora_add_f32.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR,
-                                 _PTR, _PTR, ctypes.c_int, _PTR, _I64, ctypes.c_int]
+    lib.lora_add_f32.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int]
     lib.lora_token_block.restype = ctypes.c_int
     lib.packed_matvec_f32.restype = None
     lib.packed_matvec_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int]

@@ -98,8 +98,8 @@ def add_lora_torch(y, x, lora_a_slices, lora_b_slices, slot_ranks_slices, meta: 
     max_rank = lora_a_slices[0].shape[1]
     if views.native is not None and x.stride(1) == 1 and y.stride(1) == 1 and cpu_native.ranks_supported(
             slot_ranks_slices):
-        _add_native(y, x, views, lora_b_slices, slot_ranks_slices, cpu_native.rank_arguments(slot_ranks_slices),
-                    meta, max_rank)
+        _add_native(y, x, views, lora_b_slices, slot_ranks_slices, views.native.bind(slot_ranks_slices), meta,
+                    max_rank)
         return
     ranks = tuple(tuple(slot_ranks.tolist()) for slot_ranks in slot_ranks_slices)
     bags_possible = views.a_rows is not None
@@ -138,7 +138,7 @@ class NativeGroup:
 
     def __init__(self, views: _GroupViews, lora_b_slices, slot_ranks_slices, max_rank: int) -> None:
         self._arguments = (views, tuple(lora_b_slices), tuple(slot_ranks_slices),
-                           cpu_native.rank_arguments(slot_ranks_slices))
+                           views.native.bind(slot_ranks_slices))
         self._max_rank = max_rank
 
     @classmethod
@@ -155,8 +155,8 @@ class NativeGroup:
             _add_native(y, x, *self._arguments, meta, self._max_rank)
 
 
-def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, rank_args, meta: LoraBatchMeta,
-                max_rank: int):
+def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, buffers: cpu_native.Buffers,
+                meta: LoraBatchMeta, max_rank: int):
     """Long segments by GEMM as on the other route; every other token in one call of the C kernel, which reads
     the ranks itself (so, unlike the embedding_bag plan, this plan depends only on the step and H)."""
     plan_key = ("native", x.shape[1])
@@ -174,7 +174,7 @@ def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, rank
         outputs = _column_blocks(y, [lora_b.shape[1] for lora_b in lora_b_slices])
         _add_gemm_segments(outputs, x, views, lora_b_slices, max_rank, segments)
     if call is not None:
-        cpu_native.add(y, x, call, views.native, rank_args)
+        cpu_native.add(y, x, call, buffers)
 
 
 def _native_plan(meta: LoraBatchMeta, hidden: int):
