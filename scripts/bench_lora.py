@@ -7,7 +7,11 @@ Adapters of rank 8 and 16 on all seven projections; each request's adapter is dr
 Then the time to first token of a request whose adapter is on disk only, next to one whose adapter is
 resident in a device slot.
 
-    .venv/bin/python scripts/bench_lora.py [--adapters 1 8 64 512] [--peft-max 64]
+The engine runs with its default prefix cache: each side runs once uncounted, so in the counted runs the
+prompts come from the cache and the table measures mostly decode, where LoRA costs the most against the base
+(--no-prefix-caching computes every prompt in every run; PEFT always does).
+
+    .venv/bin/python scripts/bench_lora.py [--adapters 1 8 64 512] [--peft-max 64] [--no-prefix-caching]
 """
 
 from __future__ import annotations
@@ -168,6 +172,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4,
                         help="rounds of one LoRA and one base run, alternating which goes first")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the engine's and PEFT's")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="compute every prompt in every run (by default, as the engine's default, the cache serves "
+                             "each run's prompts after that side's first run, so the runs are mostly decode)")
     args = parser.parse_args()
     device = resolve_device(args.device)
 
@@ -175,7 +182,8 @@ def main() -> None:
     requests = workload(args.requests)
     all_paths = make_adapters(model_dir, max(args.adapters))
     engine = Engine(model_dir, dtype="float32", device=device, max_rolling_batch_size=args.batch_size, enable_lora=True,
-                    max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=16)
+                    max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=16,
+                    enable_prefix_caching=not args.no_prefix_caching)
     engine.generate([requests[0].prompt_ids], SamplingParams(max_new_tokens=4, ignore_eos=True))
 
     bandwidth = measure_memory_bandwidth(device=device)
@@ -186,12 +194,16 @@ def main() -> None:
         for index, path in enumerate(all_paths[:count]):
             engine.register_adapter(f"a{index}", path, preload=False)
         choices = zipf_choices(len(requests), count)
-        # One LoRA run first, uncounted: it loads the adapters from disk, as a server's first minutes would.
-        # Then rounds of one LoRA and one base run, the order alternating. This VM's speed drifts by more
-        # than LoRA costs over minutes (other tenants), so (a)/(b) is the median of each round's ratio of
+        # One LoRA run first, uncounted: it loads the adapters from disk, as a server's first minutes would;
+        # and one base run, uncounted, so that both sides start alike: with the prefix cache on, every run
+        # after a side's first takes that side's prompts from the cache (a base run that followed only LoRA
+        # runs computed its prompts while the LoRA run beside it did not, and the first round's ratio favoured
+        # LoRA). Then rounds of one LoRA and one base run, the order alternating. This VM's speed drifts by
+        # more than LoRA costs over minutes (other tenants), so (a)/(b) is the median of each round's ratio of
         # two neighbouring runs, not a ratio of bests taken minutes apart; the tok/s columns keep each side's best.
         lora_names = [f"a{c}" for c in choices]
         engine_throughput(engine, requests, lora_names)
+        engine_throughput(engine, requests, None)
         lora_rates, base_rates = [], []
         for round_index in range(args.repeats):
             sides = [(lora_rates, lora_names), (base_rates, None)]
@@ -224,7 +236,8 @@ def main() -> None:
 
     print(f"# bench_lora: {machine_description(device)}, on {device}")
     print(f"# {args.requests} requests, batch size {args.batch_size}, max_loras {args.max_loras}, "
-          f"max_cpu_loras {args.max_cpu_loras}; adapters rank 8/16 on all 7 projections, Zipf(1.0); "
+          f"max_cpu_loras {args.max_cpu_loras}; adapters rank 8/16 on all 7 projections, Zipf(1.0); prefix cache "
+          f"{'off: every prompt computed' if args.no_prefix_caching else 'on: prompts from the cache after a warm-up run of each side'}; "
           f"{args.repeats} rounds of a LoRA and a base run, alternating; tok/s: each side's best; (a)/(b): the "
           "median of the rounds' ratios")
     print_table(["adapters N", "distinct used", "(a) LoRA tok/s", "(b) base tok/s", "(a)/(b)", "(c) PEFT tok/s",
