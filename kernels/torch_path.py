@@ -137,8 +137,9 @@ class NativeGroup:
     """One fused projection's buffers and slot ranks as the C kernel takes them, resolved once (kernels/group.py)."""
 
     def __init__(self, views: _GroupViews, lora_b_slices, slot_ranks_slices, max_rank: int) -> None:
-        self._arguments = (views, tuple(lora_b_slices), tuple(slot_ranks_slices),
-                           views.native.bind(slot_ranks_slices))
+        self._views, self._lora_b_slices = views, tuple(lora_b_slices)
+        self._slot_ranks_slices = tuple(slot_ranks_slices)
+        self._buffers = views.native.bind(slot_ranks_slices)
         self._max_rank = max_rank
 
     @classmethod
@@ -150,31 +151,46 @@ class NativeGroup:
         return cls(views, lora_b_slices, slot_ranks_slices, lora_a_slices[0].shape[1])
 
     def add(self, y, x, meta: LoraBatchMeta) -> None:
-        """As add_lora_torch, for x and y with unit column strides (the caller checked them)."""
-        if meta.num_lora_tokens:
-            _add_native(y, x, *self._arguments, meta, self._max_rank)
+        """As add_lora_torch, for x and y with unit column strides (the caller checked them). The engine's path,
+        32 calls a decode step: kept to a few lookups before the kernel."""
+        if not meta.num_lora_tokens:
+            return
+        long_segments, call = _native_step_plan(meta, x.shape[1])
+        if long_segments:
+            _add_long_segments(y, x, self._views, self._lora_b_slices, self._slot_ranks_slices, self._max_rank,
+                               long_segments)
+        if call is not None:
+            cpu_native.add(y, x, call, self._buffers)
 
 
 def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, buffers: cpu_native.Buffers,
                 meta: LoraBatchMeta, max_rank: int):
     """Long segments by GEMM as on the other route; every other token in one call of the C kernel, which reads
     the ranks itself (so, unlike the embedding_bag plan, this plan depends only on the step and H)."""
-    plan_key = ("native", x.shape[1])
-    plan = meta.plan_cache.get(plan_key)
-    if plan is None:
-        plan = meta.plan_cache[plan_key] = _native_plan(meta, x.shape[1])
-    long_segments, call = plan
+    long_segments, call = _native_step_plan(meta, x.shape[1])
     if long_segments:
-        ranks = [slot_ranks.tolist() for slot_ranks in slot_ranks_slices]
-        segments = []
-        for slot, first_token, token_ids in long_segments:
-            slot_ranks = tuple(slice_ranks[slot] for slice_ranks in ranks)
-            if any(slot_ranks):
-                segments.append(_gemm_segment(slot, slot_ranks, max_rank, first_token, token_ids))
-        outputs = _column_blocks(y, [lora_b.shape[1] for lora_b in lora_b_slices])
-        _add_gemm_segments(outputs, x, views, lora_b_slices, max_rank, segments)
+        _add_long_segments(y, x, views, lora_b_slices, slot_ranks_slices, max_rank, long_segments)
     if call is not None:
         cpu_native.add(y, x, call, buffers)
+
+
+def _native_step_plan(meta: LoraBatchMeta, hidden: int):
+    """_native_plan for this step and H, made by the step's first call and reused by the others."""
+    plan = meta.plan_cache.get(hidden)  # the embedding_bag plans' keys are tuples: no clash
+    if plan is None:
+        plan = meta.plan_cache[hidden] = _native_plan(meta, hidden)
+    return plan
+
+
+def _add_long_segments(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, max_rank: int, long_segments):
+    ranks = [slot_ranks.tolist() for slot_ranks in slot_ranks_slices]
+    segments = []
+    for slot, first_token, token_ids in long_segments:
+        slot_ranks = tuple(slice_ranks[slot] for slice_ranks in ranks)
+        if any(slot_ranks):
+            segments.append(_gemm_segment(slot, slot_ranks, max_rank, first_token, token_ids))
+    outputs = _column_blocks(y, [lora_b.shape[1] for lora_b in lora_b_slices])
+    _add_gemm_segments(outputs, x, views, lora_b_slices, max_rank, segments)
 
 
 def _native_plan(meta: LoraBatchMeta, hidden: int):
