@@ -13,6 +13,11 @@
  *   b_rows[i]         [S * max_rank, out_widths[i]]: row s * max_rank + j holds lora_b_i[s, :, j]
  *   slice_ranks[i]    [S]: slice i's rank per slot (int32, or int64 when ranks_are_int64); 0 = untargeted
  *   x [T, H] and y [T, O] have unit column strides; slice i adds into y's columns out_offsets[i] ...
+ *   a_compact         optional, [S * H * a_width] (kernels/cpu_native.py, CompactA): slot s's block holds row h
+ *                     of its A at h * w_s, w_s = the sum of its slices' ranks, slice i's ranks after slice i-1's;
+ *                     compact_ranks [S, num_slices] int64 are the ranks that block was made for. An item reads
+ *                     the compact block when the slot's ranks still equal them, else a_rows. In a_rows each
+ *                     slice takes max_rank columns, so a rank-8 adapter under max_rank 16 reads twice its A.
  * Accumulation is fp32 in the same order as the embedding_bag route (feature by feature, rank by rank).
  * Each row of A and of B is read once for all the tokens of an item (up to 12 running sums of eight stay in
  * vector registers: tokens x vectors), instead of once per token: a decode item of two tokens read its
@@ -22,10 +27,12 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu_vec.h"
 
 #define TOKEN_BLOCK 4
+#define MAX_SLICES 8
 
 static int64_t rank_of(const void *ranks, int ranks_are_int64, int64_t slot)
 {
@@ -140,7 +147,33 @@ struct lora_buffers {
     const int64_t *out_widths, *out_offsets;
     const void *const *slice_ranks;
     int64_t ranks_are_int64;
+    float *a_compact;          /* NULL: none */
+    int64_t *compact_ranks;
 };
+
+int lora_max_slices(void) { return MAX_SLICES; }
+
+/* Copies slot's A rows from a_rows into its compact block at the slot's current ranks and records them. Called
+ * after each write of the slot's weights and ranks (kernels/group.py, LoraGroup.slot_written). */
+void lora_compact_slot(const struct lora_buffers *buffers, int64_t hidden, int64_t slot)
+{
+    const int64_t num_slices = buffers->num_slices, a_width = buffers->a_width, max_rank = buffers->max_rank;
+    int64_t ranks[MAX_SLICES], width = 0;
+    for (int64_t i = 0; i < num_slices; i++) {
+        ranks[i] = rank_of(buffers->slice_ranks[i], (int)buffers->ranks_are_int64, slot);
+        width += ranks[i];
+    }
+    const float *rows = buffers->a_rows + slot * hidden * a_width;
+    float *block = buffers->a_compact + slot * hidden * a_width;
+    for (int64_t h = 0; h < hidden; h++) {
+        float *out = block + h * width;
+        for (int64_t i = 0; i < num_slices; i++) {
+            memcpy(out, rows + h * a_width + i * max_rank, ranks[i] * sizeof(float));
+            out += ranks[i];
+        }
+    }
+    for (int64_t i = 0; i < num_slices; i++) buffers->compact_ranks[slot * num_slices + i] = ranks[i];
+}
 
 /* Called through ctypes with two struct pointers made once (per step, per module) instead of twenty scalars:
  * ctypes converts each argument at every call, 32 calls a decode step. */
@@ -164,29 +197,46 @@ void lora_add_f32(const struct lora_items *items, const struct lora_buffers *buf
             const int64_t slot = item_slots[item];
             const int64_t count = item_counts[item];
             const int64_t *tokens = token_ids + item_starts[item];
-            /* Shrink up to the last targeted slice's rank; columns in between are computed, not used. */
-            int64_t columns = 0;
+            int64_t ranks[MAX_SLICES], compact_width = 0;
+            int compact = buffers->a_compact != NULL;
             for (int64_t i = 0; i < num_slices; i++) {
-                const int64_t rank = rank_of(slice_ranks[i], ranks_are_int64, slot);
-                if (rank) columns = i * max_rank + rank;
+                ranks[i] = rank_of(slice_ranks[i], ranks_are_int64, slot);
+                compact_width += ranks[i];
+                compact = compact && buffers->compact_ranks[slot * num_slices + i] == ranks[i];
             }
-            if (!columns) continue;
-            const float *a = a_rows + slot * hidden * a_width;
+            if (!compact_width) continue;
+            /* Where slice i's ranks start in a row of A (and in a token's shrunk values), the row's width and how
+             * many columns to shrink: in a_rows up to the last targeted slice's rank (the columns in between are
+             * computed, not used). */
+            int64_t first_column[MAX_SLICES], stride, columns = 0;
+            const float *a;
+            if (compact) {
+                for (int64_t i = 0; i < num_slices; i++) first_column[i] = columns, columns += ranks[i];
+                a = buffers->a_compact + slot * hidden * a_width;
+                stride = columns;
+            } else {
+                for (int64_t i = 0; i < num_slices; i++) {
+                    first_column[i] = i * max_rank;
+                    if (ranks[i]) columns = i * max_rank + ranks[i];
+                }
+                a = a_rows + slot * hidden * a_width;
+                stride = a_width;
+            }
             const float *xs[TOKEN_BLOCK];
             float *shrunk[TOKEN_BLOCK];
             for (int64_t k = 0; k < count; k++) {
                 xs[k] = x + tokens[k] * x_stride;
                 shrunk[k] = acc + k * a_width;
             }
-            shrink(a, a_width, hidden, xs, (int)count, columns, shrunk);
+            shrink(a, stride, hidden, xs, (int)count, columns, shrunk);
             for (int64_t i = 0; i < num_slices; i++) {
-                const int64_t rank = rank_of(slice_ranks[i], ranks_are_int64, slot);
+                const int64_t rank = ranks[i];
                 if (!rank) continue;
                 const float *b = b_rows[i] + slot * max_rank * out_widths[i];
                 const float *weights[TOKEN_BLOCK];
                 float *outs[TOKEN_BLOCK];
                 for (int64_t k = 0; k < count; k++) {
-                    weights[k] = acc + k * a_width + i * max_rank;
+                    weights[k] = acc + k * a_width + first_column[i];
                     outs[k] = y + tokens[k] * y_stride + out_offsets[i];
                 }
                 expand(b, out_widths[i], rank, weights, (int)count, outs);

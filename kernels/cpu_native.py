@@ -66,7 +66,8 @@ class _Items(ctypes.Structure):
 
 class _Buffers(ctypes.Structure):
     _fields_ = [("a_rows", _PTR), ("a_width", _I64), ("max_rank", _I64), ("num_slices", _I64), ("b_rows", _PTR),
-                ("out_widths", _PTR), ("out_offsets", _PTR), ("slice_ranks", _PTR), ("ranks_are_int64", _I64)]
+                ("out_widths", _PTR), ("out_offsets", _PTR), ("slice_ranks", _PTR), ("ranks_are_int64", _I64),
+                ("a_compact", _PTR), ("compact_ranks", _PTR)]
 
 
 class Call:
@@ -84,7 +85,11 @@ class Weights:
     """One fused projection's rank-major buffers as the kernel reads them; bind() adds the slot ranks (they may
     come as new tensors with each call of add_lora_packed, and are fixed for the engine's prepared groups)."""
 
-    def __init__(self, a_rows: torch.Tensor, b_rows: tuple, max_rank: int) -> None:
+    def __init__(self, a_rows: torch.Tensor, b_rows: tuple, max_rank: int, hidden: int) -> None:
+        if len(b_rows) > max_slices():
+            raise ValueError(f"the kernel takes up to {max_slices()} slices, got {len(b_rows)}")
+        self.hidden = hidden
+        self.num_slots = a_rows.shape[0] // hidden
         widths = torch.tensor([b.shape[1] for b in b_rows], dtype=torch.int64)
         offsets = torch.cumsum(widths, 0) - widths
         b_pointers = (_PTR * len(b_rows))(*[b.data_ptr() for b in b_rows])
@@ -93,20 +98,43 @@ class Weights:
         self._fields = (a_rows.data_ptr(), a_rows.shape[1], max_rank, len(b_rows), ctypes.addressof(b_pointers),
                         widths.data_ptr(), offsets.data_ptr())
 
-    def bind(self, slot_ranks_slices) -> "Buffers":
-        """These buffers with the slices' ranks (as ranks_supported accepts), read in place at each call."""
-        return Buffers(self, slot_ranks_slices)
+    def bind(self, slot_ranks_slices, compact: "CompactA | None" = None) -> "Buffers":
+        """These buffers with the slices' ranks (as ranks_supported accepts), read in place at each call, and
+        optionally a compact copy of A that the kernel reads for the slots it is current for."""
+        return Buffers(self, slot_ranks_slices, compact)
+
+
+class CompactA:
+    """A second copy of a group's A in which each slot's rows are as wide as the sum of its slices' ranks, not
+    slices x max_rank (the kernel's a_compact): a rank-8 adapter under max_rank 16 reads half the bytes. The
+    copy of a slot is made by Buffers.compact_slot after its weights and ranks are written, and the kernel reads
+    it only while the slot's ranks equal those it was made at (compact_ranks, all 0 until then)."""
+
+    def __init__(self, weights: Weights) -> None:
+        a_rows = weights._keep[0]
+        self.a_compact = torch.zeros_like(a_rows)
+        self.compact_ranks = torch.zeros(weights.num_slots, weights.num_slices, dtype=torch.int64)
 
 
 class Buffers:
-    """Weights bound to slot ranks: the second argument of add()."""
+    """Weights bound to slot ranks (and a CompactA or not): the second argument of add()."""
 
-    def __init__(self, weights: Weights, slot_ranks_slices) -> None:
+    def __init__(self, weights: Weights, slot_ranks_slices, compact: CompactA | None = None) -> None:
         pointers = (_PTR * len(slot_ranks_slices))(*[ranks.data_ptr() for ranks in slot_ranks_slices])
-        self._keep = (weights, pointers, tuple(slot_ranks_slices))
+        self._keep = (weights, pointers, tuple(slot_ranks_slices), compact)
+        self.compact = compact
         self._struct = _Buffers(*weights._fields, ctypes.addressof(pointers),
-                                int(slot_ranks_slices[0].dtype == torch.int64))
+                                int(slot_ranks_slices[0].dtype == torch.int64),
+                                compact.a_compact.data_ptr() if compact else None,
+                                compact.compact_ranks.data_ptr() if compact else None)
         self.address = ctypes.addressof(self._struct)
+        self.hidden = weights.hidden
+
+    def compact_slot(self, slot: int) -> None:
+        """Copies slot's A into the compact copy at its current ranks (after its weights and ranks are written)."""
+        if not 0 <= slot < self._keep[0].num_slots:
+            raise ValueError(f"slot {slot} is outside [0, {self._keep[0].num_slots})")
+        library().lora_compact_slot(self.address, self.hidden, slot)
 
 
 def ranks_supported(slot_ranks_slices) -> bool:
@@ -125,6 +153,11 @@ def add(y: torch.Tensor, x: torch.Tensor, call: Call, buffers: Buffers) -> None:
 @functools.cache
 def token_block() -> int:
     return library().lora_token_block()
+
+
+@functools.cache
+def max_slices() -> int:
+    return library().lora_max_slices()
 
 
 def _build() -> Path:
@@ -157,6 +190,9 @@ def _load(path: Path):
     lib.lora_add_f32.restype = None
     lib.lora_add_f32.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int]
     lib.lora_token_block.restype = ctypes.c_int
+    lib.lora_max_slices.restype = ctypes.c_int
+    lib.lora_compact_slot.restype = None
+    lib.lora_compact_slot.argtypes = [_PTR, _I64, _I64]
     lib.packed_matvec_f32.restype = None
     lib.packed_matvec_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int]
     lib.matvec_max_rows.restype = ctypes.c_int

@@ -35,6 +35,19 @@ class LoraGroup:
         self._native = (NativeGroup.for_buffers(self.lora_a_slices, self.lora_b_slices, self.slot_ranks_slices)
                         if backend in (None, "auto", "torch") else None)
 
+    @property
+    def compact_ranks(self) -> torch.Tensor | None:
+        """[S, slices]: the ranks each slot's compact copy of A was made at (0: none yet); None off the C kernel."""
+        return None if self._native is None else self._native.compact_ranks
+
+    def slot_written(self, slot: int) -> None:
+        """To be called after a slot's weights and ranks are written (DeviceSlots.write does): on the C kernel's
+        path it refreshes the slot's compact copy of A (cpu_native.CompactA), which add() reads while the slot's
+        ranks are the ones it was made at. Weights rewritten at unchanged ranks without this call would leave
+        the copy stale; ranks changed without it only send the slot back to the full-width rows."""
+        if self._native is not None:
+            self._native.slot_written(slot)
+
     def add(self, y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, meta: LoraBatchMeta) -> None:
         native = self._native
         if (native is not None and x.dtype == torch.float32 and y.dtype == torch.float32 and x.device.type == "cpu"

@@ -139,7 +139,7 @@ class NativeGroup:
     def __init__(self, views: _GroupViews, lora_b_slices, slot_ranks_slices, max_rank: int) -> None:
         self._views, self._lora_b_slices = views, tuple(lora_b_slices)
         self._slot_ranks_slices = tuple(slot_ranks_slices)
-        self._buffers = views.native.bind(slot_ranks_slices)
+        self._buffers = views.native.bind(slot_ranks_slices, cpu_native.CompactA(views.native))
         self._max_rank = max_rank
 
     @classmethod
@@ -149,6 +149,13 @@ class NativeGroup:
         if views.native is None or not cpu_native.ranks_supported(slot_ranks_slices):
             return None
         return cls(views, lora_b_slices, slot_ranks_slices, lora_a_slices[0].shape[1])
+
+    def slot_written(self, slot: int) -> None:
+        self._buffers.compact_slot(slot)
+
+    @property
+    def compact_ranks(self) -> torch.Tensor:
+        return self._buffers.compact.compact_ranks
 
     def add(self, y, x, meta: LoraBatchMeta) -> None:
         """As add_lora_torch, for x and y with unit column strides (the caller checked them). The engine's path,
@@ -269,8 +276,8 @@ def _views(lora_a_slices, lora_b_slices) -> _GroupViews:
         b_rows = tuple(lora_b.transpose(1, 2).view(num_slots * max_rank, lora_b.shape[1]) for lora_b in lora_b_slices)
     native = None
     if (a_rows is not None and a_rows.dtype == torch.float32 and a_rows.device.type == "cpu"
-            and cpu_native.enabled()):
-        native = cpu_native.Weights(a_rows, b_rows, max_rank)
+            and cpu_native.enabled() and len(b_rows) <= cpu_native.max_slices()):
+        native = cpu_native.Weights(a_rows, b_rows, max_rank, hidden)
     views = _GroupViews(
         lora_a=tuple(weakref.ref(t) for t in lora_a_slices),
         lora_b=tuple(weakref.ref(t) for t in lora_b_slices),

@@ -77,6 +77,9 @@ class DeviceSlots:
             ranks[layer, MODULE_INDEX[module]] = rank
         self.host_ranks[:, :, slot] = ranks
         self.ranks[:, :, slot].copy_(ranks)
+        for layer_groups in self.groups:  # the CPU kernel's compact copies of A follow the new weights and ranks
+            for group in layer_groups.values():
+                group.slot_written(slot)
         self.owner[slot] = weights.version.content_hash
 
     def clear(self, slot: int) -> None:

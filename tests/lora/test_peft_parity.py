@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
+
+import kernels
 
 from handler import Engine, SamplingParams
 from tests.adapters import make_peft_adapter, peft_greedy
@@ -35,6 +38,19 @@ def test_mixed_batch_with_evicting_slots_and_host_cache_matches_peft(lora_base, 
         len(r.token_ids) for r, a in zip(results, request_adapters) if a)
     stats = engine.stats()
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
+    # Every slot write refreshed the CPU kernel's compact copy of A (kernels.LoraGroup.slot_written): the copies
+    # hold the ranks each slot holds now, so the outputs above came from them.
+    slots = engine.lora.slots
+    checked = 0
+    for layer_index, layer_groups in enumerate(slots.groups):
+        for group_name, group in layer_groups.items():
+            if group.compact_ranks is None:
+                continue
+            _, _, rank_tensors = slots.group_args[layer_index][group_name]
+            live = torch.stack([ranks.long() for ranks in rank_tensors], dim=1)
+            assert torch.equal(group.compact_ranks, live), (layer_index, group_name)
+            checked += int(live.sum() > 0)
+    assert checked or not kernels.cpu_kernel_enabled()
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
