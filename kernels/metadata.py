@@ -31,10 +31,22 @@ class LoraBatchMeta:
     segment_counts: tuple[int, ...]
     segment_first_tokens: tuple[int, ...]  # first batch index if the segment's tokens are consecutive, else -1
     token_block: int
-    tiles: torch.Tensor  # [3, num_tiles] int32: slot, start, end (positions in sorted_token_ids)
     # Plans derived from this step for one path (e.g. the torch path's index tensors per rank
     # pattern), so that the 50-odd layer calls of a step compute each one once.
     plan_cache: dict = field(default_factory=dict, repr=False)
+    _tiles: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        """[3, num_tiles] int32: slot, start, end (positions in sorted_token_ids); the Triton kernels' work list,
+        made at first use (the CPU path never reads it, and making it cost ~20 us a step)."""
+        if self._tiles is None:
+            tiles = [(slot, tile_start, min(tile_start + self.token_block, start + count))
+                     for slot, start, count in zip(self.active_slots, self.segment_starts, self.segment_counts)
+                     for tile_start in range(start, start + count, self.token_block)]
+            tiles = torch.tensor(tiles, dtype=torch.int32).T if tiles else torch.zeros(3, 0, dtype=torch.int32)
+            self._tiles = tiles.contiguous().to(self.device, non_blocking=True)
+        return self._tiles
 
     @property
     def num_lora_tokens(self) -> int:
@@ -77,12 +89,6 @@ class LoraBatchMeta:
         first_tokens = [order[start] if order[start + count - 1] - order[start] + 1 == count else -1
                         for start, count in zip(starts, counts)]
 
-        token_block = _token_block(max(counts, default=0))
-        tiles = [(slot, tile_start, min(tile_start + token_block, start + count))
-                 for slot, start, count in zip(active_slots, starts, counts)
-                 for tile_start in range(start, start + count, token_block)]
-        tiles = torch.tensor(tiles, dtype=torch.int32).T if tiles else torch.zeros(3, 0, dtype=torch.int32)
-
         return cls(
             num_tokens=slots.numel(),
             num_slots=num_slots,
@@ -91,8 +97,7 @@ class LoraBatchMeta:
             segment_starts=tuple(starts),
             segment_counts=tuple(counts),
             segment_first_tokens=tuple(first_tokens),
-            token_block=token_block,
-            tiles=tiles.contiguous().to(device, non_blocking=True),
+            token_block=_token_block(max(counts, default=0)),
         )
 
 
