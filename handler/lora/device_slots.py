@@ -58,6 +58,9 @@ class DeviceSlots:
             for layer in range(num_layers)
         ]
         self.owner: list[str | None] = [None] * num_slots  # content hash held by each slot
+        # The projection groups each slot's adapter targets (in some layer), kept at writes: planning a step
+        # takes their union instead of reducing host_ranks over the step's slots (~0.1 ms a step).
+        self._targeted_groups: list[frozenset[str]] = [frozenset()] * num_slots
         if torch.device(device).type == "cpu" and dtype == torch.float32:
             # Build (or find cached) the CPU LoRA kernel now, not in the first adapter request's step.
             kernels.cpu_kernel_enabled()
@@ -80,6 +83,9 @@ class DeviceSlots:
         for layer_groups in self.groups:  # the CPU kernel's compact copies of A follow the new weights and ranks
             for group in layer_groups.values():
                 group.slot_written(slot)
+        targeted = {module for module, rank in zip(SERVABLE_MODULES, ranks.amax(dim=0).tolist()) if rank > 0}
+        self._targeted_groups[slot] = frozenset(
+            group for group, modules in LORA_GROUPS.items() if targeted.intersection(modules))
         self.owner[slot] = weights.version.content_hash
 
     def clear(self, slot: int) -> None:
@@ -87,6 +93,7 @@ class DeviceSlots:
             self.mirror_ops.append((slot, None))
         self.host_ranks[:, :, slot] = 0
         self.ranks[:, :, slot] = 0
+        self._targeted_groups[slot] = frozenset()
         self.owner[slot] = None
 
     def take_mirror_ops(self) -> list[tuple[int, AdapterWeights | None]]:
@@ -96,11 +103,7 @@ class DeviceSlots:
 
     def groups_in_use(self, slots: set[int]) -> set[str]:
         """Projection groups that some adapter in `slots` targets; the others need no LoRA call this step."""
-        if not slots:
-            return set()
-        used = self.host_ranks[:, :, sorted(slots)].amax(dim=(0, 2)).tolist()
-        targeted = {module for module, rank in zip(SERVABLE_MODULES, used) if rank > 0}
-        return {group for group, modules in LORA_GROUPS.items() if targeted.intersection(modules)}
+        return set().union(*(self._targeted_groups[slot] for slot in slots))
 
 
 def _layer_buffers(num_slots, max_rank, module_shapes, dtype, device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
