@@ -114,15 +114,14 @@ def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batc
 
 class LoraTraffic:
     """What the LoRA ops of each step must at least read and compute, counted while the engine runs: every
-    adapter used in the step is read once (lora_a at R_max, as its rows are stored, lora_b at the real rank)
-    and every token's delta is computed (the shrink at R_max, as the CPU path computes it)."""
+    adapter used in the step is read once and every token's delta is computed, at the adapter's real ranks
+    (as the CPU kernel reads a slot's compact copy of lora_a, kernels/cpu_native.py CompactA)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.steps = self.bytes = self.flops = 0
         slots = engine.lora.slots
         self.host_ranks = slots.host_ranks  # [layers, modules, slots]
-        self.max_rank = slots.buffers[0]["q_proj"][0].shape[1]
         shapes = engine.model.lora_module_shapes()
         self.in_features = torch.tensor([shapes[m][0] for m in SERVABLE_MODULES])[None, :, None]
         self.out_features = torch.tensor([shapes[m][1] for m in SERVABLE_MODULES])[None, :, None]
@@ -141,9 +140,7 @@ class LoraTraffic:
         used = torch.tensor(sorted({slot for slot in token_slots if slot >= 0}), dtype=torch.long)
         if used.numel():
             ranks = self.host_ranks[:, :, used].long()  # [layers, modules, used slots]
-            # Weights per (layer, module, slot): lora_a's rows at R_max where the module is targeted, lora_b's
-            # columns at the real rank.
-            weights = (ranks > 0).long() * self.in_features * self.max_rank + ranks * self.out_features
+            weights = ranks * (self.in_features + self.out_features)  # per (layer, module, slot)
             self.bytes += int(weights.sum()) * self.element
             with_adapter = torch.tensor([slot for slot in token_slots if slot >= 0])
             tokens = torch.bincount(with_adapter, minlength=self.host_ranks.shape[2])[used]
