@@ -93,7 +93,8 @@ class Weights:
         widths = torch.tensor([b.shape[1] for b in b_rows], dtype=torch.int64)
         offsets = torch.cumsum(widths, 0) - widths
         b_pointers = (_PTR * len(b_rows))(*[b.data_ptr() for b in b_rows])
-        self._keep = (a_rows, b_rows, widths, offsets, b_pointers)
+        self.a_rows = a_rows
+        self._keep = (b_rows, widths, offsets, b_pointers)
         self.num_slices = len(b_rows)
         self._fields = (a_rows.data_ptr(), a_rows.shape[1], max_rank, len(b_rows), ctypes.addressof(b_pointers),
                         widths.data_ptr(), offsets.data_ptr())
@@ -111,8 +112,7 @@ class CompactA:
     it only while the slot's ranks equal those it was made at (compact_ranks, all 0 until then)."""
 
     def __init__(self, weights: Weights) -> None:
-        a_rows = weights._keep[0]
-        self.a_compact = torch.zeros_like(a_rows)
+        self.a_compact = torch.zeros_like(weights.a_rows)
         self.compact_ranks = torch.zeros(weights.num_slots, weights.num_slices, dtype=torch.int64)
 
 
@@ -128,12 +128,12 @@ class Buffers:
                                 compact.a_compact.data_ptr() if compact else None,
                                 compact.compact_ranks.data_ptr() if compact else None)
         self.address = ctypes.addressof(self._struct)
-        self.hidden = weights.hidden
+        self.hidden, self.num_slots = weights.hidden, weights.num_slots
 
     def compact_slot(self, slot: int) -> None:
         """Copies slot's A into the compact copy at its current ranks (after its weights and ranks are written)."""
-        if not 0 <= slot < self._keep[0].num_slots:
-            raise ValueError(f"slot {slot} is outside [0, {self._keep[0].num_slots})")
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is outside [0, {self.num_slots})")
         library().lora_compact_slot(self.address, self.hidden, slot)
 
 

@@ -158,16 +158,10 @@ class NativeGroup:
         return self._buffers.compact.compact_ranks
 
     def add(self, y, x, meta: LoraBatchMeta) -> None:
-        """As add_lora_torch, for x and y with unit column strides (the caller checked them). The engine's path,
-        32 calls a decode step: kept to a few lookups before the kernel."""
-        if not meta.num_lora_tokens:
-            return
-        long_segments, call = _native_step_plan(meta, x.shape[1])
-        if long_segments:
-            _add_long_segments(y, x, self._views, self._lora_b_slices, self._slot_ranks_slices, self._max_rank,
-                               long_segments)
-        if call is not None:
-            cpu_native.add(y, x, call, self._buffers)
+        """As add_lora_torch, for x and y with unit column strides (the caller checked them)."""
+        if meta.num_lora_tokens:
+            _add_native(y, x, self._views, self._lora_b_slices, self._slot_ranks_slices, self._buffers, meta,
+                        self._max_rank)
 
 
 def _add_native(y, x, views: _GroupViews, lora_b_slices, slot_ranks_slices, buffers: cpu_native.Buffers,
