@@ -20,10 +20,10 @@
  *                     slice takes max_rank columns, so a rank-8 adapter under max_rank 16 reads twice its A.
  * Accumulation is fp32 in the same order as the embedding_bag route (feature by feature, rank by rank).
  * Each row of A and of B is read once for all the tokens of an item (up to 12 running sums of eight stay in
- * vector registers: tokens x vectors), instead of once per token: a decode item of two tokens read its
- * weights twice before, and the warm kernel ran 1.3-1.7x slower (docs/BENCHMARKS.md, Multi-LoRA). Summed in
- * memory, each step would wait on the last one's store (store-to-load latency), which once made the kernel
- * ~2x slower than its arithmetic and bytes.
+ * vector registers: tokens x vectors), instead of once per token (a single-thread warm harness measured
+ * 1.3-1.7x from it; at two threads and in the engine, where reading the adapter rows is the cost, no difference
+ * was shown: docs/BENCHMARKS.md, Kernels). Summed in memory, each step would wait on the last one's store
+ * (store-to-load latency), which once made the kernel ~2x slower than its arithmetic and bytes.
  */
 #include <stdint.h>
 #include <stdlib.h>

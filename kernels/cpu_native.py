@@ -121,20 +121,20 @@ class Buffers:
 
     def __init__(self, weights: Weights, slot_ranks_slices, compact: CompactA | None = None) -> None:
         pointers = (_PTR * len(slot_ranks_slices))(*[ranks.data_ptr() for ranks in slot_ranks_slices])
-        self._keep = (weights, pointers, tuple(slot_ranks_slices), compact)
-        self.compact = compact
+        self.weights, self.compact = weights, compact
+        self._keep = (pointers, tuple(slot_ranks_slices))
         self._struct = _Buffers(*weights._fields, ctypes.addressof(pointers),
                                 int(slot_ranks_slices[0].dtype == torch.int64),
                                 compact.a_compact.data_ptr() if compact else None,
                                 compact.compact_ranks.data_ptr() if compact else None)
         self.address = ctypes.addressof(self._struct)
-        self.hidden, self.num_slots = weights.hidden, weights.num_slots
 
     def compact_slot(self, slot: int) -> None:
         """Copies slot's A into the compact copy at its current ranks (after its weights and ranks are written)."""
-        if not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot {slot} is outside [0, {self.num_slots})")
-        library().lora_compact_slot(self.address, self.hidden, slot)
+        num_slots = self.weights.num_slots
+        if not 0 <= slot < num_slots:
+            raise ValueError(f"slot {slot} is outside [0, {num_slots})")
+        library().lora_compact_slot(self.address, self.weights.hidden, slot)
 
 
 def ranks_supported(slot_ranks_slices) -> bool:
