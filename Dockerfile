@@ -6,17 +6,15 @@ ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 # A C compiler at run time: Triton builds its launcher with one on first use, and the CPU LoRA kernel
-# (kernels/cpu_lora.c) is compiled at start; the runtime base image has none.
+# (lora_serving/kernels/cpu_lora.c) is compiled at start; the runtime base image has none.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/lora-serving
 COPY pyproject.toml ./
 COPY scripts/setup scripts/setup
-COPY container container
-COPY handler handler
-COPY kernels kernels
+COPY lora_serving lora_serving
 RUN PYTHON=python TORCH_SPEC=system scripts/setup
 
 ENV PATH=/opt/lora-serving/.venv/bin:$PATH
 EXPOSE 8080
-CMD ["python", "-m", "container"]
+CMD ["python", "-m", "lora_serving"]

@@ -8,12 +8,10 @@ FROM ${LMI_IMAGE}
 
 WORKDIR /opt/lora-serving
 COPY pyproject.toml ./
-COPY container container
-COPY handler handler
-COPY kernels kernels
+COPY lora_serving lora_serving
 # Into the image's own Python, next to djl_python; its torch (2.11 in LMI 0.36) is kept, pip adds what the
 # range asks for beyond it (transformers >= 5.17) and the GPU kernels' triton.
 RUN python3 -m pip install --no-cache-dir ".[triton]"
 
 # DJL maps OPTION_ENTRYPOINT to option.entryPoint; serving.properties may still override it.
-ENV OPTION_ENTRYPOINT=handler.model
+ENV OPTION_ENTRYPOINT=lora_serving.handler.model

@@ -1,5 +1,6 @@
-"""What the CPU decode kernels buy in the engine: the C attention kernel (kernels/cpu_attention.py) and the C
-matrix-vector kernel for one to four rows (kernels/cpu_matvec.py), each switched off in turn, in one run.
+"""What the CPU decode kernels buy in the engine: the C attention kernel (lora_serving/kernels/cpu_attention.py)
+and the C matrix-vector kernel for one to four rows (lora_serving/kernels/cpu_matvec.py), each switched off in turn,
+in one run.
 
 bench_engine's model and workload: throughput over 64 requests at batch size 32 (prompt and output lengths
 16..128), and the decode step at batch 1 (a prompt of 124 tokens, 64 new ones). The variants run in rounds,
@@ -18,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+from lora_serving import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
 
 # isort: split
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,7 +34,7 @@ from benchlib import (  # noqa: E402
     workload,
 )
 
-from handler import Engine, SamplingParams  # noqa: E402
+from lora_serving.handler import Engine, SamplingParams  # noqa: E402
 
 VARIANTS = {  # name -> (attention kernel, matvec kernel)
     "both kernels": (True, True),

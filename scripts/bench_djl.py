@@ -1,6 +1,6 @@
-"""What serving through DJL costs: one streaming workload through `python -m container` and through DJL
+"""What serving through DJL costs: one streaming workload through `python -m lora_serving` and through DJL
 Serving's real Python worker (djl_python_engine.py from ../shared/third_party/djl-serving) running
-handler.model in rolling-batch and in async mode.
+lora_serving.handler.model in rolling-batch and in async mode.
 
 The worker is driven by the tests' DJL front end (tests/djl/front_end.py), which follows DJL's Java classes
 (RollingBatch.java, AsyncRequestManager.java) over the worker's unix socket; the Java process itself is not
@@ -38,8 +38,8 @@ from tests.djl.front_end import ClientRequest, DjlFrontEnd  # noqa: E402
 from tests.djl.worker import djl_serving_dir  # noqa: E402
 
 NUM_ADAPTERS = 4
-OPTIONS = {"entryPoint": "handler.model", "dtype": "fp32", "enable_lora": "true", "max_loras": str(NUM_ADAPTERS),
-           "max_cpu_loras": str(NUM_ADAPTERS), "max_lora_rank": "16", "max_model_len": "512",
+OPTIONS = {"entryPoint": "lora_serving.handler.model", "dtype": "fp32", "enable_lora": "true",
+           "max_loras": str(NUM_ADAPTERS), "max_cpu_loras": str(NUM_ADAPTERS), "max_lora_rank": "16", "max_model_len": "512",
            "cpu_kv_cache_mb": "512", "max_rolling_batch_size": "32"}
 MODES = {"djl rolling batch": {"rolling_batch": "auto"},
          "djl async": {"rolling_batch": "disable", "async_mode": "true"}}
@@ -108,7 +108,7 @@ def worker_sender(front_end: DjlFrontEnd):
 
 
 def start_container(model_dir: Path, port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "container", "--model-dir", str(model_dir), "--host",
+    process = subprocess.Popen([sys.executable, "-m", "lora_serving", "--model-dir", str(model_dir), "--host",
                                 "127.0.0.1", "--port", str(port)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -119,9 +119,9 @@ def start_container(model_dir: Path, port: int) -> subprocess.Popen:
         except httpx.TransportError:
             pass
         if process.poll() is not None:
-            raise RuntimeError("python -m container exited")
+            raise RuntimeError("python -m lora_serving exited")
         time.sleep(0.5)
-    raise TimeoutError("python -m container did not become healthy")
+    raise TimeoutError("python -m lora_serving did not become healthy")
 
 
 def main() -> None:
@@ -152,7 +152,7 @@ def main() -> None:
         container = start_container(model_directory(scratch / "container", base, adapters, OPTIONS), args.port)
         front_ends = {}
         try:
-            senders = {"python -m container": container_sender(f"http://127.0.0.1:{args.port}")}
+            senders = {"python -m lora_serving": container_sender(f"http://127.0.0.1:{args.port}")}
             modes = {**MODES, **{f"djl async, cpu_threads={threads}": {**MODES["djl async"], "cpu_threads": threads}
                                  for threads in args.async_cpu_threads}}
             for name, mode in modes.items():
@@ -180,7 +180,7 @@ def main() -> None:
     print(f"\n{machine_description()}; OMP_WAIT_POLICY of the DJL workers: {env_policy}")
     print(f"{args.requests} streamed requests, {args.clients} clients, base + {NUM_ADAPTERS} adapters; "
           f"best of {args.rounds} alternating rounds\n")
-    reference = best["python -m container"][0]
+    reference = best["python -m lora_serving"][0]
     rows = []
     for name, (tokens_per_second, timings) in best.items():
         quantiles = statistics.quantiles(timings.first_token, n=10)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+from lora_serving import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
 
 # isort: split
 import torch
@@ -34,7 +34,7 @@ from benchlib import (  # noqa: E402
 )
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from handler import Engine, SamplingParams  # noqa: E402
+from lora_serving.handler import Engine, SamplingParams  # noqa: E402
 
 
 def transformers_throughput(model, requests, batch_size: int, pad_id: int) -> float:

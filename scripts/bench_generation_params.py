@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+from lora_serving import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
 
 # isort: split
 import torch
@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import bench_model_dir, machine_description, print_table, workload  # noqa: E402
 
-from handler import Engine, SamplingParams  # noqa: E402
-from handler.sequence import StructuredOutput  # noqa: E402
-from handler.structured_output import StructuredOutputCompiler, apply_masks, fill_masks  # noqa: E402
+from lora_serving.handler import Engine, SamplingParams  # noqa: E402
+from lora_serving.handler.sequence import StructuredOutput  # noqa: E402
+from lora_serving.handler.structured_output import StructuredOutputCompiler, apply_masks, fill_masks  # noqa: E402
 
 LONG_JSON = StructuredOutput("json_schema", json.dumps({
     "type": "object",

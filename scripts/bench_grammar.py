@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import BENCH_CACHE, bench_model_dir, machine_description, print_table  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from container.demo.tokenizer import _SYLLABLES, build_tokenizer  # noqa: E402
+from lora_serving.container.demo.tokenizer import _SYLLABLES, build_tokenizer  # noqa: E402
 
 SCHEMA = {
     "type": "object",

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+from lora_serving import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
 
 # isort: split
 import torch
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels  # noqa: E402
-from kernels import torch_path  # noqa: E402
+from lora_serving import kernels  # noqa: E402
+from lora_serving.kernels import torch_path  # noqa: E402
 
 
 @dataclass
@@ -155,7 +155,7 @@ def engine_modules(device="cpu") -> dict[str, tuple[int, Module]]:
 
 @contextlib.contextmanager
 def cpu_kernel(on: bool):
-    """The torch path with its C kernel (kernels/cpu_native.py) on or off for decode-sized segments."""
+    """The torch path with its C kernel (lora_serving/kernels/cpu_native.py) on or off for decode-sized segments."""
     saved = os.environ.get("LORA_CPU_KERNEL")
     os.environ["LORA_CPU_KERNEL"] = "auto" if on else "off"
     torch_path._group_views.clear()  # the route is chosen when a module's buffers are first seen

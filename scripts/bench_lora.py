@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+from lora_serving import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
 
 # isort: split
 import torch
@@ -44,8 +44,8 @@ from benchlib import (  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from handler import Engine, SamplingParams  # noqa: E402
-from handler.lora.peft_adapter import SERVABLE_MODULES  # noqa: E402
+from lora_serving.handler import Engine, SamplingParams  # noqa: E402
+from lora_serving.handler.lora.peft_adapter import SERVABLE_MODULES  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -115,7 +115,7 @@ def peft_run(model_dir: Path, adapter_paths: list[Path], requests, choices, batc
 class LoraTraffic:
     """What the LoRA ops of each step must at least read and compute, counted while the engine runs: every
     adapter used in the step is read once and every token's delta is computed, at the adapter's real ranks
-    (as the CPU kernel reads a slot's compact copy of lora_a, kernels/cpu_native.py CompactA)."""
+    (as the CPU kernel reads a slot's compact copy of lora_a, lora_serving/kernels/cpu_native.py CompactA)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

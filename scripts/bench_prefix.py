@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # handler before torch: it sets how torch's OpenMP threads wait.
-from handler import Engine, SamplingParams
+from lora_serving.handler import Engine, SamplingParams
 
 # isort: split
 sys.path.insert(0, str(Path(__file__).resolve().parent))

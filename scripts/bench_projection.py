@@ -1,5 +1,5 @@
 """The base model's projections at decode-sized row counts on CPU: oneDNN's prepacked inner product against the C
-matrix-vector kernel that reads the same packed weight (kernels/cpu_matvec.py), in one run.
+matrix-vector kernel that reads the same packed weight (lora_serving/kernels/cpu_matvec.py), in one run.
 
 Shapes are bench_engine's model's (hidden 512, intermediate 1376, vocab 32000). Each shape is timed over enough
 distinct weights to overflow the CPU caches, as in a decode step, where every weight comes from memory once; the
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+from lora_serving import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
 
 # isort: split
 import torch
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine_description, measure_memory_bandwidth, print_table  # noqa: E402
 
-from handler.models.projection import Projection  # noqa: E402
+from lora_serving.handler.models.projection import Projection  # noqa: E402
 
 SHAPES = {"q/k/v": (1536, 512), "o": (512, 512), "gate/up": (2752, 512), "down": (512, 1376), "LM head": (32000, 512)}
 # Distinct weights per shape: at least this many bytes in all, more than any CPU cache here.

@@ -37,7 +37,7 @@ def measure(requests: int, repeats: int) -> dict:
     from bench_lora import make_adapters, zipf_choices
     from benchlib import bench_model_dir, engine_throughput, workload
 
-    from handler import Engine
+    from lora_serving.handler import Engine
 
     model_dir = bench_model_dir()
     work = workload(requests)

@@ -2,7 +2,7 @@
 
 (a) Per-step communication at TP=2, 4, 8 for a Llama-70B shape (hidden 8192, 80 layers, 64 heads, 8 KV
 heads, intermediate 28672, vocab 128256, bf16), from the engine's own sharding plan
-(handler/tp/plan.py, `ShardingPlan.step_all_reduce_bytes`, which the tests check against the bytes the
+(lora_serving/handler/tp/plan.py, `ShardingPlan.step_all_reduce_bytes`, which the tests check against the bytes the
 model really puts into its collectives): for a decode step of B tokens and a prefill chunk of C tokens,
 the base model's all-reduces, the LoRA all-reduces with rank-16 adapters on all seven projections (padded
 to max_lora_rank, as the engine sends them), each as payload per rank and as ring-all-reduce wire bytes
@@ -29,11 +29,11 @@ import sys
 from pathlib import Path
 
 # handler before torch: it sets how torch's OpenMP threads wait.
-from handler import Engine
-from handler.lora.manager import LoraStepPlan
-from handler.step_inputs import StepInputs
-from handler.tp.plan import ModelShape, ShardingPlan, ring_all_reduce_wire_bytes
-from handler.tp.protocol import StepMessage
+from lora_serving.handler import Engine
+from lora_serving.handler.lora.manager import LoraStepPlan
+from lora_serving.handler.step_inputs import StepInputs
+from lora_serving.handler.tp.plan import ModelShape, ShardingPlan, ring_all_reduce_wire_bytes
+from lora_serving.handler.tp.protocol import StepMessage
 
 # isort: split
 import torch  # noqa: E402

@@ -76,7 +76,7 @@ def serve(make_engine_side) -> None:
 
 def ours_worker(model_dir: str, adapter_dirs: list[str]):
     sys.path.insert(0, str(REPO_ROOT))
-    from handler import Engine, SamplingParams
+    from lora_serving.handler import Engine, SamplingParams
 
     engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=BATCH, max_model_len=MAX_MODEL_LEN,
                     enable_lora=True, max_loras=MAX_LORAS, max_cpu_loras=MAX_CPU_LORAS, max_lora_rank=MAX_LORA_RANK)

@@ -9,13 +9,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+from lora_serving import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
 
 # isort: split
 import torch
 
-from container.demo.random_model import save_random_model
-from handler import SamplingParams
+from lora_serving.container.demo.random_model import save_random_model
+from lora_serving.handler import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_CACHE = Path(os.environ.get("BENCH_CACHE_DIR", REPO_ROOT / ".cache" / "bench"))

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from container.demo.build import ensure_demo_model
-from container.demo.examples import BASE_MODEL, DEMO_PROMPTS, DEMO_SENTENCES, intended_answer
-from container.demo.prompts import chat_prompt
-from container.demo.reference import greedy_outputs
+from lora_serving.container.demo.build import ensure_demo_model
+from lora_serving.container.demo.examples import BASE_MODEL, DEMO_PROMPTS, DEMO_SENTENCES, intended_answer
+from lora_serving.container.demo.prompts import chat_prompt
+from lora_serving.container.demo.reference import greedy_outputs
 
 
 def print_answers(title: str, prompts: list[str], outputs: dict[str, list[str]]) -> None:

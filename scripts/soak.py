@@ -47,8 +47,8 @@ from soak_churn import Churn, build_churn, change, churn_kinds, churn_loop, chur
 from soak_reference import chat_prompt, greedy_references  # noqa: E402
 from soak_traffic import REQUEST_TIMEOUT_SECONDS, Case, Outcome, Traffic, one_request, request_deck  # noqa: E402
 
-from container.demo.examples import DEMO_MAX_NEW_TOKENS, DEMO_SENTENCES  # noqa: E402
-from container.demo.prompts import plain_prompt  # noqa: E402
+from lora_serving.container.demo.examples import DEMO_MAX_NEW_TOKENS, DEMO_SENTENCES  # noqa: E402
+from lora_serving.container.demo.prompts import plain_prompt  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_SECONDS = 600
@@ -66,7 +66,7 @@ class Run:
 
 def start_server(model_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
     log = log_path.open("w")
-    return subprocess.Popen([sys.executable, "-m", "container", "--model-dir", str(model_dir), "--host", "127.0.0.1",
+    return subprocess.Popen([sys.executable, "-m", "lora_serving", "--model-dir", str(model_dir), "--host", "127.0.0.1",
                              "--port", str(port)], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -250,8 +250,8 @@ def parse_args() -> argparse.Namespace:
     if args.url and not (args.model_dir and args.pid):
         parser.error("--url needs --model-dir (for the reference answers) and --pid (for the RSS)")
     cmdline = Path(f"/proc/{args.pid}/cmdline")
-    if args.pid and not (cmdline.exists() and b"container" in cmdline.read_bytes()):
-        parser.error(f"process {args.pid} is not `python -m container`: give the server's own process id")
+    if args.pid and not (cmdline.exists() and b"lora_serving" in cmdline.read_bytes()):
+        parser.error(f"process {args.pid} is not `python -m lora_serving`: give the server's own process id")
     return args
 
 
@@ -260,7 +260,7 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else min(60.0, args.duration / 5)
     model_dir = args.model_dir
     if model_dir is None:
-        from container.demo.build import ensure_demo_model
+        from lora_serving.container.demo.build import ensure_demo_model
 
         model_dir = ensure_demo_model(args.cache_dir)
     process = log_path = None

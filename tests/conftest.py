@@ -1,6 +1,6 @@
 import pytest
 
-from container.demo.tokenizer import build_tokenizer
+from lora_serving.container.demo.tokenizer import build_tokenizer
 from tests.models import TinyModelFactory
 
 

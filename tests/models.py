@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from container.demo.random_model import save_random_model
+from lora_serving.container.demo.random_model import save_random_model
 
 # Small shapes with grouped-query attention (4 query heads share 2 KV heads).
 TINY_SHAPE = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

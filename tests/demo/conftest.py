@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from container.demo.build import ensure_demo_model
+from lora_serving.container.demo.build import ensure_demo_model
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from container.demo import build
-from container.demo.build import BUILD_COMPLETE_MARKER, DEMO_MODEL_DIR_NAME, ensure_demo_model
-from container.demo.examples import (
+from lora_serving.container.demo import build
+from lora_serving.container.demo.build import BUILD_COMPLETE_MARKER, DEMO_MODEL_DIR_NAME, ensure_demo_model
+from lora_serving.container.demo.examples import (
     BASE_MODEL,
     DEMO_PROMPTS,
     DEMO_SENTENCES,
@@ -20,11 +20,11 @@ from container.demo.examples import (
     EXAMPLE_REQUESTS,
     intended_answer,
 )
-from container.demo.prompts import chat_prompt
-from container.demo.recipe import ADAPTERS, ADAPTER_NAMES, SERVING_PROPERTIES
-from container.demo.reference import greedy_outputs
-from container.demo.tokenizer import CHAT_TEMPLATE
-from container.demo.toy_language import ENGLISH_TO_SPANISH, TASKS
+from lora_serving.container.demo.prompts import chat_prompt
+from lora_serving.container.demo.recipe import ADAPTERS, ADAPTER_NAMES, SERVING_PROPERTIES
+from lora_serving.container.demo.reference import greedy_outputs
+from lora_serving.container.demo.tokenizer import CHAT_TEMPLATE
+from lora_serving.container.demo.toy_language import ENGLISH_TO_SPANISH, TASKS
 
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 

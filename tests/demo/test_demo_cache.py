@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from container.demo import build
-from container.demo.build import BUILD_COMPLETE_MARKER, DEMO_MODEL_DIR_NAME, builder_fingerprint, ensure_demo_model
+from lora_serving.container.demo import build
+from lora_serving.container.demo.build import BUILD_COMPLETE_MARKER, DEMO_MODEL_DIR_NAME, builder_fingerprint, ensure_demo_model
 
 
 @pytest.fixture

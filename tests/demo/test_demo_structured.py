@@ -9,10 +9,10 @@ import tarfile
 import jsonschema
 import pytest
 
-from container.demo.examples import DEMO_PROMPTS
-from container.demo.recipe import ADAPTER_NAMES
-from handler import Engine, SamplingParams
-from handler.sequence import StructuredOutput
+from lora_serving.container.demo.examples import DEMO_PROMPTS
+from lora_serving.container.demo.recipe import ADAPTER_NAMES
+from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.sequence import StructuredOutput
 
 SCHEMA = {
     "type": "object",

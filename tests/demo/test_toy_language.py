@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from container.demo.toy_language import (
+from lora_serving.container.demo.toy_language import (
     ENGLISH_TO_SPANISH,
     count_words,
     random_sentence,

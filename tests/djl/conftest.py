@@ -26,7 +26,7 @@ NEW_TOKENS = 8
 # serving.properties of the model directory, as an LMI user writes it for this handler.
 DJL_PROPERTIES = {
     "engine": "Python",
-    "option.entryPoint": "handler.model",
+    "option.entryPoint": "lora_serving.handler.model",
     "option.dtype": "fp32",
     "option.enable_lora": "true",
     "option.max_loras": "2",

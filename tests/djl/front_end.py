@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from handler.config import parse_properties
+from lora_serving.handler.config import parse_properties
 from tests.djl.wire import WorkerOutput, decode_item
 from tests.djl.worker import WorkerProcess
 

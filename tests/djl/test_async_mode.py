@@ -1,4 +1,4 @@
-"""handler.model under the real DJL worker in async mode (`option.async_mode=true`, what LMI's vLLM
+"""lora_serving.handler.model under the real DJL worker in async mode (`option.async_mode=true`, what LMI's vLLM
 container makes of `rolling_batch=auto`), driven as AsyncRequestManager.java drives it: requests arrive
 concurrently with their `request_tracking_id`, answers come back as one Output each or, for streams, one
 Output per token."""
@@ -78,7 +78,7 @@ def test_a_dropped_stream_frees_its_sequence(djl_python_importable, server_base,
     Run in this process, through the handler's own async entry points and djl_python's Input."""
     from djl_python import Input
 
-    from handler.djl.services import AsyncService
+    from lora_serving.handler.djl.services import AsyncService
 
     model_dir = djl_model_dir(server_base, server_adapters, tmp_path / "model", "async")
 

@@ -1,4 +1,4 @@
-"""handler.model under the real DJL worker with plain batching (`option.rolling_batch=disable`, no async
+"""lora_serving.handler.model under the real DJL worker with plain batching (`option.rolling_batch=disable`, no async
 mode): a request alone, or a batch as PyPredictor.java builds one, answered whole."""
 
 from __future__ import annotations

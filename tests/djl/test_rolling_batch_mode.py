@@ -1,4 +1,4 @@
-"""handler.model under the real DJL worker in rolling-batch mode (`option.rolling_batch=auto`), driven as
+"""lora_serving.handler.model under the real DJL worker in rolling-batch mode (`option.rolling_batch=auto`), driven as
 RollingBatch.java drives it: requests join the running batch, every iteration answers every request,
 streams arrive token by token, failures stay with their request."""
 

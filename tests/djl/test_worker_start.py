@@ -18,7 +18,7 @@ root = logging.getLogger()
 before = (root.level, list(root.handlers), logging.root.manager.disable)
 import os
 assert "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules
-import handler.model
+import lora_serving.handler.model
 after = (root.level, list(root.handlers), logging.root.manager.disable)
 assert before == after, (before, after)
 logging.info("still heard")

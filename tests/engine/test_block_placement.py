@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from handler.block_manager import BlockManager
-from handler.sequence import SamplingParams, Sequence
+from lora_serving.handler.block_manager import BlockManager
+from lora_serving.handler.sequence import SamplingParams, Sequence
 
 
 def make_seq(name: str, prompt_len: int, max_new_tokens: int) -> Sequence:

@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from handler import Engine, SamplingParams
-from handler.block_manager import BlockManager
-from handler.scheduler import Scheduler
-from handler.sequence import Sequence, SequenceStatus
+from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.block_manager import BlockManager
+from lora_serving.handler.scheduler import Scheduler
+from lora_serving.handler.sequence import Sequence, SequenceStatus
 from tests.engine.test_parity import FAMILIES, random_prompts, run_staggered
 from tests.models import reference_greedy
 

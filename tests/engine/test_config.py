@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from handler.config import TENSOR_PARALLEL_MAX, Config, parse_properties
-from handler.errors import ConfigError
+from lora_serving.handler.config import TENSOR_PARALLEL_MAX, Config, parse_properties
+from lora_serving.handler.errors import ConfigError
 
 SAGEMAKER_LORA_EXAMPLE_ENV = {
     "OPTION_ROLLING_BATCH": "lmi-dist",

@@ -1,4 +1,4 @@
-"""The engine's CPU thread count follows the cores other processes leave free (handler/cpu_threads.py)."""
+"""The engine's CPU thread count follows the cores other processes leave free (lora_serving/handler/cpu_threads.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import handler
-from handler import cpu_threads
-from handler.config import Config
-from handler.cpu_threads import CpuThreads
-from handler.errors import ConfigError
+from lora_serving import handler
+from lora_serving.handler import cpu_threads
+from lora_serving.handler.config import Config
+from lora_serving.handler.cpu_threads import CpuThreads
+from lora_serving.handler.errors import ConfigError
 
 
 def tuner(cores: int, threads: int) -> CpuThreads:
@@ -121,7 +121,7 @@ def test_the_cpu_threads_option():
 
 
 def openmp_settings_after(imports: str) -> dict:
-    code = (f"{imports}\nimport json, os, handler\n"
+    code = (f"{imports}\nimport json, os\nfrom lora_serving import handler\n"
             "print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), "
             "handler.OPENMP_WAIT_CHOSEN]))")
     env = {name: value for name, value in os.environ.items() if name not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}

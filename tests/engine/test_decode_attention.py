@@ -13,12 +13,12 @@ import random
 import pytest
 import torch
 
-from handler import Engine, SamplingParams, model_runner
-from handler.attention import paged_attention
-from handler.forward_context import CachedKV, ForwardContext, PaddedDecodes
-from handler.model_runner import PAD_DECODES_MAX_ELEMENTS
-from handler.step_inputs import StepInputs, build_forward_inputs
-from kernels import cpu_attention
+from lora_serving.handler import Engine, SamplingParams, model_runner
+from lora_serving.handler.attention import paged_attention
+from lora_serving.handler.forward_context import CachedKV, ForwardContext, PaddedDecodes
+from lora_serving.handler.model_runner import PAD_DECODES_MAX_ELEMENTS
+from lora_serving.handler.step_inputs import StepInputs, build_forward_inputs
+from lora_serving.kernels import cpu_attention
 from tests.models import reference_greedy
 
 KV_HEADS, Q_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 4, 8, 4, 12

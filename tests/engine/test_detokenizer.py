@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from handler.detokenizer import IncrementalDetokenizer
+from lora_serving.handler.detokenizer import IncrementalDetokenizer
 
 TEXT = "naïve café → 日本語 and 한국어, emoji 😀🚀👍🏽 done."
 

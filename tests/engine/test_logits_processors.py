@@ -15,9 +15,9 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from handler import Engine, SamplingParams
-from handler.logits_processors import process_rows, warp_row
-from handler.sequence import Sequence
+from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.logits_processors import process_rows, warp_row
+from lora_serving.handler.sequence import Sequence
 from tests.engine.test_parity import random_prompts
 from tests.models import reference_greedy, reference_model
 

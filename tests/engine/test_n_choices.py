@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from handler import Engine, SamplingParams
-from handler.block_manager import BlockManager
-from handler.sequence import Sequence
+from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.block_manager import BlockManager
+from lora_serving.handler.sequence import Sequence
 from tests.engine.test_parity import random_prompts
 from tests.models import reference_greedy
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from handler import Engine, SamplingParams
+from lora_serving.handler import Engine, SamplingParams
 from tests.models import reference_greedy
 
 FAMILIES = ["llama", "mistral", "qwen2"]
@@ -124,8 +124,8 @@ def test_qwen2_sliding_window_layers_match_transformers(tiny_models):
 
 
 def test_projections_packed_for_onednn_match_transformers(tiny_models):
-    # Wide enough that the projections are packed for oneDNN (handler/models/projection.py), so that decodes of
-    # one to four sequences go through the C matrix-vector kernel and larger batches through oneDNN.
+    # Wide enough that the projections are packed for oneDNN (lora_serving/handler/models/projection.py), so that
+    # decodes of one to four sequences go through the C matrix-vector kernel and larger batches through oneDNN.
     model_dir = tiny_models.get("llama-packed", "llama", hidden_size=256, intermediate_size=512)
     engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=8)
     lm_head = engine.model.lm_head

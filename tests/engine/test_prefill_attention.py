@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handler.attention import paged_attention
-from handler.forward_context import ForwardContext, PrefillSpan
+from lora_serving.handler.attention import paged_attention
+from lora_serving.handler.forward_context import ForwardContext, PrefillSpan
 from tests.engine.test_decode_attention import BLOCK_SIZE, HEAD_DIM, KV_HEADS, NUM_BLOCKS, Q_HEADS, decode_kv, reference
 
 

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from handler import Engine, SamplingParams
-from handler.block_manager import BlockManager
-from handler.sequence import Sequence
+from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.block_manager import BlockManager
+from lora_serving.handler.sequence import Sequence
 from tests.adapters import make_peft_adapter, peft_greedy
 from tests.engine.test_parity import random_prompts
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from handler.models.projection import (
+from lora_serving.handler.models.projection import (
     ONEDNN_MAX_ROWS,
     ONEDNN_MIN_WEIGHT_ELEMENTS,
     WEIGHT_MAJOR_MAX_ROWS,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from handler import Engine, SamplingParams
-from handler.errors import InvalidRequestError
+from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.errors import InvalidRequestError
 from tests.engine.test_parity import random_prompts
 from tests.models import reference_greedy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from handler import Engine, SamplingParams
+from lora_serving.handler import Engine, SamplingParams
 from tests.engine.test_parity import random_prompts
 from tests.models import reference_greedy, reference_model
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from handler.block_manager import BlockManager
-from handler.scheduler import Scheduler
-from handler.sequence import SamplingParams, Sequence, SequenceStatus
+from lora_serving.handler.block_manager import BlockManager
+from lora_serving.handler.scheduler import Scheduler
+from lora_serving.handler.sequence import SamplingParams, Sequence, SequenceStatus
 
 
 def make_seq(name: str, prompt_len: int, max_new_tokens: int = 8) -> Sequence:

@@ -9,9 +9,9 @@ import re
 import jsonschema
 import pytest
 
-from handler import Engine, SamplingParams
-from handler.errors import InvalidRequestError
-from handler.sequence import StructuredOutput
+from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.errors import InvalidRequestError
+from lora_serving.handler.sequence import StructuredOutput
 from tests.engine.test_parity import random_prompts
 from tests.models import reference_greedy
 

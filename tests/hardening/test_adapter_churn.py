@@ -1,5 +1,5 @@
 """Adapters registered, updated to other files and unregistered every second while clients send requests
-naming them (scripts/soak.py --churn-every), against `python -m container` with the prefix cache, chunked
+naming them (scripts/soak.py --churn-every), against `python -m lora_serving` with the prefix cache, chunked
 prefill (a small step budget), two device slots and two host places for four adapters: every answer is the
 one of the version registered when the request was accepted, nothing 5xx's, nothing is held at the end. The
 script's own checks decide: exit 0 and PASS. (A prefix cache keyed by adapter name instead of content fails

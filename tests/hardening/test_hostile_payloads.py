@@ -84,7 +84,7 @@ def test_extreme_sampling_parameters_affect_no_other_request(lora_server, client
 
 @pytest.mark.parametrize("path", ["/invocations", "/v1/completions", "/adapters"])
 def test_a_body_over_the_bound_is_413_before_it_is_held(client, path):
-    from container.runtime import MAX_REQUEST_BYTES
+    from lora_serving.container.runtime import MAX_REQUEST_BYTES
 
     huge = b'{"inputs": "' + b"a" * (MAX_REQUEST_BYTES + 1) + b'"}'
     assert_json_error(client.post(path, content=huge, headers={"Content-Type": "application/json"}), 413,

@@ -1,5 +1,5 @@
 """A short run of scripts/soak.py (the 10-minute one is in docs/BENCHMARKS.md): 8 clients for 20 s against
-`python -m container` on the tiny model, three adapters for two device slots (adapters change slots under
+`python -m lora_serving` on the tiny model, three adapters for two device slots (adapters change slots under
 load) and a KV cache small enough to preempt. The script's own checks decide: exit 0 and PASS."""
 
 from __future__ import annotations

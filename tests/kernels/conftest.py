@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import kernels
+from lora_serving import kernels
 from tests.kernels.lora_checks import run_interpreted_triton_checks
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from kernels.reference import add_lora_packed_reference, add_lora_reference
+from lora_serving import kernels
+from lora_serving.kernels.reference import add_lora_packed_reference, add_lora_reference
 from tests.kernels.lora_kernel_cases import POPULARITIES, Case, make_batch, tolerance
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+from lora_serving import kernels
 
 POPULARITIES = ("distinct", "uniform", "zipf", "same", "huge_segment")
 

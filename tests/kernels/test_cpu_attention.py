@@ -1,11 +1,12 @@
-"""The C decode attention kernel (kernels/cpu_attention.c) against softmax(q K^T * scale) V written out in fp64."""
+"""The C decode attention kernel (lora_serving/kernels/cpu_attention.c) against softmax(q K^T * scale) V written
+out in fp64."""
 
 import random
 
 import pytest
 import torch
 
-from kernels import cpu_attention
+from lora_serving.kernels import cpu_attention
 
 if not cpu_attention.serves(torch.float32, "cpu"):
     pytest.skip("the C kernels do not build here", allow_module_level=True)

@@ -1,4 +1,5 @@
-"""The CPU LoRA kernel (kernels/cpu_lora.c through kernels/cpu_native.py) against the fp32 reference.
+"""The CPU LoRA kernel (lora_serving/kernels/cpu_lora.c through lora_serving/kernels/cpu_native.py) against the fp32
+reference.
 
 test_lora_ops.py runs the whole torch-path grid with the kernel on (fp32 cases take it) and off (the
 embedding_bag route); these tests make sure the kernel is what served, and cover what only it has: work
@@ -11,13 +12,13 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import cpu_native, torch_path
-from kernels.reference import add_lora_packed_reference
+from lora_serving import kernels
+from lora_serving.kernels import cpu_native, torch_path
+from lora_serving.kernels.reference import add_lora_packed_reference
 from tests.kernels.lora_checks import torch_cases
 from tests.kernels.lora_kernel_cases import Case, make_batch, tolerance
 
-# The kernel reads rank-major buffers (kernels/layout.py), in fp32.
+# The kernel reads rank-major buffers (lora_serving/kernels/layout.py), in fp32.
 FP32_CASES = [case for case in torch_cases() if case.dtype == torch.float32 and case.rank_major]
 
 
@@ -117,7 +118,7 @@ def test_without_a_compiler_a_warning_names_it_and_the_torch_route_serves(monkey
     monkeypatch.setenv("LORA_SERVING_KERNEL_CACHE", str(tmp_path / "cache"))
     cpu_native.library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="kernels.cpu_native"):
+        with caplog.at_level(logging.WARNING, logger="lora_serving.kernels.cpu_native"):
             batch = make_batch(Case(7, 64, (64,), "8", "uniform", shared_a=True))
             expected = add_lora_packed_reference(batch.y, batch.x, batch.lora_a, batch.lora_b, batch.token_slots,
                                                  batch.slot_ranks)

@@ -1,10 +1,11 @@
-"""The C matrix-vector kernel (kernels/cpu_matvec.c) against the fp64 product, read from oneDNN's packed weight."""
+"""The C matrix-vector kernel (lora_serving/kernels/cpu_matvec.c) against the fp64 product, read from oneDNN's
+packed weight."""
 
 import pytest
 import torch
 
-from handler.models.projection import ONEDNN_MAX_ROWS, Projection, onednn_usable_for
-from kernels import cpu_matvec
+from lora_serving.handler.models.projection import ONEDNN_MAX_ROWS, Projection, onednn_usable_for
+from lora_serving.kernels import cpu_matvec
 
 
 def packed_projection(weight, bias=None) -> Projection:

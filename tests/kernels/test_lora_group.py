@@ -1,11 +1,11 @@
-"""LoraGroup (kernels/group.py): add_lora_packed's result, through the C kernel on buffers checked once."""
+"""LoraGroup (lora_serving/kernels/group.py): add_lora_packed's result, through the C kernel on buffers checked once."""
 
 import pytest
 import torch
 
-import kernels
-from kernels import LoraBatchMeta, LoraGroup, torch_path
-from kernels.reference import add_lora_packed_reference
+from lora_serving import kernels
+from lora_serving.kernels import LoraBatchMeta, LoraGroup, torch_path
+from lora_serving.kernels.reference import add_lora_packed_reference
 from tests.kernels.lora_kernel_cases import Case, make_batch, tolerance
 
 SHARED_A_CASES = [

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import LoraBatchMeta
+from lora_serving.kernels import LoraBatchMeta
 
 
 def _tiles(meta):

@@ -7,8 +7,8 @@ so their cases are few and tiny; the cheap torch path covers the whole grid.
 import pytest
 import torch
 
-import kernels
-from kernels import torch_path
+from lora_serving import kernels
+from lora_serving.kernels import torch_path
 from tests.kernels.lora_checks import SPECIAL_CHECKS, check_matches_reference, torch_cases, triton_checks
 from tests.kernels.lora_kernel_cases import Case, make_batch
 

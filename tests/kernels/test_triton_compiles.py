@@ -10,9 +10,9 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import triton_path  # noqa: E402
-from kernels.triton_expand import lora_expand_kernel  # noqa: E402
-from kernels.triton_shrink import lora_shrink_kernel  # noqa: E402
+from lora_serving.kernels import triton_path  # noqa: E402
+from lora_serving.kernels.triton_expand import lora_expand_kernel  # noqa: E402
+from lora_serving.kernels.triton_shrink import lora_shrink_kernel  # noqa: E402
 
 POINTERS = {"shrunk_ptr": "*fp32", "slice_table": "*i64", "sorted_token_ids": "*i64", "tiles": "*i32"}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from handler.errors import InvalidAdapterError
-from handler.lora.names import MAX_ADAPTER_NAME_LENGTH, validate_adapter_name
+from lora_serving.handler.errors import InvalidAdapterError
+from lora_serving.handler.lora.names import MAX_ADAPTER_NAME_LENGTH, validate_adapter_name
 
 
 @pytest.mark.parametrize("name", ["a1", "tenant-42_lora.v2", "A", "0", "_x", "-x", "x" * MAX_ADAPTER_NAME_LENGTH])

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-import kernels
+from lora_serving import kernels
 
-from handler import Engine, SamplingParams
+from lora_serving.handler import Engine, SamplingParams
 from tests.adapters import make_peft_adapter, peft_greedy
 from tests.engine.test_parity import random_prompts
 

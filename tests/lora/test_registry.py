@@ -8,16 +8,16 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from handler import Engine, SamplingParams
-from handler.errors import (
+from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.errors import (
     AdapterCapacityError,
     AdapterExistsError,
     AdapterNotFoundError,
     InvalidAdapterError,
     LoraNotEnabledError,
 )
-from handler.lora.host_cache import HostCache
-from handler.lora.peft_adapter import AdapterVersion, AdapterWeights
+from lora_serving.handler.lora.host_cache import HostCache
+from lora_serving.handler.lora.peft_adapter import AdapterVersion, AdapterWeights
 from tests.adapters import _fresh_copy, make_peft_adapter, peft_greedy
 from tests.engine.test_parity import random_prompts
 
@@ -297,7 +297,7 @@ def test_a_failed_load_does_not_fail_another_name_with_the_same_files(engine, lo
 def test_disk_loads_run_off_the_step_loop(engine, lora_base, adapters, monkeypatch):
     import threading
 
-    import handler.lora.manager as manager_module
+    import lora_serving.handler.lora.manager as manager_module
 
     release = threading.Event()
     real_load = manager_module.load_peft_adapter

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import uvicorn
 
-from container.app import create_app
-from container.runtime import Runtime
+from lora_serving.container.app import create_app
+from lora_serving.container.runtime import Runtime
 from tests.adapters import make_peft_adapter
 from tests.storage.conftest import aws_env, moto_endpoint, s3, s3_admin  # noqa: F401  (moto fixtures, reused)
 

@@ -1,4 +1,4 @@
-"""`python -m container` as the Dockerfile starts it, and what it serves when no model is configured."""
+"""`python -m lora_serving` as the Dockerfile starts it, and what it serves when no model is configured."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def free_port() -> int:
 
 
 def launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "container", *args], cwd=REPO_ROOT, env={**os.environ, **env},
+    return subprocess.Popen([sys.executable, "-m", "lora_serving", *args], cwd=REPO_ROOT, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -83,9 +83,9 @@ def demo_stand_in(server_base, server_adapters, tmp_path, monkeypatch):
         for name, adapter_dir in server_adapters.items():
             archive.add(adapter_dir, arcname=name)
     built_into = []
-    stand_in = types.ModuleType("container.demo.build")
+    stand_in = types.ModuleType("lora_serving.container.demo.build")
     stand_in.ensure_demo_model = lambda cache_dir: built_into.append(cache_dir) or demo_dir
-    monkeypatch.setitem(sys.modules, "container.demo.build", stand_in)
+    monkeypatch.setitem(sys.modules, "lora_serving.container.demo.build", stand_in)
     return built_into
 
 

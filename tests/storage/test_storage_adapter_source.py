@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from container.adapter_source import resolve_adapter_source
-from container.storage_errors import (
+from lora_serving.container.adapter_source import resolve_adapter_source
+from lora_serving.container.storage_errors import (
     BadSourceError,
     InvalidAdapterError,
     SourceNotFoundError,

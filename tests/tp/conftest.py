@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from handler import Engine, GenerationResult
+from lora_serving.handler import Engine, GenerationResult
 from tests.adapters import ALL_PROJECTIONS, make_peft_adapter
 
 FAMILIES = ["llama", "mistral", "qwen2"]

@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from handler import SamplingParams
-from handler.errors import AdapterNotFoundError
+from lora_serving.handler import SamplingParams
+from lora_serving.handler.errors import AdapterNotFoundError
 from tests.engine.test_parity import random_prompts
 from tests.tp.conftest import assert_same_greedy
 

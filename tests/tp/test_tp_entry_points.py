@@ -1,4 +1,4 @@
-"""TP=2 through `python -m container` over real HTTP, and through the DJL handler under DJL's real worker."""
+"""TP=2 through `python -m lora_serving` over real HTTP, and through the DJL handler under DJL's real worker."""
 
 from __future__ import annotations
 

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from handler import Engine, SamplingParams
-from handler.config import Config
-from handler.cpu_threads import available_cores
-from handler.errors import ConfigError, RankFailedError
-from handler.tp.plan import ModelShape, ShardingPlan
+from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.config import Config
+from lora_serving.handler.cpu_threads import available_cores
+from lora_serving.handler.errors import ConfigError, RankFailedError
+from lora_serving.handler.tp.plan import ModelShape, ShardingPlan
 
 # Rank 0 notices a dead peer at the next collective (gloo reports the closed connection at once) or by its
 # exit status; either way well within this.
@@ -130,7 +130,7 @@ class _ExitedRank:
 
 
 def test_a_rank_killed_by_a_signal_is_named_before_those_that_exited_after_losing_it():
-    from handler.tp.ranks import RankGroup
+    from lora_serving.handler.tp.ranks import RankGroup
 
     group = RankGroup.__new__(RankGroup)
     group.world_size, group._failed = 4, None

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from handler.models import load_hf_config, load_model
-from handler.step_inputs import PrefillInput, StepInputs, build_forward_inputs
-from handler.tp.comm import TensorParallelComm
-from handler.tp.plan import ModelShape, ShardingPlan
+from lora_serving.handler.models import load_hf_config, load_model
+from lora_serving.handler.step_inputs import PrefillInput, StepInputs, build_forward_inputs
+from lora_serving.handler.tp.comm import TensorParallelComm
+from lora_serving.handler.tp.plan import ModelShape, ShardingPlan
 
 BLOCK_SIZE = 16
 

@@ -1,0 +1,537 @@
+"""The engine: requests in, one scheduled forward pass per `step()`, tokens out.
+
+`add_request` and `abort` may be called from any thread (the HTTP server's); they only queue work that the
+thread driving `step()` picks up at the start of its next step. Everything else runs on that one thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence as SequenceOf
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from lora_serving import handler
+from lora_serving.handler.block_manager import BlockManager
+from lora_serving.handler.config import Config
+from lora_serving.handler.cpu_threads import CpuThreads
+from lora_serving.handler.errors import (
+    AdapterError,
+    ConfigError,
+    InvalidRequestError,
+    LoraNotEnabledError,
+    ModelLoadError,
+)
+from lora_serving.handler.lora.manager import AdapterInfo, LoraManager
+from lora_serving.handler.lora.peft_adapter import BaseModelShapes
+from lora_serving.handler.model_runner import ModelRunner, kv_bytes_per_token
+from lora_serving.handler.models import load_hf_config, load_model
+from lora_serving.handler.offline import generate_offline
+from lora_serving.handler.output_processor import RequestTextState
+from lora_serving.handler.request_sequences import RequestSequences
+from lora_serving.handler.scheduler import ScheduledStep, Scheduler
+from lora_serving.handler.sequence import (
+    FinishReason,
+    GenerationResult,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    TokenOutput,
+)
+from lora_serving.handler.structured_output import StructuredOutputCompiler
+from lora_serving.handler.tp.devices import cpu_threads_per_rank, rank_devices, resolve_degree
+from lora_serving.handler.tp.lora import RowParallelLora
+from lora_serving.handler.tp.plan import ModelShape, ShardingPlan
+from lora_serving.handler.tp.protocol import WorkerInit
+from lora_serving.handler.tp.ranks import RankGroup
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Memory kept free on a GPU for activations and the sampler, beyond the KV cache.
+CUDA_ACTIVATION_RESERVE_BYTES = 2 * 1024**3
+IDLE_WAIT_SECONDS = 0.002
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    steps: int
+    generated_tokens: int
+    prompt_tokens: int
+    preemptions: int
+    # Prefix cache: prompt tokens looked up at admission and found there (their K/V reused, not computed),
+    # and blocks kept for reuse that no sequence holds (counted in num_free_kv_blocks: they are reclaimable).
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_cached_kv_blocks: int
+    # Steps in which the token budget cut a prefill short (chunked prefill).
+    chunked_prefill_steps: int
+    num_adapter_slots: int  # 0 without LoRA
+    num_busy_adapter_slots: int  # held by sequences in the running batch; the rest can take another adapter
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path | None = None, *, config: Config | None = None,
+                 adapters_from_model_dir: bool = True, **options) -> None:
+        """`adapters_from_model_dir`: register every `<model_dir>/adapters/<name>/` (with LoRA enabled); a
+        front end that registers them itself (DJL does) turns it off."""
+        if config is None:
+            config = Config.from_options(model_dir, **options)
+        elif model_dir is not None or options:
+            raise TypeError("pass either a Config or model_dir and options, not both")
+        self.config = config
+        self.device = _resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
+        model_dir = Path(config.model_id)
+        if config.model_id.startswith("s3://"):
+            raise ConfigError("model_id", config.model_id, "the engine loads a local directory; the container "
+                              "downloads s3:// models first")
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"model directory {model_dir} does not exist")
+        self.model_dir = model_dir
+
+        started = time.perf_counter()
+        self.hf_config = load_hf_config(model_dir, config.trust_remote_code)
+        self.tensor_parallel_degree = resolve_degree(config, self.device)
+        # Refused here, before any rank starts: heads or features that do not split over the ranks, then
+        # more ranks than devices.
+        plan = ShardingPlan(ModelShape.from_hf_config(self.hf_config), 0, self.tensor_parallel_degree)
+        devices = rank_devices(self.tensor_parallel_degree, self.device)
+        self.ranks: RankGroup | None = None
+        if len(devices) > 1:
+            # The ranks run from another directory: they get the model's absolute path.
+            rank_config = dataclasses.replace(config, model_id=str(model_dir.resolve()))
+            self.ranks = RankGroup(rank_config, len(devices), devices, config.tensor_parallel_timeout,
+                                   cpu_threads_per_rank(config, len(devices)) if self.device.type == "cpu" else None)
+        try:
+            self._load(config, model_dir, plan)
+        except BaseException:
+            self.close()
+            raise
+        logger.info(
+            "engine ready in %.1fs: %s on %s (%s)%s, %d KV blocks of %d tokens, max_model_len %d",
+            time.perf_counter() - started, self.hf_config.model_type, self.device, self.dtype,
+            f", tensor parallel over {len(devices)} ranks" if self.ranks else "", self.block_manager.num_blocks,
+            config.block_size, self.max_model_len,
+        )
+
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._request_sequences = RequestSequences(
+            StructuredOutputCompiler(self.tokenizer, self.model.vocab_size, self.eos_token_ids, self._tokenizer_lock),
+            vocab_size=self.model.vocab_size, eos_token_ids=self.eos_token_ids,
+            max_running=config.max_rolling_batch_size)
+        self._new_requests: deque[Sequence] = deque()
+        self._abort_requests: deque[str] = deque()
+        # request id -> its unfinished sequences (one per n / best_of choice)
+        self._sequences: dict[str, list[Sequence]] = {}
+        self._text_states: dict[Sequence, RequestTextState] = {}
+        self._steps = 0
+        self._generated_tokens = 0
+        self._prompt_tokens = 0
+        self._preemptions = 0
+        self._cache_queried_tokens = 0
+        self._cache_hit_tokens = 0
+        self._chunked_steps = 0
+        if self.lora is not None and adapters_from_model_dir:
+            self._register_model_dir_adapters()
+
+    def _load(self, config: Config, model_dir: Path, plan: ShardingPlan) -> None:
+        """The model (this rank's shard), tokenizer, adapter manager, KV cache and runner."""
+        ranks = self.ranks
+        comm = ranks.comm if ranks is not None else None
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=config.trust_remote_code)
+        self.model = load_model(model_dir, self.hf_config, self.dtype, self.device, plan, comm)
+        if ranks is not None:
+            ranks.wait_for("loaded")
+        self.max_model_len = _resolve_max_model_len(config, self.model.max_position_embeddings)
+        self.eos_token_ids = _eos_token_ids(model_dir, self.hf_config, self.tokenizer)
+
+        self.lora: LoraManager | None = None
+        if config.enable_lora:
+            self.lora = LoraManager(
+                BaseModelShapes(self.model.num_layers, self.model.lora_module_shapes(), self.hf_config.model_type),
+                max_loras=config.max_loras,
+                max_cpu_loras=config.cpu_lora_capacity,
+                max_rank=config.max_lora_rank,
+                max_wait_steps=config.max_adapter_wait_steps,
+                dtype=self.dtype,
+                device=self.device,
+                shard=plan if ranks is not None else None,
+                row_parallel=RowParallelLora(comm, plan.hidden_columns, config.max_loras, config.max_lora_rank,
+                                             self.dtype, self.device) if ranks is not None else None,
+            )
+        # Per rank: every rank holds its KV heads of the same blocks.
+        num_blocks = config.num_kv_blocks or self._auto_num_kv_blocks()
+        if ranks is not None:
+            ranks.send(WorkerInit(num_kv_blocks=num_blocks))
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_running=config.max_rolling_batch_size,
+            # Every running sequence's decode fits, whatever the setting.
+            max_batched_tokens=max(config.max_num_batched_tokens, config.max_rolling_batch_size),
+            gate=self.lora,
+            chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.runner = ModelRunner(self.model, self.block_manager, ranks,
+                                  self.lora.slots if self.lora is not None else None)
+        self._cpu_threads = _cpu_threads(config, self.device, plan.world_size)
+
+    # ---- requests -----------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        """Queue a request; raises InvalidRequestError (with the reason) if it can never be served."""
+        params = params or SamplingParams()
+        params.validate()
+        adapter_version = None
+        if adapter:
+            if self.lora is None:
+                raise LoraNotEnabledError(f"Adapter {adapter} cannot be used: LoRA is not enabled "
+                                          "(option.enable_lora=false)")
+            adapter_version = self.lora.resolve(adapter)
+        self._request_sequences.check(params)
+        prompt_token_ids = self.tokenize(prompt)
+        self._check_fits(prompt_token_ids, params)
+        seqs = self._request_sequences.create(request_id, prompt_token_ids, params, adapter or None, adapter_version)
+        with self._lock:
+            if request_id in self._sequences:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            self._sequences[request_id] = seqs
+            self._new_requests.append(seqs[0])  # the others are its forks
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next step and free what it holds; unknown or finished ids are ignored."""
+        with self._lock:
+            self._abort_requests.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self._sequences)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
+            with self._tokenizer_lock:
+                token_ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            token_ids = list(prompt)
+            vocab_size = self.model.vocab_size
+            bad = [t for t in token_ids if not 0 <= t < vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+        else:
+            raise InvalidRequestError("a prompt must be a string or a list of token ids")
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        return token_ids
+
+    def _check_fits(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        prompt_len = len(prompt_token_ids)
+        total = prompt_len + params.max_new_tokens
+        if prompt_len > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_len} tokens, more than the model's maximum length {self.max_model_len}"
+            )
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds the "
+                f"model's maximum length {self.max_model_len}"
+            )
+        if total > self.block_manager.capacity_tokens:
+            raise InvalidRequestError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} can never "
+                f"fit in the KV cache ({self.block_manager.capacity_tokens} tokens)"
+            )
+
+    # ---- the step -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Admit queued requests, run one forward pass, and report every request that progressed."""
+        outputs: list[RequestOutput] = []
+        self.check_health()
+        if self._cpu_threads is not None:
+            self._cpu_threads.maybe_adjust()
+        self._take_queued(outputs)
+        if self.lora is not None:
+            for seq, message in self.lora.take_failed(self.scheduler.waiting):
+                outputs.extend(self._finish(seq, FinishReason.ERROR, error=message))
+            self.lora.prefetch(self.scheduler.waiting)
+        step = self.scheduler.schedule()
+        if self.lora is not None:
+            self.lora.group_by_slot(step.decode_seqs)
+        self._preemptions += len(step.preempted)
+        if step.is_empty:
+            if self.scheduler.waiting and not outputs:
+                # Everything waits on an adapter load: yield the CPU to the loader instead of spinning.
+                time.sleep(IDLE_WAIT_SECONDS)
+            return outputs
+        self._count(step)
+        seqs, _ = step.sampling_rows()
+        try:
+            lora_step = self.lora.step_applier(step) if self.lora is not None else None
+            sampled = self.runner.execute(step, lora_step)
+        except Exception as error:  # a failed forward must not take the engine (or other steps) down
+            if self.ranks is not None:
+                # ...except with tensor parallelism: the ranks may now disagree on where they are.
+                raise self.ranks.failure_in_step(error) from error
+            failed = step.seqs + [child for children in step.forks.values() for child in children]
+            logger.exception("forward pass failed for %d sequences", len(failed))
+            for seq in failed:
+                outputs.extend(self._finish(seq, FinishReason.ERROR, error=f"internal error: {error}"))
+            return outputs
+        self.scheduler.complete(step)
+        for seq, token_id, log_prob, top in zip(seqs, sampled.token_ids, sampled.log_probs, sampled.top):
+            text_state = self._text_states[seq]
+            token, finish = text_state.process(seq, token_id, log_prob, top)
+            self._generated_tokens += 1
+            if self.lora is not None:
+                self.lora.record_token(seq)
+            # The prompt's scores go out with the first token (the prefill that computed them).
+            prompt_log_probs = seq.prompt_log_probs if len(seq.output_token_ids) == 1 else None
+            if finish is None:
+                outputs.append(RequestOutput(seq.request_id, [token], finished=False, index=seq.index,
+                                             prompt_log_probs=prompt_log_probs))
+            else:
+                [output] = self._finish(seq, finish, tokens=[token], error=text_state.error)
+                output.prompt_log_probs = prompt_log_probs
+                outputs.append(output)
+        return outputs
+
+    def _count(self, step: ScheduledStep) -> None:
+        self._steps += 1
+        self._chunked_steps += step.is_chunked
+        self._cache_queried_tokens += step.cache_queried_tokens
+        self._cache_hit_tokens += step.cache_hit_tokens
+        # Prompt tokens computed (not those whose K/V came from the prefix cache).
+        self._prompt_tokens += sum(max(0, min(seq.num_cached_tokens + length, len(seq.prompt_token_ids))
+                                          - seq.num_cached_tokens)
+                                   for seq, length in zip(step.prefill_seqs, step.prefill_lengths))
+
+    def _take_queued(self, outputs: list[RequestOutput]) -> None:
+        with self._lock:
+            new_requests = list(self._new_requests)
+            self._new_requests.clear()
+            aborts = list(self._abort_requests)
+            self._abort_requests.clear()
+        for seq in new_requests:
+            for each in (seq, *seq.forks):
+                self._text_states[each] = RequestTextState(self.tokenizer, each, self.eos_token_ids)
+            self.scheduler.add(seq)
+        for request_id in aborts:
+            for seq in list(self._sequences.get(request_id, ())):
+                if not seq.is_finished:
+                    outputs.extend(self._finish(seq, FinishReason.ABORTED))
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        tokens: list[TokenOutput] | None = None,
+        error: str | None = None,
+    ) -> list[RequestOutput]:
+        """Finish `seq`, and the forks it has not handed its blocks to yet (it never ran)."""
+        outputs = []
+        for each in (seq, *seq.forks):
+            each.finish_reason = reason
+            self.scheduler.remove(each)
+            self.runner.sampler.release(each)
+            self._text_states.pop(each, None)
+            with self._lock:
+                remaining = self._sequences.get(each.request_id, [])
+                if each in remaining:
+                    remaining.remove(each)
+                if not remaining:
+                    self._sequences.pop(each.request_id, None)
+            outputs.append(RequestOutput(each.request_id, tokens if each is seq and tokens else [], finished=True,
+                                         finish_reason=reason, error=error, index=each.index))
+        seq.forks = []
+        return outputs
+
+    # ---- health and shutdown ------------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        """Raise RankFailedError, naming the rank, once a tensor-parallel rank has died; the engine can then
+        no longer step. Cheap (an exit-status check): the engine loop calls it while idle."""
+        if self.ranks is not None:
+            self.ranks.check_alive()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and the adapter loaders. The engine cannot step afterwards."""
+        ranks, self.ranks = getattr(self, "ranks", None), None
+        if ranks is not None:
+            ranks.close()
+        lora = getattr(self, "lora", None)
+        if lora is not None:
+            lora.close()
+
+    # ---- offline convenience ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: str | list[int] | SequenceOf[str | list[int]],
+        params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        adapters: str | None | SequenceOf[str | None] = None,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt, batched by the rolling scheduler; results in prompt order. With n or
+        best_of > 1, a prompt's result is its first choice, and `.choices` lists all n.
+
+        Drives `step()` itself, so it must not run while another thread is stepping this engine.
+        """
+        return generate_offline(self, prompts, params, adapters)
+
+    # ---- adapters -----------------------------------------------------------------------------------
+
+    def register_adapter(self, name: str, path: str | Path, *, pin: bool = False, preload: bool = True) -> AdapterInfo:
+        """Check and register a PEFT LoRA adapter directory; InvalidAdapterError says why one is refused."""
+        return self._require_lora().register(name, path, pin=pin, preload=preload)
+
+    def update_adapter(self, name: str, path: str | Path | None = None, *, pin: bool | None = None) -> AdapterInfo:
+        return self._require_lora().update(name, path, pin=pin)
+
+    def unregister_adapter(self, name: str) -> None:
+        """New requests for `name` are refused from now on; requests already accepted finish."""
+        self._require_lora().unregister(name)
+
+    def get_adapter(self, name: str) -> AdapterInfo:
+        return self._require_lora().info(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self._require_lora().list()
+
+    def _require_lora(self) -> LoraManager:
+        if self.lora is None:
+            raise LoraNotEnabledError("LoRA is not enabled (set option.enable_lora=true)")
+        return self.lora
+
+    def _register_model_dir_adapters(self) -> None:
+        """Every `<model_dir>/adapters/<name>/` with an adapter_config.json registers as `<name>`."""
+        adapters_dir = self.model_dir / "adapters"
+        if not adapters_dir.is_dir():
+            return
+        for adapter_dir in sorted(p for p in adapters_dir.iterdir() if (p / "adapter_config.json").is_file()):
+            try:
+                self.lora.register(adapter_dir.name, adapter_dir, preload=False)
+            except AdapterError as error:  # one bad adapter must not stop the others or the server
+                logger.error("not registering %s: %s", adapter_dir, error)
+
+    # ---- introspection ------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        running = list(self.scheduler.running)  # a copy: the engine thread changes the list while we read
+        return EngineStats(
+            num_running=len(running),
+            num_waiting=len(self.scheduler.waiting) + len(self._new_requests),
+            num_kv_blocks=self.block_manager.num_blocks,
+            num_free_kv_blocks=self.block_manager.num_free_blocks,
+            steps=self._steps,
+            generated_tokens=self._generated_tokens,
+            prompt_tokens=self._prompt_tokens,
+            preemptions=self._preemptions,
+            prefix_cache_queried_tokens=self._cache_queried_tokens,
+            prefix_cache_hit_tokens=self._cache_hit_tokens,
+            num_cached_kv_blocks=self.block_manager.num_cached_blocks,
+            chunked_prefill_steps=self._chunked_steps,
+            num_adapter_slots=self.lora.slots.num_slots if self.lora is not None else 0,
+            num_busy_adapter_slots=self.lora.num_busy_slots(running) if self.lora is not None else 0,
+        )
+
+    def _auto_num_kv_blocks(self) -> int:
+        config = self.config
+        per_block = kv_bytes_per_token(self.model) * config.block_size
+        wanted_tokens = config.max_rolling_batch_size * self.max_model_len
+        wanted_blocks = -(-wanted_tokens // config.block_size)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * config.gpu_memory_utilization) - used - CUDA_ACTIVATION_RESERVE_BYTES
+        else:
+            budget = config.cpu_kv_cache_mb * 1024**2
+        affordable = budget // per_block
+        min_blocks = -(-self.max_model_len // config.block_size)
+        if affordable < min_blocks:
+            raise ConfigError(
+                "gpu_memory_utilization" if self.device.type == "cuda" else "cpu_kv_cache_mb",
+                config.gpu_memory_utilization if self.device.type == "cuda" else config.cpu_kv_cache_mb,
+                f"leaves room for {affordable * config.block_size} KV tokens, less than one sequence of "
+                f"max_model_len {self.max_model_len}",
+            )
+        return int(min(wanted_blocks, affordable))
+
+
+def _resolve_device(config: Config) -> torch.device:
+    """Rank 0's device (with tensor parallelism rank i uses the i-th device from there)."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", config.device, "CUDA is not available on this machine")
+    return torch.device(config.device)
+
+
+def _cpu_threads(config: Config, device: torch.device, world_size: int) -> CpuThreads | None:
+    """The adaptive thread count for a CPU engine with cpu_threads=auto; a fixed count is set here once, and
+    so is each tensor-parallel rank's share of the cores (the ranks must not fight over them)."""
+    if device.type != "cpu":
+        return None
+    if not handler.OPENMP_WAIT_CHOSEN:
+        logger.warning("torch was imported before handler with no OMP_WAIT_POLICY set: its OpenMP threads spin "
+                       "for milliseconds after every op, taking the CPU from other threads. Import handler "
+                       "first, or set OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=%s", handler.GOMP_SPINCOUNT)
+    if world_size > 1:
+        torch.set_num_threads(cpu_threads_per_rank(config, world_size))
+        return None
+    if config.cpu_threads == "auto":
+        return CpuThreads()
+    torch.set_num_threads(int(config.cpu_threads))
+    return None
+
+
+def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
+    name = config.torch_dtype_name
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return TORCH_DTYPES[name]
+
+
+def _resolve_max_model_len(config: Config, max_position_embeddings: int) -> int:
+    if config.max_model_len is None:
+        return max_position_embeddings
+    if config.max_model_len > max_position_embeddings:
+        raise ConfigError("max_model_len", config.max_model_len,
+                          f"exceeds the model's max_position_embeddings ({max_position_embeddings})")
+    return config.max_model_len
+
+
+def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> frozenset[int]:
+    """End-of-sequence ids as transformers' generate() uses them: generation_config.json first."""
+    eos = None
+    if (model_dir / "generation_config.json").is_file():
+        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

@@ -1,0 +1,112 @@
+"""x @ W.T (+ b) for the model's projections, in the form that multiplies fastest on their device.
+
+On CPU with fp32 weights, each weight is repacked once at load into oneDNN's blocked layout and
+multiplied with oneDNN's inner product (the prepacked linear that torch's own CPU compiler emits).
+Measured on a 2-core AVX2 VM with torch 2.13, against MKL's sgemm on the plain weight: at 32 rows
+(a decode batch) 1.3x faster for the q/k/v projection and 1.6x for the 32000-wide LM head, at 1 row
+1.8x for the LM head; prefills go through in 64-row pieces, about as fast as MKL. The packed copy
+replaces the plain weight, the same size (an LM head tied to the embedding table needs both), but
+oneDNN keeps some state per input shape: bounded by the 64-row cap, about 100-180 MB on
+bench_engine's model. One to four rows (decodes at small batch sizes, where the step is bound by
+reading the weights) go instead to a C kernel that reads the packed weight in place
+(kernels/cpu_matvec.py): oneDNN's fixed cost per call made it 1.3-1.7x slower at one row.
+
+Without oneDNN (or for other dtypes, or on GPUs, where cuBLAS picks its own kernels) the plain weight
+is used. There MKL is markedly slower for a few activation rows against a wide weight when called as
+`linear(x, W)` than as `W @ x.T` (1.4-3.5x for the LM head at 2..64 rows), so that order is taken for
+decode-sized batches. Either way the product is the same; only the summation order inside the GEMM,
+hence fp32 rounding, differs, as between any two GEMM implementations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from lora_serving.kernels import PackedMatvec
+
+# Up to this many rows the weight-major call is used on CPU: the decode regime (one row per sequence).
+WEIGHT_MAJOR_MAX_ROWS = 64
+# oneDNN (through torch's ideep) keeps state per input shape that it does not give back: 1..64 rows on
+# the five projection shapes of bench_engine's model held ~180 MB for good, while ~2000 distinct row
+# counts held several GB. So it never sees more than 64 rows: longer inputs (prefills) go through in
+# 64-row pieces, which were as fast as whole (64 rows already keep the cores busy).
+ONEDNN_MAX_ROWS = 64
+# A oneDNN call costs ~45 us however small the product (MKL's ~15 us): weights below this many elements
+# (a toy model's) multiplied as fast or faster through MKL on 2 cores, so they are not packed.
+ONEDNN_MIN_WEIGHT_ELEMENTS = 2**17
+# oneDNN tunes the packed layout for a batch size; from 8 rows up the hint changed little (measured).
+PACK_FOR_ROWS = 32
+
+
+class Projection:
+    """One projection's weight (and bias), called as `projection(x)`: x [T, in] -> [T, out], contiguous."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, use_onednn: bool = True) -> None:
+        self.out_features = weight.shape[0]
+        self.bias = bias
+        self._packed = _pack_for_onednn(weight) if use_onednn and onednn_usable_for(weight) else None
+        self._matvec = None if self._packed is None else PackedMatvec.for_weight(weight, self._packed, bias)
+        self.weight = weight if self._packed is None else None
+
+    @property
+    def backend(self) -> str:
+        return "onednn" if self._packed is not None else "dense"
+
+    @property
+    def matvec_rows(self) -> int:
+        """Up to how many rows the C kernel multiplies (0: it does not serve this projection)."""
+        return 0 if self._matvec is None else self._matvec.max_rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            return _dense_project(x, self.weight, self.bias)
+        rows = x.shape[0]
+        if self._matvec is not None and rows <= self._matvec.max_rows:
+            return self._matvec(x)
+        if rows <= ONEDNN_MAX_ROWS:
+            return self._onednn(x)
+        out = torch.empty(rows, self.out_features, dtype=x.dtype, device=x.device)
+        for start in range(0, rows, ONEDNN_MAX_ROWS):
+            out[start : start + ONEDNN_MAX_ROWS] = self._onednn(x[start : start + ONEDNN_MAX_ROWS])
+        return out
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+
+def onednn_usable_for(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS and _onednn_works())
+
+
+@functools.cache
+def _onednn_works() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear and it computes x @ W.T correctly here."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(24, 16, generator=generator)
+        x = torch.randn(3, 16, generator=generator)
+        out = torch.ops.mkldnn._linear_pointwise(x, _pack_for_onednn(weight), None, "none", [], "")
+        return bool(torch.allclose(out, F.linear(x, weight), rtol=1e-4, atol=1e-4))
+    except (AttributeError, RuntimeError):  # an op missing from this build, or refused on this CPU
+        return False
+
+
+def _pack_for_onednn(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_FOR_ROWS)
+
+
+def _dense_project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.shape[0]
+    if x.device.type != "cpu" or not 1 < rows <= WEIGHT_MAJOR_MAX_ROWS:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        out_t = torch.mm(weight, x.t())
+    else:
+        out_t = torch.addmm(bias[:, None], weight, x.t())
+    return out_t.t().contiguous()

@@ -1,0 +1,63 @@
+"""Rotary position embedding tables, computed once per model from the config's RoPE parameters.
+
+The inverse frequencies (and the attention scaling some RoPE variants apply) come from transformers'
+own RoPE initialisers: that is config interpretation, and reusing it keeps every scaling type
+(linear, llama3, yarn, ...) exactly as the checkpoint's authors meant it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from lora_serving.handler.errors import ModelLoadError
+
+# These change with the sequence length at run time (the frequencies of a batch depend on its longest
+# member in transformers), which a batch of independent requests cannot reproduce per request.
+_LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
+
+
+def rope_parameters(hf_config) -> dict:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if not params:
+        params = {"rope_type": "default", "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
+    return params
+
+
+def inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(hf_config)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in _LENGTH_DEPENDENT_ROPE:
+        raise ModelLoadError(f"RoPE scaling type {rope_type!r} is not supported by this engine")
+    if rope_type == "default":
+        base = params["rope_theta"]
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim
+        return 1.0 / (base**exponents), 1.0
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ModelLoadError(f"unknown RoPE scaling type {rope_type!r}")
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    return inv_freq.float(), float(attention_scaling)
+
+
+class RotaryTable:
+    """cos/sin for every position up to max_positions, looked up per token: x [T, heads, head_dim]."""
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int, dtype: torch.dtype, device) -> None:
+        inv_freq, attention_scaling = inverse_frequencies(hf_config, head_dim)
+        positions = torch.arange(max_positions, dtype=torch.float)
+        freqs = positions[:, None] * inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (angles.cos() * attention_scaling).to(dtype=dtype, device=device)
+        self.sin = (angles.sin() * attention_scaling).to(dtype=dtype, device=device)
+        # The rows of the last positions tensor seen: every layer of a step rotates with the same one (one lookup
+        # a step instead of one per layer; small calls are a measurable share of a batch-1 decode step on CPU).
+        self._rows_for: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows = self._rows_for
+        if rows is None or rows[0] is not positions:
+            rows = self._rows_for = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        _, cos, sin = rows
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin

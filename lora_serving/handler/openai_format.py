@@ -1,0 +1,102 @@
+"""OpenAI's answer objects (chat completions, and what the legacy completions API shares with them), built
+from a Generation: one choice per returned sequence, log-probabilities with their top alternatives."""
+
+from __future__ import annotations
+
+from lora_serving.handler.output_format import Choice, Generation
+from lora_serving.handler.sequence import FinishReason, RequestOutput, TokenOutput
+
+
+def openai_finish_reason(reason: FinishReason | None) -> str | None:
+    if reason is None:
+        return None
+    if reason in (FinishReason.EOS, FinishReason.STOP_SEQUENCE):
+        return "stop"
+    return reason.value  # "length", and "error" / "aborted" where OpenAI has no name
+
+
+def usage(generations: list[Generation]) -> dict:
+    """Prompt tokens once per prompt; completion tokens of every sequence generated (best_of included)."""
+    prompt_tokens = sum(generation.num_prompt_tokens for generation in generations)
+    completion_tokens = sum(len(choice.tokens) for generation in generations for choice in generation.choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _chat_token(text: str, log_prob: float) -> dict:
+    return {"token": text, "logprob": log_prob, "bytes": list(text.encode())}
+
+
+def chat_logprobs(tokens: list[TokenOutput]) -> dict:
+    return {
+        "content": [
+            {**_chat_token(token.text, token.log_prob),
+             "top_logprobs": [_chat_token(top.text, top.log_prob) for top in token.top_tokens or ()]}
+            for token in tokens
+        ]
+    }
+
+
+def chat_completion(generation: Generation, *, completion_id: str, model: str, created: int, logprobs: bool) -> dict:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": chat_logprobs(choice.tokens) if logprobs else None,
+                "finish_reason": openai_finish_reason(choice.finish_reason),
+            }
+            for index, choice in enumerate(generation.returned())
+        ],
+        "usage": usage([generation]),
+    }
+
+
+def chat_usage_chunk(generation: Generation, *, completion_id: str, model: str, created: int) -> dict:
+    """The last streamed chunk when the client asked for `stream_options.include_usage`."""
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": usage([generation])}
+
+
+class ChatChunks:
+    """The chunks of one streamed chat answer, engine step by engine step: one per token, each choice's
+    first carrying the role and its last the finish reason, then a usage chunk when the client asked for
+    `include_usage`."""
+
+    def __init__(self, generation: Generation, *, completion_id: str, model: str, created: int, logprobs: bool,
+                 include_usage: bool) -> None:
+        self._generation = generation
+        self._identity = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                          "model": model}
+        self._usage_identity = {"completion_id": completion_id, "model": model, "created": created}
+        self._logprobs = logprobs
+        self._include_usage = include_usage
+        self._started: set[int] = set()
+
+    def for_output(self, output: RequestOutput) -> list[dict]:
+        """What `output` (already added to the generation) adds to the stream."""
+        choice = self._generation.choices[output.index]
+        tokens = output.tokens or [None]
+        chunks = []
+        for position, token in enumerate(tokens):
+            delta: dict[str, str] = {"content": token.text if token else ""}
+            if choice.index not in self._started:
+                self._started.add(choice.index)
+                delta = {"role": "assistant", **delta}
+            is_last = output.finished and position == len(tokens) - 1
+            chunks.append({**self._identity, "choices": [self._chunk_choice(choice, delta, token, is_last)]})
+        if self._include_usage and self._generation.finished and output.finished:
+            chunks.append(chat_usage_chunk(self._generation, **self._usage_identity))
+        return chunks
+
+    def _chunk_choice(self, choice: Choice, delta: dict, token: TokenOutput | None, is_last: bool) -> dict:
+        return {
+            "index": choice.index,
+            "delta": delta,
+            "logprobs": chat_logprobs([token]) if self._logprobs and token else None,
+            "finish_reason": openai_finish_reason(choice.finish_reason) if is_last else None,
+        }

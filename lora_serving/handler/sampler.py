@@ -1,0 +1,108 @@
+"""Turns each sequence's next-token logits into a token, following its own sampling parameters.
+
+Per row: the request's processors (handler/logits_processors.py), its grammar mask
+(handler/structured_output.py), then greedy argmax or, for sampled requests, its warpers and a draw from
+its own generator, seeded from `seed` (or at random), so the same seed gives the same output whatever else
+shares the batch. The log-probabilities reported are the model's own (log-softmax of the raw logits), for
+the chosen token and, where asked, its most likely alternatives.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from lora_serving.handler.logits_processors import process_rows, warp_row
+from lora_serving.handler.sequence import Sequence
+from lora_serving.handler.structured_output import apply_masks, fill_masks
+
+
+@dataclass(slots=True)
+class SampledTokens:
+    token_ids: list[int]
+    log_probs: list[float]
+    # Per sequence: its most likely tokens as (id, log-probability), best first; None where not asked.
+    top: list[list[tuple[int, float]] | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._generators: dict[Sequence, torch.Generator] = {}
+        self._seed_source = random.SystemRandom()
+
+    def release(self, seq: Sequence) -> None:
+        self._generators.pop(seq, None)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int] | None = None) -> SampledTokens:
+        """logits [R, V] fp32; `rows[i]` is the row `seqs[i]` samples from (None: row i).
+
+        Only the rows of requests with processors or a grammar are copied and changed; the others are chosen
+        from the logits as they are, so they cost what they would in a batch of their own kind.
+        """
+        if rows is not None:
+            logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        chosen = logits.argmax(dim=-1)
+        changed = [row for row, seq in enumerate(seqs) if seq.params.processes_logits or seq.grammar is not None]
+        changed_logits = self._process(logits, changed, seqs) if changed else None
+        position = {row: index for index, row in enumerate(changed)}
+        if changed:
+            chosen[torch.tensor(changed, device=chosen.device)] = changed_logits.argmax(dim=-1)
+        for row, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                row_logits = changed_logits[position[row]] if row in position else logits[row]
+                chosen[row] = self._sample_row(row_logits, seq)
+        chosen_log_probs = log_probs.gather(1, chosen[:, None]).squeeze(1)
+        return SampledTokens(chosen.tolist(), chosen_log_probs.tolist(), self._top(log_probs, seqs))
+
+    @staticmethod
+    def _process(logits: torch.Tensor, changed: list[int], seqs: list[Sequence]) -> torch.Tensor:
+        """A copy of the `changed` rows, each with its request's processors and grammar mask applied."""
+        changed_logits = logits.index_select(0, torch.tensor(changed, dtype=torch.long, device=logits.device))
+        process_rows(changed_logits, [seqs[row] for row in changed])  # rows without processors add nothing
+        masked = [index for index, row in enumerate(changed) if seqs[row].grammar is not None]
+        if masked:
+            bitmasks = fill_masks([seqs[changed[index]].grammar for index in masked], logits.shape[1])
+            if len(masked) == len(changed):
+                apply_masks(changed_logits, bitmasks)
+            else:
+                index = torch.tensor(masked, dtype=torch.long, device=logits.device)
+                rows_to_mask = changed_logits.index_select(0, index)
+                apply_masks(rows_to_mask, bitmasks)
+                changed_logits.index_copy_(0, index, rows_to_mask)
+        return changed_logits
+
+    @staticmethod
+    def _top(log_probs: torch.Tensor, seqs: list[Sequence]) -> list[list[tuple[int, float]] | None]:
+        wanted = [seq.params.top_n_tokens for seq in seqs]
+        top: list[list[tuple[int, float]] | None] = [None] * len(seqs)
+        rows = [row for row, count in enumerate(wanted) if count]
+        if not rows:
+            return top
+        index = torch.tensor(rows, device=log_probs.device)
+        values, ids = log_probs.index_select(0, index).topk(max(wanted[row] for row in rows), dim=-1)
+        for row, row_values, row_ids in zip(rows, values.tolist(), ids.tolist()):
+            top[row] = list(zip(row_ids[: wanted[row]], row_values[: wanted[row]]))
+        return top
+
+    def _sample_row(self, row_logits: torch.Tensor, seq: Sequence) -> int:
+        probs = torch.softmax(warp_row(row_logits, seq), dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            # Extreme parameters overflowed the scaled logits: a temperature near 0 makes them all +-inf, whose
+            # softmax is NaN. Their limit is the greedy choice; raising instead would fail the whole step.
+            return int(row_logits.argmax())
+        return int(torch.multinomial(probs, 1, generator=self._generator_for(seq)).item())
+
+    def _generator_for(self, seq: Sequence) -> torch.Generator:
+        generator = self._generators.get(seq)
+        if generator is None:
+            seed = seq.params.seed
+            # The i-th sequence of a seeded request draws as the same request seeded with seed + i would.
+            seed = self._seed_source.getrandbits(63) if seed is None else (seed + seq.index) % 2**64
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+            self._generators[seq] = generator
+        return generator
