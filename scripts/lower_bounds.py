@@ -1,0 +1,56 @@
+"""Print pip constraints that hold every dependency pyproject.toml names at its lower bound.
+
+    python scripts/lower_bounds.py [pyproject.toml]
+
+Covers the build requirement, the dependencies and every optional extra: `name>=X` becomes `name==X`
+(extras dropped: pip refuses them in constraints). A requirement without a lower bound is left out, and
+said so on stderr. `scripts/lock --lowest` installs with these and runs the suite: that is how the lower
+bounds in pyproject.toml are tested.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+REQUIREMENT = re.compile(r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(?P<specifiers>[^;]*)")
+
+
+def requirements(pyproject: dict) -> list[str]:
+    project = pyproject["project"]
+    found = list(pyproject["build-system"]["requires"]) + list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        found += extra
+    return found
+
+
+def lower_bounds(requirement_strings: list[str]) -> tuple[dict[str, str], list[str]]:
+    bounds: dict[str, str] = {}
+    unbounded = []
+    for text in requirement_strings:
+        match = REQUIREMENT.match(text)
+        name = match.group("name").lower().replace("_", "-")
+        lower = [spec.strip()[2:].strip() for spec in match.group("specifiers").split(",")
+                 if spec.strip().startswith(">=")]
+        if not lower:
+            unbounded.append(text)
+            continue
+        if bounds.get(name, lower[0]) != lower[0]:
+            raise SystemExit(f"{name} has two lower bounds in pyproject.toml: {bounds[name]} and {lower[0]}")
+        bounds[name] = lower[0]
+    return bounds, unbounded
+
+
+def main() -> None:
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "pyproject.toml")
+    bounds, unbounded = lower_bounds(requirements(tomllib.loads(path.read_text())))
+    for text in unbounded:
+        print(f"lower_bounds.py: no lower bound, resolved to the newest: {text}", file=sys.stderr)
+    for name, version in sorted(bounds.items()):
+        print(f"{name}=={version}")
+
+
+if __name__ == "__main__":
+    main()
