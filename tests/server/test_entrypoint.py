@@ -27,8 +27,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lora_serving", *args], cwd=REPO_ROOT, env={**os.environ, **env},
+def launch(args: list[str], env: dict[str, str], cwd: Path = REPO_ROOT) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lora_serving", *args], cwd=cwd, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
