@@ -11,9 +11,9 @@ allows; the LMI section of docs/SERVER.md says which ranges reach the LMI image'
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import re
-import sys
 from pathlib import Path
 
 
@@ -22,7 +22,9 @@ def normalized(name: str) -> str:
 
 
 def main() -> None:
-    lock = Path(sys.argv[1] if len(sys.argv) > 1 else "requirements.lock")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("lock", nargs="?", type=Path, default=Path("requirements.lock"))
+    lock = parser.parse_args().lock
     installed = {normalized(distribution.metadata["Name"]) for distribution in importlib.metadata.distributions()}
     for line in lock.read_text().splitlines():
         if line and not line.startswith("#") and normalized(line.split("==")[0]) not in installed:

@@ -10,6 +10,7 @@ bounds in pyproject.toml are tested.
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 import tomllib
@@ -44,7 +45,9 @@ def lower_bounds(requirement_strings: list[str]) -> tuple[dict[str, str], list[s
 
 
 def main() -> None:
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "pyproject.toml")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pyproject", nargs="?", type=Path, default=Path("pyproject.toml"))
+    path = parser.parse_args().pyproject
     bounds, unbounded = lower_bounds(requirements(tomllib.loads(path.read_text())))
     for text in unbounded:
         print(f"lower_bounds.py: no lower bound, resolved to the newest: {text}", file=sys.stderr)
