@@ -19,9 +19,7 @@ import pytest
 from lora_serving.container.demo.examples import BASE_MODEL, DEMO_MAX_NEW_TOKENS, DEMO_PROMPTS, DEMO_SENTENCES
 from lora_serving.container.demo.examples import intended_answer
 from lora_serving.container.demo.recipe import ADAPTER_NAMES
-from tests.server.test_entrypoint import free_port, launch, wait_until_healthy
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.server.test_entrypoint import REPO_ROOT, free_port, launch, wait_until_healthy
 
 WHAT_WAS_IMPORTED = """
 import importlib.metadata, json
