@@ -39,8 +39,8 @@ from tests.djl.worker import djl_serving_dir  # noqa: E402
 
 NUM_ADAPTERS = 4
 OPTIONS = {"entryPoint": "lora_serving.handler.model", "dtype": "fp32", "enable_lora": "true",
-           "max_loras": str(NUM_ADAPTERS), "max_cpu_loras": str(NUM_ADAPTERS), "max_lora_rank": "16", "max_model_len": "512",
-           "cpu_kv_cache_mb": "512", "max_rolling_batch_size": "32"}
+           "max_loras": str(NUM_ADAPTERS), "max_cpu_loras": str(NUM_ADAPTERS), "max_lora_rank": "16",
+           "max_model_len": "512", "cpu_kv_cache_mb": "512", "max_rolling_batch_size": "32"}
 MODES = {"djl rolling batch": {"rolling_batch": "auto"},
          "djl async": {"rolling_batch": "disable", "async_mode": "true"}}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 def normalized(name: str) -> str:
+    """A distribution name as pip compares it (PEP 503): case, '-', '_' and '.' do not matter."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 

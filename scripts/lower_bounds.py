@@ -16,6 +16,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from lock_for_image import normalized
+
 REQUIREMENT = re.compile(r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(?P<specifiers>[^;]*)")
 
 
@@ -32,7 +34,7 @@ def lower_bounds(requirement_strings: list[str]) -> tuple[dict[str, str], list[s
     unbounded = []
     for text in requirement_strings:
         match = REQUIREMENT.match(text)
-        name = match.group("name").lower().replace("_", "-")
+        name = normalized(match.group("name"))
         lower = [spec.strip()[2:].strip() for spec in match.group("specifiers").split(",")
                  if spec.strip().startswith(">=")]
         if not lower:

@@ -9,7 +9,12 @@ import time
 import pytest
 
 from lora_serving.container.demo import build
-from lora_serving.container.demo.build import BUILD_COMPLETE_MARKER, DEMO_MODEL_DIR_NAME, builder_fingerprint, ensure_demo_model
+from lora_serving.container.demo.build import (
+    BUILD_COMPLETE_MARKER,
+    DEMO_MODEL_DIR_NAME,
+    builder_fingerprint,
+    ensure_demo_model,
+)
 
 
 @pytest.fixture
