@@ -95,7 +95,7 @@ def _logprobs(tokens: list[TokenOutput]) -> dict:
         offset += len(token.text)
     with_top = any(token.top_tokens for token in tokens)
     return {
-        "tokens": [token.text for token in tokens],
+        "tokens": [token.listed_text for token in tokens],
         "token_logprobs": [token.log_prob for token in tokens],
         "top_logprobs": [{top.text: top.log_prob for top in token.top_tokens or ()} for token in tokens]
         if with_top else None,

@@ -102,7 +102,7 @@ def _text(generation: Generation, choice: Choice, parameters: TgiParameters) -> 
 
 
 def _token(token: TokenOutput, special_ids: frozenset[int]) -> dict:
-    return {"id": token.id, "text": token.text, "logprob": token.log_prob, "special": token.id in special_ids}
+    return {"id": token.id, "text": token.listed_text, "logprob": token.log_prob, "special": token.id in special_ids}
 
 
 def _top_tokens(token: TokenOutput, special_ids: frozenset[int]) -> list[dict]:

@@ -30,7 +30,7 @@ def _chat_token(text: str, log_prob: float) -> dict:
 def chat_logprobs(tokens: list[TokenOutput]) -> dict:
     return {
         "content": [
-            {**_chat_token(token.text, token.log_prob),
+            {**_chat_token(token.listed_text, token.log_prob),
              "top_logprobs": [_chat_token(top.text, top.log_prob) for top in token.top_tokens or ()]}
             for token in tokens
         ]

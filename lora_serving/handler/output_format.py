@@ -106,7 +106,7 @@ def prefill_tokens(tokenizer, token_ids: list[int]) -> list[dict]:
 
 
 def token_dict(token: TokenOutput) -> dict:
-    return {"id": token.id, "text": token.text, "log_prob": token.log_prob}
+    return {"id": token.id, "text": token.listed_text, "log_prob": token.log_prob}
 
 
 def top_tokens(token: TokenOutput) -> list[dict]:

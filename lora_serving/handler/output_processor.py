@@ -3,7 +3,9 @@
 Stop sequences are matched on the text (LMI/vLLM semantics: the stop string itself is not returned). While
 a request has stop strings, the last few characters are held back from the stream, because they may turn
 out to be the start of a stop string; they are released as soon as they cannot be. A token in
-`stop_token_ids` ends the request like a stop string; a grammar that is complete ends it like EOS.
+`stop_token_ids` ends the request like a stop string; a grammar that is complete ends it like EOS. The text of
+the token that ends a request (EOS, `stop_token_ids`) is left out of the answer, as vLLM and TGI leave it out;
+details and logprobs still list the token.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ class RequestTextState:
         seq.output_token_ids.append(token_id)
         seq.output_log_probs.append(log_prob)
         previous_length = len(self.text)
-        self.text += self._detokenizer.add(token_id)
+        is_stop_token = token_id in seq.params.stop_token_ids or (
+            token_id in self._eos_token_ids and not seq.params.ignore_eos)
+        if not is_stop_token:  # the token that ends the answer is not part of its text
+            self.text += self._detokenizer.add(token_id)
 
         finish: FinishReason | None = None
         visible_end = len(self.text)
@@ -61,7 +66,9 @@ class RequestTextState:
             TopToken(id=top_id, text=self._tokenizer.decode([top_id]), log_prob=top_log_prob)
             for top_id, top_log_prob in top
         ]
-        return TokenOutput(id=token_id, text=delta, log_prob=log_prob, top_tokens=top_tokens), finish
+        stop_token_text = self._tokenizer.decode([token_id]) if is_stop_token else None
+        return TokenOutput(id=token_id, text=delta, log_prob=log_prob, top_tokens=top_tokens,
+                           stop_token_text=stop_token_text), finish
 
     def _find_stop(self, previous_length: int) -> int | None:
         """Index in `text` where the earliest stop string that the new text completed begins."""

@@ -244,10 +244,19 @@ class TokenOutput:
     """One generated token as streamed to clients."""
 
     id: int
+    # What the token adds to the answer's text.
     text: str
     log_prob: float
     # The most likely tokens at this position, best first, when the request asked for top_n_tokens.
     top_tokens: list[TopToken] | None = None
+    # The token's own text where the answer does not carry it: a token that ended the answer (EOS, one of
+    # stop_token_ids) adds nothing to the text, yet details and logprobs list it as itself, as vLLM and TGI do.
+    stop_token_text: str | None = None
+
+    @property
+    def listed_text(self) -> str:
+        """How details and logprobs name this token."""
+        return self.text if self.stop_token_text is None else self.stop_token_text
 
 
 @dataclass(slots=True)

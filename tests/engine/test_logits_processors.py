@@ -134,6 +134,10 @@ def test_stop_token_ids_end_the_answer(llama):
     cut = free.index(free[4])
     assert stopped.token_ids == free[: cut + 1]
     assert stopped.finish_reason.value == "stop_sequence"
+    # The stop token's text is not part of the answer (vLLM and TGI leave it out too).
+    assert stopped.text == engine.tokenizer.decode(free[:cut], skip_special_tokens=True,
+                                                   clean_up_tokenization_spaces=False)
+    assert engine.tokenizer.decode([free[4]]) and not stopped.text.endswith(engine.tokenizer.decode([free[4]]))
 
 
 def test_top_log_probs_are_transformers_output_scores(llama):

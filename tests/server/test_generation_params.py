@@ -42,6 +42,23 @@ def openai_client(lora_server):
     return openai.OpenAI(base_url=f"{lora_server.url}/v1", api_key="not-checked", max_retries=0)
 
 
+def test_a_stop_token_ends_the_answer_without_its_text_and_stays_in_details_and_logprobs(client, openai_client):
+    free = post(client, {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "details": True}})
+    tokens = free["details"]["tokens"]
+    stop = next(token for token in tokens[2:] if token["text"].strip())  # a token with visible text
+    cut = next(index for index, token in enumerate(tokens) if token["id"] == stop["id"])
+    stopped = post(client, {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "details": True,
+                                                             "stop_token_ids": [stop["id"]]}})
+    assert stopped["generated_text"] == "".join(token["text"] for token in tokens[:cut])
+    assert [token["id"] for token in stopped["details"]["tokens"]] == [token["id"] for token in tokens[: cut + 1]]
+    assert stopped["details"]["tokens"][-1]["text"] == stop["text"]
+    base_model = openai_client.models.list().data[0].id
+    completion = openai_client.completions.create(model=base_model, prompt=PROMPT, max_tokens=6, logprobs=1, temperature=0,
+                                                  extra_body={"stop_token_ids": [stop["id"]]})
+    assert completion.choices[0].text == stopped["generated_text"]
+    assert completion.choices[0].logprobs.tokens[-1] == stop["text"]
+
+
 def test_lmi_top_tokens_and_prompt_log_probs(client, lora_server, server_base):
     answer = post(client, {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "details": True,
                                                             "top_n_tokens": 3, "decoder_input_details": True}})
