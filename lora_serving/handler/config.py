@@ -52,7 +52,10 @@ TOP_LEVEL_KEYS = {"engine"}
 class Config:
     """Every setting of the container. Field names are the `option.*` keys without the prefix."""
 
+    # A local directory, an s3:// prefix, or a Hugging Face Hub id (org/name; handler/hub.py).
     model_id: str = ""
+    # The Hub revision (branch, tag or commit) of a Hub model_id; "" is the repo's default branch.
+    revision: str = ""
     engine: str = "Python"
     rolling_batch: str = "auto"
     max_rolling_batch_size: int = 32
