@@ -11,8 +11,9 @@ from pathlib import Path
 
 from lora_serving.container.adapter_source import resolve_adapter_source
 from lora_serving.handler import Engine
-from lora_serving.handler.lora.names import validate_adapter_name
 from lora_serving.handler.errors import LoraNotEnabledError
+from lora_serving.handler.hub import HubSettings
+from lora_serving.handler.lora.names import validate_adapter_name
 
 
 class AdapterManager:
@@ -24,11 +25,13 @@ class AdapterManager:
         allowed_roots: list[Path],
         s3_client,
         max_archive_bytes: int,
+        hub: HubSettings | None = None,
     ) -> None:
         self._engine = engine
         self._cache_dir = cache_dir
         self._allowed_roots = allowed_roots
         self._s3_client = s3_client
+        self._hub = hub
         self._max_archive_bytes = max_archive_bytes
         # What each adapter was registered from, as the client wrote it (the engine knows the local path).
         self._sources: dict[str, str] = {}
@@ -69,7 +72,7 @@ class AdapterManager:
 
     def _resolve(self, src: str) -> Path:
         return resolve_adapter_source(src, allowed_roots=self._allowed_roots, cache_dir=self._cache_dir,
-                                      client=self._s3_client, max_total_bytes=self._max_archive_bytes)
+                                      client=self._s3_client, hub=self._hub, max_total_bytes=self._max_archive_bytes)
 
     def _description(self, info) -> dict:
         # DJL's fields (name, src, pin) first, then what this engine knows beyond them.

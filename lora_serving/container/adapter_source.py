@@ -27,8 +27,20 @@ from lora_serving.container.s3_cache import download_s3_object, download_s3_pref
 from lora_serving.container.storage_errors import (
     BadSourceError,
     InvalidAdapterError,
+    SourceAccessDeniedError,
     SourceNotFoundError,
+    StorageUnreachableError,
     UnsafeSourceError,
+)
+from lora_serving.handler.hub import (
+    HF_URL_SCHEME,
+    HubAccessError,
+    HubContentError,
+    HubError,
+    HubRepoNotFoundError,
+    HubSettings,
+    fetch_adapter,
+    parse_hf_url,
 )
 
 
@@ -38,6 +50,7 @@ def resolve_adapter_source(
     allowed_roots: Iterable[str | Path],
     cache_dir: str | Path,
     client=None,
+    hub: HubSettings | None = None,
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
     max_members: int = DEFAULT_MAX_MEMBERS,
 ) -> Path:
@@ -45,7 +58,9 @@ def resolve_adapter_source(
 
     `src` is one of: an absolute local directory or `.tar.gz` / `.tgz` / `.tar` file, which must
     resolve (symlinks followed) inside one of `allowed_roots`; an `s3://bucket/prefix/` adapter
-    directory; an `s3://bucket/key.tar.gz` archive. A directory must hold adapter_config.json and
+    directory; an `s3://bucket/key.tar.gz` archive; `hf://org/name[@revision]`, a Hub repo (`hub`: the Hub
+    settings, from the environment when None), of which only adapter_config.json and adapter_model.safetensors
+    are fetched, within `max_total_bytes`. A directory must hold adapter_config.json and
     adapter_model.safetensors (or .bin) itself; an archive may also wrap them in one folder.
 
     Raises SourceNotFoundError, UnsafeSourceError (outside the allowed roots, unsafe archive),
@@ -62,6 +77,8 @@ def resolve_adapter_source(
             archive = download_s3_object(src, cache_dir, client=client)
             return _unpacked_adapter(archive, src, cache_dir, bounds)
         return require_adapter_dir(download_s3_prefix_snapshot(src, cache_dir, client=client), src)
+    if src.startswith(HF_URL_SCHEME):
+        return require_adapter_dir(_hub_adapter(src, hub or HubSettings.from_env(os.environ), max_total_bytes), src)
 
     local = _inside_allowed_roots(src, [Path(root).resolve() for root in allowed_roots])
     if local.is_dir():
@@ -71,11 +88,29 @@ def resolve_adapter_source(
     raise BadSourceError(f"adapter src {src!r} is neither a directory nor a .tar.gz / .tgz / .tar archive")
 
 
+def _hub_adapter(src: str, hub: HubSettings, max_total_bytes: int) -> Path:
+    """The Hub's failures as the storage errors the HTTP layer answers for every other source."""
+    try:
+        repo_id, revision = parse_hf_url(src)
+    except ValueError as error:
+        raise BadSourceError(f"adapter src: {error}") from None
+    try:
+        return fetch_adapter(repo_id, revision, hub, max_total_bytes=max_total_bytes)
+    except HubRepoNotFoundError as error:
+        raise SourceNotFoundError(str(error)) from None
+    except HubAccessError as error:
+        raise SourceAccessDeniedError(str(error)) from None
+    except HubContentError as error:
+        raise BadSourceError(str(error)) from None
+    except HubError as error:  # unreachable, or offline without it in the cache
+        raise StorageUnreachableError(str(error)) from None
+
+
 def _inside_allowed_roots(src: str, roots: list[Path]) -> Path:
     """`src` with symlinks resolved, refused unless it and every link inside it stay in `roots`."""
     path = Path(src)
     if not path.is_absolute():
-        raise BadSourceError(f"adapter src {src!r} must be an absolute path or an s3:// URL")
+        raise BadSourceError(f"adapter src {src!r} must be an absolute path, an s3:// URL or an hf://org/name Hub repo")
     # Containment is checked before existence, so the answer does not reveal which paths
     # outside the roots exist.
     try:

@@ -1,4 +1,4 @@
-"""Start-up (SPEC section 2): configuration, the model (local, downloaded from S3, or the demo), the
+"""Start-up (SPEC section 2): configuration, the model (local, downloaded from S3 or the Hub, or the demo), the
 adapters the model directory brings, the engine and its loop. Runs in a thread while the server already
 answers /ping with 503; any error here ends the process with its message.
 """
@@ -21,6 +21,7 @@ from lora_serving.handler import Config, Engine
 from lora_serving.handler.engine_loop import EngineLoop
 from lora_serving.handler.errors import ConfigError
 from lora_serving.handler.generation_runner import GenerationRunner
+from lora_serving.handler.hub import HubSettings, fetch_model_for, is_hub_id, served_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ def load_runtime(model_dir: Path, env: Mapping[str, str], event_loop: asyncio.Ab
         model_dir = ensure_demo_model(cache_dir)
         config = Config.load(model_dir, env)
     s3_client = make_s3_client()
-    model_name = Path(config.model_id.rstrip("/")).name or "model"
-    local_dir = _local_model_dir(config.model_id, cache_dir, s3_client)
+    hub = HubSettings.from_env(env)
+    model_name = served_model_name(config.model_id)
+    local_dir = _local_model_dir(config, hub, cache_dir, s3_client)
     config = dataclasses.replace(config, model_id=str(local_dir))
 
     startup_adapters: dict[str, Path] = {}
@@ -54,7 +56,7 @@ def load_runtime(model_dir: Path, env: Mapping[str, str], event_loop: asyncio.Ab
 
     engine = Engine(config=config)
     try:
-        return _serve(engine, config, model_dir, local_dir, cache_dir, s3_client, startup_adapters, event_loop,
+        return _serve(engine, config, model_dir, local_dir, cache_dir, s3_client, hub, startup_adapters, event_loop,
                       metrics, model_name, on_fatal_error)
     except BaseException:
         engine.close()  # the other tensor-parallel ranks, if any, must not outlive a failed start
@@ -62,7 +64,7 @@ def load_runtime(model_dir: Path, env: Mapping[str, str], event_loop: asyncio.Ab
 
 
 def _serve(engine: Engine, config: Config, model_dir: Path, local_dir: Path, cache_dir: Path, s3_client,
-           startup_adapters: dict[str, Path], event_loop: asyncio.AbstractEventLoop, metrics: ServerMetrics,
+           hub: HubSettings, startup_adapters: dict[str, Path], event_loop: asyncio.AbstractEventLoop, metrics: ServerMetrics,
            model_name: str, on_fatal_error: Callable[[str], None] | None) -> Runtime:
     """The adapters the model directory brings, the engine loop and the runner around a loaded engine."""
     adapter_dirs = {path.parent for path in startup_adapters.values()}
@@ -74,6 +76,7 @@ def _serve(engine: Engine, config: Config, model_dir: Path, local_dir: Path, cac
                                           *(Path(root) for root in config.adapter_source_roots)])),
         s3_client=s3_client,
         max_archive_bytes=config.max_archive_bytes,
+        hub=hub,
     )
     for name, path in startup_adapters.items():
         adapters.register_local(name, path)
@@ -94,12 +97,15 @@ def _model_configured(model_dir: Path, config: Config) -> bool:
     return config.model_id != str(model_dir) or (model_dir / "config.json").is_file()
 
 
-def _local_model_dir(model_id: str, cache_dir: Path, s3_client) -> Path:
+def _local_model_dir(config: Config, hub: HubSettings, cache_dir: Path, s3_client) -> Path:
+    model_id = config.model_id
     if is_s3_url(model_id):
         logger.info("fetching %s into %s", model_id, cache_dir)
         return download_s3_prefix(model_id, cache_dir, client=s3_client)
     path = Path(model_id)
-    if not path.is_dir():
-        raise ConfigError("model_id", model_id, "is neither a local directory nor an s3:// URL (this container does "
-                          "not download from the Hugging Face Hub)")
-    return path
+    if path.is_dir():
+        return path
+    if is_hub_id(model_id):
+        return fetch_model_for(config, hub)
+    raise ConfigError("model_id", model_id, "is neither a local directory, an s3:// URL nor a Hugging Face Hub id "
+                      "(org/name)")

@@ -182,7 +182,25 @@ def fetch_adapter(repo_id: str, revision: str, settings: HubSettings, *, max_tot
 
 def _snapshot(repo_id: str, revision: str, settings: HubSettings, patterns: list[str], dry_run: bool = False):
     from huggingface_hub import snapshot_download
+
+    try:
+        result = snapshot_download(
+            repo_id, revision=revision, cache_dir=settings.cache_dir, endpoint=settings.endpoint,
+            token=settings.token, local_files_only=settings.offline, allow_patterns=patterns,
+            ignore_patterns=_SUBFOLDERS, dry_run=dry_run,
+        )
+    except Exception as error:
+        # huggingface_hub's errors are OSErrors, as is a cache that cannot be written; a connection lost
+        # mid-download is httpx's. Anything else is a bug of ours, not the Hub's answer.
+        if isinstance(error, OSError) or type(error).__module__.split(".")[0] in {"httpx", "httpx2"}:
+            raise _hub_error(error, repo_id, revision, settings) from None
+        raise
+    return result if dry_run else Path(result)
+
+
+def _hub_error(error: BaseException, repo_id: str, revision: str, settings: HubSettings) -> HubError:
     from huggingface_hub.errors import (
+        DryRunError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -191,39 +209,33 @@ def _snapshot(repo_id: str, revision: str, settings: HubSettings, patterns: list
     )
 
     described = _described(repo_id, revision, settings)
-    try:
-        result = snapshot_download(
-            repo_id, revision=revision, cache_dir=settings.cache_dir, endpoint=settings.endpoint,
-            token=settings.token or False, local_files_only=settings.offline, allow_patterns=patterns,
-            ignore_patterns=_SUBFOLDERS, dry_run=dry_run,
-        )
-    except GatedRepoError:
-        raise HubAccessError(f"{described} is gated: {_token_advice(settings, 'access to it')}") from None
-    except RevisionNotFoundError:
-        raise HubRepoNotFoundError(f"{described}: the repo has no revision {revision!r} (option.revision: a "
-                                   f"branch, tag or commit)") from None
-    except RepositoryNotFoundError:
-        raise HubRepoNotFoundError(f"{described}: no such repo, or it is private and "
-                                   f"{_token_advice(settings, 'access to it')}") from None
-    except LocalEntryNotFoundError as error:
+    if isinstance(error, DryRunError) and error.__cause__ is not None:
+        return _hub_error(error.__cause__, repo_id, revision, settings)  # the Hub's own answer
+    if isinstance(error, GatedRepoError):
+        return HubAccessError(f"{described} is gated: {_token_advice(settings, 'access to it')}")
+    if isinstance(error, RevisionNotFoundError):
+        return HubRepoNotFoundError(f"{described}: the repo has no revision {revision!r} (option.revision: a "
+                                    f"branch, tag or commit)")
+    if isinstance(error, RepositoryNotFoundError):
+        return HubRepoNotFoundError(f"{described}: no such repo, or it is private and "
+                                    f"{_token_advice(settings, 'access to it')}")
+    if isinstance(error, LocalEntryNotFoundError):
         if settings.offline:
-            raise HubUnreachableError(f"{described} is not in the Hub cache ({settings.cache_dir}) and "
-                                      f"HF_HUB_OFFLINE is set") from None
-        cause = error.__cause__ or error
-        raise HubUnreachableError(f"{described}: the Hub could not be reached ({_first_line(cause)}) and the "
-                                  f"cache ({settings.cache_dir}) does not hold it") from None
-    except HfHubHTTPError as error:
+            return HubUnreachableError(f"{described} is not in the Hub cache ({settings.cache_dir}) and "
+                                       f"HF_HUB_OFFLINE is set")
+        return HubUnreachableError(f"{described}: the Hub could not be reached ({_first_line(error.__cause__ or error)})"
+                                   f" and the cache ({settings.cache_dir}) does not hold it")
+    if isinstance(error, HfHubHTTPError):
         status = error.response.status_code if error.response is not None else None
         if status == 401:
-            raise HubAccessError(f"{described}: the Hub refused the token in HF_TOKEN (401: "
-                                 f"{error.server_message or 'invalid credentials'})") from None
+            return HubAccessError(f"{described}: the Hub refused the token in HF_TOKEN (401: "
+                                  f"{error.server_message or 'invalid credentials'})")
         if status == 403:
-            raise HubAccessError(f"{described}: access denied (403): "
-                                 f"{_token_advice(settings, 'access to it')}") from None
-        raise HubUnreachableError(f"{described}: the Hub answered {status}: {_first_line(error)}") from None
-    except OSError as error:  # a cache directory that cannot be written, a dry run the Hub did not answer
-        raise HubUnreachableError(f"{described}: {_first_line(error)}") from None
-    return result if dry_run else Path(result)
+            return HubAccessError(f"{described}: access denied (403): {_token_advice(settings, 'access to it')}")
+        return HubUnreachableError(f"{described}: the Hub answered {status}: {_first_line(error)}")
+    if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__module__.startswith("httpx"):
+        return HubUnreachableError(f"{described}: the Hub could not be reached ({_first_line(error)})")
+    return HubUnreachableError(f"{described}: {_first_line(error)}")
 
 
 def _other_formats(repo_id: str, commit: str, settings: HubSettings) -> str:

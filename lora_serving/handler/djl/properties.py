@@ -3,15 +3,18 @@
 DJL passes the model's `option.*` keys without the prefix, and adds keys of its own: `model_dir` (the
 model directory; where DJL downloaded an `s3://` model), `device_id` (-1 for the CPU), `handler`, and the
 settings it reads itself (`entryPoint`, `async_mode`, ...). LMI's recommender adds a few more
-(`pipeline_parallel_degree`, `mpi_mode`, `is_peft_model`).
+(`pipeline_parallel_degree`, `mpi_mode`, `is_peft_model`). A Hugging Face Hub model_id is fetched here.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from lora_serving.handler.config import Config
 from lora_serving.handler.errors import ConfigError
+from lora_serving.handler.hub import HubSettings, fetch_model_for, is_hub_id
 
 # Keys DJL or LMI set for themselves: not engine options, and not worth a warning.
 DJL_KEYS = frozenset({
@@ -27,16 +30,21 @@ def is_rolling_batch(properties: dict[str, str]) -> bool:
     return properties.get("rolling_batch") not in (None, "disable")
 
 
-def engine_config(properties: dict[str, str]) -> Config:
+def engine_config(properties: dict[str, str], env: Mapping[str, str] | None = None) -> Config:
+    """`env`: where the Hub settings (HF_TOKEN, HF_ENDPOINT, ...) come from; the process's by default."""
     # DJL may also put a model.py's @input_formatter / @output_formatter function here: not options.
     values = {key: value for key, value in properties.items() if key not in DJL_KEYS and isinstance(value, str)}
     model_id = values.get("model_id", "")
-    if not Path(model_id).is_dir():
-        # DJL downloads an s3:// model into model_dir before the first call; a hub id is not fetched.
+    if is_hub_id(model_id) and not Path(model_id).is_dir():
+        # DJL itself downloads only s3:// models; a Hub id is ours to fetch, as LMI's handlers do.
+        values["model_id"] = str(fetch_model_for(Config.from_options(**values),
+                                                      HubSettings.from_env(os.environ if env is None else env)))
+    elif not Path(model_id).is_dir():
+        # DJL downloads an s3:// model into model_dir before the first call.
         model_dir = properties.get("model_dir", "")
         if not (Path(model_dir) / "config.json").is_file():
-            raise ConfigError("model_id", model_id, f"is not a local model directory, and the model directory "
-                              f"DJL gave ({model_dir}) has no config.json")
+            raise ConfigError("model_id", model_id, f"is not a local model directory or a Hugging Face Hub id "
+                              f"(org/name), and the model directory DJL gave ({model_dir}) has no config.json")
         values["model_id"] = model_dir
     if "device" not in values and properties.get("device_id") is not None:
         device_id = int(properties["device_id"])

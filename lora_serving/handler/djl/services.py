@@ -13,7 +13,6 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 from djl_python import Output
 
@@ -29,6 +28,7 @@ from lora_serving.handler.engine_loop import EngineLoop
 from lora_serving.handler.error_status import engine_error_status
 from lora_serving.handler.errors import EngineError, InvalidRequestError, RankFailedError
 from lora_serving.handler.generation_runner import GenerationFailedError, GenerationRunner, RunningPrompt
+from lora_serving.handler.hub import served_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def exit_worker(message: str) -> None:
 
 
 def model_name(engine: Engine) -> str:
-    return Path(engine.config.model_id.rstrip("/")).name or "model"
+    return served_model_name(engine.config.model_id)
 
 
 class SyncService:
