@@ -94,7 +94,7 @@ def test_no_roots_means_no_local_sources(roots):
 
 def test_relative_and_empty_sources_are_refused(roots):
     allowed, cache, _ = roots
-    with pytest.raises(BadSourceError, match="must be an absolute path or an s3:// URL"):
+    with pytest.raises(BadSourceError, match="must be an absolute path, an s3:// URL or an hf://org/name Hub repo"):
         resolve("adapters/a1", allowed, cache)
     with pytest.raises(BadSourceError, match="empty"):
         resolve("", allowed, cache)
