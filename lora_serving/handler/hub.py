@@ -15,7 +15,6 @@ retrying: a repo that is missing, gated or refuses the token will not change its
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping
@@ -24,6 +23,8 @@ from pathlib import Path
 
 from lora_serving.handler.config import Config
 from lora_serving.handler.errors import EngineError
+from lora_serving.handler.models.weights import INDEX_FILE as WEIGHTS_INDEX_FILE
+from lora_serving.handler.models.weights import shards_named_by_index
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ DEFAULT_REVISION = "main"
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 HF_URL_SCHEME = "hf://"
 
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 # Everything a model needs besides its weights, at the top of the repo only.
 MODEL_METADATA_FILES = [
@@ -146,17 +146,10 @@ def fetch_model(repo_id: str, revision: str, settings: HubSettings, *, with_code
     # The commit the first call resolved: the weights come from the same one, with no second lookup.
     commit = snapshot.name
     index = snapshot / WEIGHTS_INDEX_FILE
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise HubContentError(f"{_described(repo_id, revision, settings)}: {WEIGHTS_INDEX_FILE} is not a "
-                                  f"safetensors index ({error})") from None
-        if any("/" in shard or shard.startswith(".") for shard in shards):
-            raise HubContentError(f"{_described(repo_id, revision, settings)}: {WEIGHTS_INDEX_FILE} names a shard "
-                                  f"outside the repo's top level")
-    else:
-        shards = [SINGLE_WEIGHTS_FILE]
+    try:
+        shards = shards_named_by_index(index) if index.is_file() else [SINGLE_WEIGHTS_FILE]
+    except ValueError as error:
+        raise HubContentError(f"{_described(repo_id, revision, settings)}: {error}") from None
     _snapshot(repo_id, commit, settings, shards)
     missing = [shard for shard in shards if not (snapshot / shard).is_file()]
     if missing:
