@@ -2,10 +2,10 @@
 
     python scripts/lower_bounds.py [pyproject.toml]
 
-Covers the build requirement, the dependencies and every optional extra: `name>=X` becomes `name==X`
-(extras dropped: pip refuses them in constraints). A requirement without a lower bound is left out, and
-said so on stderr. `scripts/lock --lowest` installs with these and runs the suite: that is how the lower
-bounds in pyproject.toml are tested.
+Covers the build requirement, the dependencies, every optional extra and the files scripts/setup --test
+installs without dependencies: `name>=X` becomes `name==X` (extras dropped: pip refuses them in
+constraints). A requirement without a lower bound is left out, and said so on stderr. `scripts/lock --lowest`
+installs with these and runs the suite: that is how the lower bounds in pyproject.toml are tested.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def requirements(pyproject: dict) -> list[str]:
     found = list(pyproject["build-system"]["requires"]) + list(project["dependencies"])
     for extra in project.get("optional-dependencies", {}).values():
         found += extra
+    found += pyproject.get("tool", {}).get("lora-serving", {}).get("test-files", [])
     return found
 
 

@@ -6,11 +6,8 @@ serving.properties and adapters.tar.gz (one top-level folder per adapter, as PEF
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
-import os
-import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -19,6 +16,8 @@ from typing import Iterator
 
 from lora_serving.container.demo.adapters import train_adapter
 from lora_serving.container.demo.base_model import train_base_model
+# The marker is imported from here by callers that check a build.
+from lora_serving.container.demo.build_cache import BUILD_COMPLETE_MARKER, build_once  # noqa: F401
 from lora_serving.container.demo.packing import pack_adapters, write_serving_properties
 from lora_serving.container.demo.recipe import (
     ADAPTERS,
@@ -35,43 +34,17 @@ logger = logging.getLogger(__name__)
 
 # The model directory's name, the same for every build: the server names the base model after it.
 DEMO_MODEL_DIR_NAME = "demo-model"
-# Written next to the model directory last of all: a build without it is never used.
-BUILD_COMPLETE_MARKER = "BUILD_COMPLETE"
 
 
 def ensure_demo_model(cache_dir: Path) -> Path:
     """Return the demo model directory under cache_dir, building it first if it is not there yet.
 
-    The model lives in `cache_dir/demo-<hash of the builder's source>/demo-model/`. Safe against crashes
-    and concurrent callers: the build goes into a staging directory that is renamed into place (atomic)
-    and only then marked complete, under a lock that makes a second process wait for the first one's
-    build instead of starting its own.
+    The model lives in `cache_dir/demo-<hash of the builder's source>/demo-model/`, built once (build_once's
+    rules: atomic, crash-safe, one build for concurrent callers).
     """
-    cache_dir = Path(cache_dir)
-    build_root = cache_dir / f"demo-{builder_fingerprint()}"
-    marker = build_root / BUILD_COMPLETE_MARKER
-    if marker.exists():
-        return build_root / DEMO_MODEL_DIR_NAME
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(cache_dir / f"{build_root.name}.lock"):
-        if marker.exists():
-            return build_root / DEMO_MODEL_DIR_NAME
-        _remove_unfinished_builds(build_root)
-        staging_root = Path(tempfile.mkdtemp(prefix=f"{build_root.name}.building-", dir=cache_dir))
-        staging_root.chmod(0o755)  # mkdtemp makes it private; the finished model is for any reader
-        started = time.monotonic()
-        logger.info("Building the demo model into %s (about a minute on one CPU core)", build_root)
-        try:
-            (staging_root / DEMO_MODEL_DIR_NAME).mkdir()
-            build_demo_model(staging_root / DEMO_MODEL_DIR_NAME)
-            os.rename(staging_root, build_root)
-        except BaseException:
-            shutil.rmtree(staging_root, ignore_errors=True)
-            raise
-        build_seconds = time.monotonic() - started
-        marker.write_text(f"built in {build_seconds:.1f} s\n")
-        logger.info("Built the demo model in %.1f s", build_seconds)
-    return build_root / DEMO_MODEL_DIR_NAME
+    # build_demo_model looked up at build time, so that tests may replace it.
+    return build_once(cache_dir, f"demo-{builder_fingerprint()}", DEMO_MODEL_DIR_NAME,
+                      lambda out_dir: build_demo_model(out_dir), "the demo model (about a minute on one CPU core)")
 
 
 def build_demo_model(out_dir: Path) -> None:
@@ -106,25 +79,7 @@ def builder_fingerprint() -> str:
 
 
 @contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-@contextmanager
 def _logged_stage(stage: str) -> Iterator[None]:
     started = time.monotonic()
     yield
     logger.info("Demo model: %s ready in %.1f s", stage, time.monotonic() - started)
-
-
-def _remove_unfinished_builds(build_root: Path) -> None:
-    """Remove what a crashed build left: staging directories, or a renamed one never marked complete."""
-    for staging_root in build_root.parent.glob(f"{build_root.name}.building-*"):
-        shutil.rmtree(staging_root)
-    if build_root.exists():
-        shutil.rmtree(build_root)
