@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from lora_serving.container.chat_responses import OPENAI_STREAM_END, respond_to_chat
 from lora_serving.container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamResponse, until_disconnected
-from lora_serving.container.openai_completions import CompletionRequest, completion, completion_chunks
+from lora_serving.container.openai_completions import CompletionChunks, CompletionRequest, completion
 from lora_serving.container.runtime import Runtime, read_json, require_runtime
 from lora_serving.handler.chat_schema import parse_chat_request
 from lora_serving.handler.generation_runner import RunningPrompt
@@ -57,17 +57,19 @@ async def completions(request: Request) -> Response:
     identity = {"completion_id": f"cmpl-{uuid.uuid4().hex}", "model": body.model or runtime.model_name,
                 "created": int(time.time()), "logprobs": body.logprobs is not None}
     if body.stream:
-        return GenerationStreamResponse(_completion_stream(runtime, running[0], identity), running,
+        chunks = CompletionChunks(running[0].generation, echo=body.echo, include_usage=body.include_usage_in_stream,
+                                  **identity)
+        return GenerationStreamResponse(_completion_stream(runtime, running[0], chunks), running,
                                         media_type="text/event-stream")
     finished, generations = await until_disconnected(request, runtime.runner.complete(running))
     if not finished:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(completion(generations, **identity))
+    return JSONResponse(completion(generations, echo=body.echo, **identity))
 
 
-async def _completion_stream(runtime: Runtime, running: RunningPrompt, identity: dict) -> AsyncIterator[str]:
+async def _completion_stream(runtime: Runtime, running: RunningPrompt, chunks: CompletionChunks) -> AsyncIterator[str]:
     async for output in runtime.runner.follow(running):
-        for chunk in completion_chunks(running.generation, output, **identity):
+        for chunk in chunks.for_output(output):
             yield encode_stream_record(chunk, "sse")
     yield OPENAI_STREAM_END
 

@@ -18,6 +18,13 @@ from lora_serving.handler.sequence import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from lora_serving.handler.structured_fields import GuidedDecodingFields, response_format
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    # A last chunk with the usage and no choices, as OpenAI sends it.
+    include_usage: bool = False
+
+
 class OpenAISamplingFields(GuidedDecodingFields):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -33,8 +40,14 @@ class OpenAISamplingFields(GuidedDecodingFields):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] = {}
     response_format: dict | None = None
-    # An end-user id for abuse monitoring: nothing to do here.
+    stream_options: StreamOptions | None = None
+    # OpenAI's own bookkeeping, which changes nothing in what is generated: an end-user id for abuse
+    # monitoring, storing the completion and its tags for OpenAI's dashboard, the processing tier. Clients
+    # (the SDK's helpers, LangChain) attach them; refusing them would fail those clients for nothing.
     user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
     # Extensions that vLLM's OpenAI server also accepts.
     top_k: int = 0
     min_p: float = 0.0
@@ -59,8 +72,14 @@ class OpenAISamplingFields(GuidedDecodingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
     def sampling_params(self, default_max_tokens: int, *, top_log_probs: int = 0,
                         best_of: int | None = None) -> SamplingParams:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed with stream: true")
         max_tokens = self.requested_max_tokens()
         return SamplingParams(
             max_new_tokens=max_tokens if max_tokens is not None else default_max_tokens,
@@ -115,7 +134,6 @@ class ChatCompletionRequest(OpenAISamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    stream_options: dict | None = None
     # LMI's chat form may name the adapter in the body, as its text form does.
     adapters: str | None = None
 
@@ -126,10 +144,6 @@ class ChatCompletionRequest(OpenAISamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true")
         return super().sampling_params(default_max_tokens, top_log_probs=self.top_logprobs or 0)
-
-    @property
-    def include_usage_in_stream(self) -> bool:
-        return bool(self.stream_options and self.stream_options.get("include_usage"))
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:

@@ -56,9 +56,10 @@ def chat_completion(generation: Generation, *, completion_id: str, model: str, c
     }
 
 
-def chat_usage_chunk(generation: Generation, *, completion_id: str, model: str, created: int) -> dict:
-    """The last streamed chunk when the client asked for `stream_options.include_usage`."""
-    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+def usage_chunk(generation: Generation, *, object_name: str, completion_id: str, model: str, created: int) -> dict:
+    """The last streamed chunk when the client asked for `stream_options.include_usage`: the usage, and no
+    choices (OpenAI's shape, which its SDK and vLLM's benchmark client read)."""
+    return {"id": completion_id, "object": object_name, "created": created, "model": model,
             "choices": [], "usage": usage([generation])}
 
 
@@ -90,7 +91,7 @@ class ChatChunks:
             is_last = output.finished and position == len(tokens) - 1
             chunks.append({**self._identity, "choices": [self._chunk_choice(choice, delta, token, is_last)]})
         if self._include_usage and self._generation.finished and output.finished:
-            chunks.append(chat_usage_chunk(self._generation, **self._usage_identity))
+            chunks.append(usage_chunk(self._generation, object_name="chat.completion.chunk", **self._usage_identity))
         return chunks
 
     def _chunk_choice(self, choice: Choice, delta: dict, token: TokenOutput | None, is_last: bool) -> dict:

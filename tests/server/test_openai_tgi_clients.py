@@ -63,6 +63,53 @@ def test_completions_stream(openai_client, lmi_answer):
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_completions_stream_with_usage_ends_with_a_chunk_without_choices(openai_client, lmi_answer, lora_server):
+    chunks = list(openai_client.completions.create(model="a1", prompt=PROMPT, max_tokens=8, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    expected = lmi_answer("a1")
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == expected["details"]["generated_tokens"]
+    assert chunks[-1].usage.prompt_tokens == len(lora_server.runtime.engine.tokenizer(PROMPT).input_ids)
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert "".join(chunk.choices[0].text for chunk in chunks[:-1]) == expected["generated_text"]
+
+
+def test_completions_echo_puts_the_prompt_first_whole_and_streamed(openai_client, lmi_answer):
+    expected = lmi_answer("a2")["generated_text"]
+    whole = openai_client.completions.create(model="a2", prompt=PROMPT, max_tokens=8, temperature=0, echo=True)
+    assert whole.choices[0].text == PROMPT + expected
+    chunks = list(openai_client.completions.create(model="a2", prompt=PROMPT, max_tokens=8, temperature=0,
+                                                   echo=True, stream=True))
+    assert chunks[0].choices[0].text.startswith(PROMPT)
+    assert "".join(chunk.choices[0].text for chunk in chunks) == PROMPT + expected
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs is not supported"):
+        openai_client.completions.create(model="a2", prompt=PROMPT, max_tokens=2, echo=True, logprobs=1)
+
+
+def test_bookkeeping_fields_clients_attach_are_accepted_and_change_nothing(openai_client, lmi_answer, chat_prompt):
+    bookkeeping = dict(user="u-1", store=False, metadata={"team": "search"}, service_tier="auto")
+    # The SDK's completions method names only `user`; the others go as its users send them, in extra_body.
+    completion = openai_client.completions.create(model="a1", prompt=PROMPT, max_tokens=8, temperature=0,
+                                                  extra_body=bookkeeping)
+    assert completion.choices[0].text == lmi_answer("a1")["generated_text"]
+    chat = openai_client.chat.completions.create(model="a1", messages=MESSAGES, max_tokens=6, temperature=0,
+                                                 **bookkeeping)
+    assert chat.choices[0].message.content == lmi_answer("a1", chat_prompt, 6)["generated_text"]
+
+
+@pytest.mark.parametrize("field, value", [("prediction", {"type": "content", "content": "x"}),
+                                          ("reasoning_effort", "high"), ("modalities", ["audio"])])
+def test_fields_that_would_change_the_answer_stay_refused_by_name(openai_client, field, value):
+    with pytest.raises(openai.BadRequestError, match=f"{field}: not a field this server knows or honours"):
+        openai_client.chat.completions.create(model="a1", messages=MESSAGES, max_tokens=2, extra_body={field: value})
+
+
+def test_stream_options_without_stream_is_refused(openai_client):
+    with pytest.raises(openai.BadRequestError, match="stream_options is only allowed with stream: true"):
+        openai_client.completions.create(model="a1", prompt=PROMPT, max_tokens=2,
+                                         stream_options={"include_usage": True})
+
+
 def test_chat_completions_with_model_an_adapter(openai_client, lmi_answer, chat_prompt):
     chat = openai_client.chat.completions.create(model="a1", messages=MESSAGES, max_tokens=6, temperature=0,
                                                  logprobs=True)
