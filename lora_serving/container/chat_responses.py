@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from lora_serving.container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamResponse, until_disconnected
 from lora_serving.container.runtime import Runtime
-from lora_serving.handler.chat_schema import ChatCompletionRequest, render_chat_prompt
+from lora_serving.handler.chat_schema import ChatCompletionRequest, PreparedChat, prepare_chat
 from lora_serving.handler.lmi_schema import PromptJob, StreamFormat
 from lora_serving.handler.openai_format import ChatChunks, chat_completion
 from lora_serving.handler.output_format import encode_stream_record, stream_media_type
@@ -32,8 +32,8 @@ async def respond_to_chat(
     stream_format: StreamFormat,
     openai_stream_end: bool = False,
 ) -> Response:
-    prompt = render_chat_prompt(runtime.engine.tokenizer, chat.messages)
-    running = await runtime.runner.start([PromptJob(prompt, chat.sampling_params(), adapter)])
+    prepared = prepare_chat(chat, runtime.engine.tokenizer, runtime.config)
+    running = await runtime.runner.start([PromptJob(prepared.prompt, prepared.params, adapter)])
     identity = {
         "completion_id": f"chatcmpl-{uuid.uuid4().hex}",
         "model": chat.model or adapter or runtime.model_name,
@@ -41,18 +41,18 @@ async def respond_to_chat(
     }
     if chat.stream:
         return GenerationStreamResponse(
-            _chat_stream(runtime, running[0], chat, identity, stream_format, openai_stream_end),
+            _chat_stream(runtime, running[0], chat, prepared, identity, stream_format, openai_stream_end),
             running, media_type=stream_media_type(stream_format))
     finished, generations = await until_disconnected(request, runtime.runner.complete(running))
     if not finished:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return JSONResponse(chat_completion(generations[0], logprobs=chat.logprobs, **identity))
+    return JSONResponse(chat_completion(generations[0], logprobs=chat.logprobs, plan=prepared.answer, **identity))
 
 
-async def _chat_stream(runtime: Runtime, running, chat: ChatCompletionRequest, identity: dict,
-                       stream_format: StreamFormat, openai_stream_end: bool) -> AsyncIterator[str]:
+async def _chat_stream(runtime: Runtime, running, chat: ChatCompletionRequest, prepared: PreparedChat,
+                       identity: dict, stream_format: StreamFormat, openai_stream_end: bool) -> AsyncIterator[str]:
     chunks = ChatChunks(running.generation, logprobs=chat.logprobs, include_usage=chat.include_usage_in_stream,
-                        **identity)
+                        plan=prepared.answer, **identity)
     async for output in runtime.runner.follow(running):
         for chunk in chunks.for_output(output):
             yield encode_stream_record(chunk, stream_format)

@@ -8,14 +8,20 @@ ignored.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lora_serving.handler.chat_answer import AnswerPlan
+from lora_serving.handler.chat_prompt import render_chat_prompt
+from lora_serving.handler.config import Config
 from lora_serving.handler.errors import InvalidRequestError
 from lora_serving.handler.lmi_schema import token_id_keys, validate_model
-from lora_serving.handler.sequence import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from lora_serving.handler.reasoning_parsers import REASONING_PARSERS
+from lora_serving.handler.sequence import DEFAULT_MAX_NEW_TOKENS, SamplingParams, StructuredOutput
 from lora_serving.handler.structured_fields import GuidedDecodingFields, response_format
+from lora_serving.handler.tool_schema import ToolDefinition, ToolPlan, tool_plan
 
 
 class StreamOptions(BaseModel):
@@ -76,8 +82,8 @@ class OpenAISamplingFields(GuidedDecodingFields):
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, default_max_tokens: int, *, top_log_probs: int = 0,
-                        best_of: int | None = None) -> SamplingParams:
+    def sampling_params(self, default_max_tokens: int, *, top_log_probs: int = 0, best_of: int | None = None,
+                        tool_grammar: StructuredOutput | None = None) -> SamplingParams:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed with stream: true")
         max_tokens = self.requested_max_tokens()
@@ -102,7 +108,7 @@ class OpenAISamplingFields(GuidedDecodingFields):
             logit_bias=token_id_keys(self.logit_bias, "logit_bias"),
             top_n_tokens=top_log_probs,
             structured=self.structured_output(others=(
-                response_format(self.response_format) if self.response_format is not None else None,)),
+                response_format(self.response_format) if self.response_format is not None else None, tool_grammar)),
         )
 
 
@@ -113,11 +119,27 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI answers it
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant message made, sent back with the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None  # a `tool` message: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -134,29 +156,45 @@ class ChatCompletionRequest(OpenAISamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
     # LMI's chat form may name the adapter in the body, as its text form does.
     adapters: str | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
-    def sampling_params(self, default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> SamplingParams:
+    def sampling_params(self, default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS, *,
+                        tool_grammar: StructuredOutput | None = None) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true")
-        return super().sampling_params(default_max_tokens, top_log_probs=self.top_logprobs or 0)
+        return super().sampling_params(default_max_tokens, top_log_probs=self.top_logprobs or 0,
+                                       tool_grammar=tool_grammar)
+
+    def tool_plan(self, config: Config) -> ToolPlan | None:
+        return tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls,
+                         enable_auto_tool_choice=config.enable_auto_tool_choice,
+                         tool_call_parser=config.tool_call_parser)
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
     return validate_model(ChatCompletionRequest, body)
 
 
-def render_chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
-    """The prompt text the model's own chat template makes of `messages`, ending where the assistant
-    answers."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError("this model's tokenizer has no chat template: send 'inputs' instead of 'messages'")
-    conversation = [{"role": message.role, "content": message.text()} for message in messages]
-    try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    except Exception as error:  # a template raises for conversations it rejects (e.g. roles out of order)
-        raise InvalidRequestError(f"the chat template rejected these messages: {error}") from None
+@dataclass(slots=True)
+class PreparedChat:
+    """What a chat request becomes: the engine's prompt and parameters, and how to read its answer."""
+
+    prompt: str
+    params: SamplingParams
+    answer: AnswerPlan
+
+
+def prepare_chat(chat: ChatCompletionRequest, tokenizer, config: Config) -> PreparedChat:
+    tools = chat.tool_plan(config)
+    prompt = render_chat_prompt(tokenizer, chat.messages,
+                                [tool.model_dump(exclude_none=True) for tool in chat.tools] if chat.tools else None)
+    reasoning = REASONING_PARSERS[config.reasoning_parser] if config.reasoning_parser else None
+    return PreparedChat(prompt, chat.sampling_params(tool_grammar=tools.grammar if tools else None),
+                        AnswerPlan(tools, reasoning))

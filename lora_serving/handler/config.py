@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lora_serving.handler.errors import ConfigError
+from lora_serving.handler.reasoning_parsers import REASONING_PARSERS
+from lora_serving.handler.tool_parsers import TOOL_CALL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,11 @@ class Config:
     max_model_len: int | None = None
     output_formatter: str = "json"
     trust_remote_code: bool = False
+    # OpenAI tool calling with tool_choice "auto" (handler/tool_parsers/: hermes, qwen, llama3_json, mistral),
+    # and the parser that moves a reasoning model's thinking into reasoning_content (qwen3, deepseek_r1).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str = ""
+    reasoning_parser: str = ""
     # Ours, beyond LMI's keys.
     device: str = "auto"
     block_size: int = 16
@@ -178,6 +185,7 @@ class Config:
         self.output_formatter = self.output_formatter.lower()
         if self.output_formatter not in OUTPUT_FORMATTERS:
             raise ConfigError("output_formatter", self.output_formatter, f"expected one of {sorted(OUTPUT_FORMATTERS)}")
+        self._validate_chat_parsers()
         _require_positive(self, "max_rolling_batch_size", "max_loras", "max_lora_rank", "block_size",
                           "max_num_batched_tokens", "cpu_kv_cache_mb", "max_archive_bytes",
                           "max_adapter_wait_steps", "tensor_parallel_timeout")
@@ -203,6 +211,17 @@ class Config:
         self.device = self.device.lower()
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError("device", self.device, "expected auto, cpu or cuda[:N]")
+
+    def _validate_chat_parsers(self) -> None:
+        self.tool_call_parser = self.tool_call_parser.strip().lower()
+        if self.tool_call_parser and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ConfigError("tool_call_parser", self.tool_call_parser, f"expected one of {sorted(TOOL_CALL_PARSERS)}")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ConfigError("enable_auto_tool_choice", self.enable_auto_tool_choice,
+                              "needs option.tool_call_parser: the format the model writes its calls in")
+        self.reasoning_parser = self.reasoning_parser.strip().lower()
+        if self.reasoning_parser and self.reasoning_parser not in REASONING_PARSERS:
+            raise ConfigError("reasoning_parser", self.reasoning_parser, f"expected one of {sorted(REASONING_PARSERS)}")
 
 
 def _require_positive(config: Config, *names: str) -> None:

@@ -3,6 +3,7 @@ from a Generation: one choice per returned sequence, log-probabilities with thei
 
 from __future__ import annotations
 
+from lora_serving.handler.chat_answer import PLAIN_ANSWER, AnswerPlan, ChoiceInterpreter
 from lora_serving.handler.output_format import Choice, Generation
 from lora_serving.handler.sequence import FinishReason, RequestOutput, TokenOutput
 
@@ -37,23 +38,35 @@ def chat_logprobs(tokens: list[TokenOutput]) -> dict:
     }
 
 
-def chat_completion(generation: Generation, *, completion_id: str, model: str, created: int, logprobs: bool) -> dict:
+def chat_completion(generation: Generation, *, completion_id: str, model: str, created: int, logprobs: bool,
+                    plan: AnswerPlan = PLAIN_ANSWER) -> dict:
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": choice.text},
-                "logprobs": chat_logprobs(choice.tokens) if logprobs else None,
-                "finish_reason": openai_finish_reason(choice.finish_reason),
-            }
-            for index, choice in enumerate(generation.returned())
-        ],
+        "choices": [_whole_choice(index, choice, logprobs, plan) for index, choice in enumerate(generation.returned())],
         "usage": usage([generation]),
     }
+
+
+def _whole_choice(index: int, choice: Choice, logprobs: bool, plan: AnswerPlan) -> dict:
+    if plan.is_plain:
+        message, called_tools = {"role": "assistant", "content": choice.text}, False
+    else:
+        interpreter = ChoiceInterpreter(plan)
+        interpreter.feed(choice.text, final=True)
+        message, called_tools = interpreter.message(), interpreter.called_tools
+    return {"index": index, "message": message, "logprobs": chat_logprobs(choice.tokens) if logprobs else None,
+            "finish_reason": chat_finish_reason(choice, plan, called_tools)}
+
+
+def chat_finish_reason(choice: Choice, plan: AnswerPlan, called_tools: bool) -> str | None:
+    """OpenAI's: "tool_calls" when the model chose to call (auto) or had to (required); a call to the function
+    the request named ends with "stop", as OpenAI ends it."""
+    if called_tools and plan.tools.mode in ("auto", "required") and choice.finish_reason is not FinishReason.ERROR:
+        return "tool_calls"
+    return openai_finish_reason(choice.finish_reason)
 
 
 def usage_chunk(generation: Generation, *, object_name: str, completion_id: str, model: str, created: int) -> dict:
@@ -66,17 +79,20 @@ def usage_chunk(generation: Generation, *, object_name: str, completion_id: str,
 class ChatChunks:
     """The chunks of one streamed chat answer, engine step by engine step: one per token, each choice's
     first carrying the role and its last the finish reason, then a usage chunk when the client asked for
-    `include_usage`."""
+    `include_usage`. With tools or reasoning (`plan`), a token whose text is held back (it may begin a tool
+    call) makes no chunk unless it carries log-probabilities or the finish."""
 
     def __init__(self, generation: Generation, *, completion_id: str, model: str, created: int, logprobs: bool,
-                 include_usage: bool) -> None:
+                 include_usage: bool, plan: AnswerPlan = PLAIN_ANSWER) -> None:
         self._generation = generation
         self._identity = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                           "model": model}
         self._usage_identity = {"completion_id": completion_id, "model": model, "created": created}
         self._logprobs = logprobs
         self._include_usage = include_usage
+        self._plan = plan
         self._started: set[int] = set()
+        self._interpreters: dict[int, ChoiceInterpreter] = {}
 
     def for_output(self, output: RequestOutput) -> list[dict]:
         """What `output` (already added to the generation) adds to the stream."""
@@ -84,20 +100,32 @@ class ChatChunks:
         tokens = output.tokens or [None]
         chunks = []
         for position, token in enumerate(tokens):
-            delta: dict[str, str] = {"content": token.text if token else ""}
+            is_last = output.finished and position == len(tokens) - 1
+            text = token.text if token else ""
+            if self._plan.is_plain:
+                delta: dict = {"content": text}
+            else:
+                delta = self._interpreter(choice.index).feed(text, final=is_last)
+                if not delta and not is_last and not (self._logprobs and token):
+                    continue
             if choice.index not in self._started:
                 self._started.add(choice.index)
                 delta = {"role": "assistant", **delta}
-            is_last = output.finished and position == len(tokens) - 1
             chunks.append({**self._identity, "choices": [self._chunk_choice(choice, delta, token, is_last)]})
         if self._include_usage and self._generation.finished and output.finished:
             chunks.append(usage_chunk(self._generation, object_name="chat.completion.chunk", **self._usage_identity))
         return chunks
 
+    def _interpreter(self, index: int) -> ChoiceInterpreter:
+        if index not in self._interpreters:
+            self._interpreters[index] = ChoiceInterpreter(self._plan)
+        return self._interpreters[index]
+
     def _chunk_choice(self, choice: Choice, delta: dict, token: TokenOutput | None, is_last: bool) -> dict:
+        called_tools = choice.index in self._interpreters and self._interpreters[choice.index].called_tools
         return {
             "index": choice.index,
             "delta": delta,
             "logprobs": chat_logprobs([token]) if self._logprobs and token else None,
-            "finish_reason": openai_finish_reason(choice.finish_reason) if is_last else None,
+            "finish_reason": chat_finish_reason(choice, self._plan, called_tools) if is_last else None,
         }

@@ -86,8 +86,11 @@ def test_a_bad_input_in_a_batch_refuses_the_whole_request(client, lora_server):
     ("/v1/completions", {"model": "a1", "prompt": "x", "max_tokens": "3"},
      "max_tokens: Input should be a valid integer"),
     ("/v1/completions", {"model": "nope", "prompt": "x"}, "Adapter nope is not registered"),
-    ("/v1/chat/completions", {"model": "a1", "messages": [{"role": "user", "content": "x"}], "tools": []},
-     "tools: not a field this server knows or honours"),
+    ("/v1/chat/completions", {"model": "a1", "messages": [{"role": "user", "content": "x"}], "functions": []},
+     "functions: not a field this server knows or honours"),
+    ("/v1/chat/completions", {"model": "a1", "messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}]},
+     'tool_choice "auto" needs option.enable_auto_tool_choice=true and option.tool_call_parser'),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      "top_logprobs needs logprobs: true"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},

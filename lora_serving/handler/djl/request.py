@@ -14,7 +14,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from lora_serving.handler.chat_schema import parse_chat_request, render_chat_prompt
+from lora_serving.handler.chat_answer import PLAIN_ANSWER, AnswerPlan
+from lora_serving.handler.chat_schema import parse_chat_request, prepare_chat
 from lora_serving.handler.engine import Engine
 from lora_serving.handler.error_status import engine_error_status
 from lora_serving.handler.errors import EngineError
@@ -71,7 +72,8 @@ class DjlRequest:
     engine output (after adding it to its Generation) and `take_item` what the client gets now."""
 
     def __init__(self, jobs: list[PromptJob], *, stream: bool, stream_format: StreamFormat, with_prefill: bool,
-                 text: TextGenerationRequest | None = None, chat=None, model_name: str = "") -> None:
+                 text: TextGenerationRequest | None = None, chat=None, answer_plan: AnswerPlan = PLAIN_ANSWER,
+                 model_name: str = "") -> None:
         self.jobs = jobs
         self.stream = stream
         self.stream_format = stream_format
@@ -79,6 +81,7 @@ class DjlRequest:
         self.content_type = stream_media_type(stream_format) if stream else JSON
         self._text = text
         self._chat = chat
+        self._answer_plan = answer_plan
         self._chat_identity = {"completion_id": f"chatcmpl-{uuid.uuid4().hex}", "model": model_name,
                                "created": int(time.time())}
         self._chat_chunks: ChatChunks | None = None
@@ -95,11 +98,11 @@ class DjlRequest:
             item.get_as_string("adapter") if item.contains_key("adapter") else None)
         if is_chat_request(body):
             chat = parse_chat_request(body)
-            prompt = render_chat_prompt(engine.tokenizer, chat.messages)
+            prepared = prepare_chat(chat, engine.tokenizer, engine.config)
             adapter = adapter or chat.adapters or None
-            request = cls([PromptJob(prompt, chat.sampling_params(), adapter)], stream=chat.stream,
+            request = cls([PromptJob(prepared.prompt, prepared.params, adapter)], stream=chat.stream,
                           stream_format="sse" if output_formatter == "sse" else "jsonlines", with_prefill=False,
-                          chat=chat, model_name=chat.model or adapter or model_name)
+                          chat=chat, answer_plan=prepared.answer, model_name=chat.model or adapter or model_name)
         else:
             text = parse_text_generation(body, header_adapter=adapter, output_formatter=output_formatter)
             request = cls(text.jobs, stream=text.stream, stream_format=text.stream_format,
@@ -114,7 +117,8 @@ class DjlRequest:
         self._generations = generations
         if self._chat is not None:
             self._chat_chunks = ChatChunks(generations[0], logprobs=self._chat.logprobs,
-                                           include_usage=self._chat.include_usage_in_stream, **self._chat_identity)
+                                           include_usage=self._chat.include_usage_in_stream, plan=self._answer_plan,
+                                           **self._chat_identity)
 
     @property
     def finished(self) -> bool:
@@ -144,7 +148,8 @@ class DjlRequest:
 
     def _whole_answer(self) -> str:
         if self._chat is not None:
-            answer = chat_completion(self._generations[0], logprobs=self._chat.logprobs, **self._chat_identity)
+            answer = chat_completion(self._generations[0], logprobs=self._chat.logprobs, plan=self._answer_plan,
+                                     **self._chat_identity)
         else:
             answer = lmi_response(self._text, self._generations)
         return json.dumps(answer, ensure_ascii=False)

@@ -1,0 +1,43 @@
+"""Hermes' and Qwen's form: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one block per
+call, after any content."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from lora_serving.handler.tool_parsers.base import ParsedToolCall, ToolCallParser, partial_marker_length, tool_call_from_object
+
+START, END = "<tool_call>", "</tool_call>"
+_BLOCK = re.compile(re.escape(START) + r"(.*?)" + re.escape(END), re.DOTALL)
+
+
+class HermesToolParser(ToolCallParser):
+    def start(self, text: str) -> int | None:
+        index = text.find(START)
+        return index if index != -1 else None
+
+    def undecided_tail(self, text: str) -> int:
+        return partial_marker_length(text, START)
+
+    def calls(self, tool_text: str, final: bool) -> list[ParsedToolCall] | None:
+        blocks = [match.group(1) for match in _BLOCK.finditer(tool_text)]
+        if final:
+            # A model may stop (EOS, a stop string) after its last call's JSON without closing the block.
+            closed_up_to = max((match.end() for match in _BLOCK.finditer(tool_text)), default=0)
+            rest = tool_text[closed_up_to:].strip()
+            if rest.startswith(START):
+                blocks.append(rest[len(START):])
+            # Other text after the calls is dropped, as vLLM drops it: the answer is the calls.
+        calls = []
+        for block in blocks:
+            try:
+                call = tool_call_from_object(json.loads(block))
+            except json.JSONDecodeError:
+                call = None
+            if call is None:
+                if final:
+                    return None
+                break  # a malformed block: the final parse decides
+            calls.append(call)
+        return calls

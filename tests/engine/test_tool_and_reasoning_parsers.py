@@ -1,0 +1,163 @@
+"""Tool-call and reasoning parsers on strings: each format's calls found, content kept, malformed calls
+shown as content; and a text fed piece by piece (as a stream) gives the same message as fed whole."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_serving.handler.chat_answer import AnswerPlan, ChoiceInterpreter
+from lora_serving.handler.errors import InvalidRequestError
+from lora_serving.handler.reasoning_parsers import REASONING_PARSERS
+from lora_serving.handler.tool_parsers import TOOL_CALL_PARSERS
+from lora_serving.handler.tool_schema import ToolDefinition, ToolPlan, tool_plan
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def auto(parser: str, parallel: bool = True, reasoning: str | None = None) -> AnswerPlan:
+    return AnswerPlan(ToolPlan("auto", parallel, parser=TOOL_CALL_PARSERS[parser]()),
+                      REASONING_PARSERS[reasoning] if reasoning else None)
+
+
+def whole(plan: AnswerPlan, text: str) -> dict:
+    interpreter = ChoiceInterpreter(plan)
+    interpreter.feed(text, final=True)
+    return interpreter.message()
+
+
+def streamed(plan: AnswerPlan, text: str, piece: int = 1) -> tuple[dict, list[dict]]:
+    """The message fed `piece` characters at a time, and the deltas it streamed."""
+    interpreter = ChoiceInterpreter(plan)
+    pieces = [text[start:start + piece] for start in range(0, len(text), piece)] or [""]
+    deltas = [interpreter.feed(part, final=index == len(pieces) - 1) for index, part in enumerate(pieces)]
+    return interpreter.message(), [delta for delta in deltas if delta]
+
+
+def calls(message: dict) -> list[tuple[str, dict]]:
+    return [(call["function"]["name"], json.loads(call["function"]["arguments"]))
+            for call in message.get("tool_calls", [])]
+
+
+CASES = [
+    ("hermes", 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+     "Let me look.\n", [("get_weather", {"city": "Oslo"}), ("get_time", {})]),
+    # The last block unclosed (the model stopped at EOS), arguments written as JSON text.
+    ("qwen", '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}',
+     None, [("get_weather", {"city": "Rome"})]),
+    ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Lima"}}; '
+                    '{"name": "get_time", "parameters": {}}',
+     None, [("get_weather", {"city": "Lima"}), ("get_time", {})]),
+    ("llama3_json", ' {"name": "get_time", "parameters": {}}', None, [("get_time", {})]),
+    ("mistral", 'Sure.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Kyiv"}}]',
+     "Sure.", [("get_weather", {"city": "Kyiv"})]),
+]
+
+
+@pytest.mark.parametrize("parser, text, content, expected", CASES)
+@pytest.mark.parametrize("piece", [None, 1, 3])
+def test_each_format_finds_its_calls_whole_and_streamed(parser, text, content, expected, piece):
+    message = whole(auto(parser), text) if piece is None else streamed(auto(parser), text, piece)[0]
+    assert message["content"] == content
+    assert calls(message) == expected
+    assert all(call["id"].startswith("call_") and call["type"] == "function" for call in message["tool_calls"])
+
+
+@pytest.mark.parametrize("parser, text", [
+    ("hermes", "no call here, only < and <tool_ and text"),
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>'),
+    ("llama3_json", "The weather is {mild} today"),
+    ("llama3_json", '{"city": "Oslo"}'),  # JSON, but no call
+    ("mistral", "[TOOL_CALLS] not json"),
+])
+def test_text_without_well_formed_calls_is_the_content(parser, text):
+    for message in (whole(auto(parser), text), streamed(auto(parser), text)[0]):
+        assert message["content"] == text
+        assert "tool_calls" not in message
+
+
+def test_a_stream_sends_content_before_the_call_and_holds_back_only_what_may_begin_one():
+    text = 'Checking <tool now.<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    _, deltas = streamed(auto("hermes"), text)
+    content = [delta["content"] for delta in deltas if "content" in delta]
+    assert "".join(content) == "Checking <tool now."
+    # "<tool" was held while it could begin "<tool_call>", and let go when " " showed it does not.
+    assert content[:9] == list("Checking ") and "<tool " in content
+    call_deltas = [delta["tool_calls"] for delta in deltas if "tool_calls" in delta]
+    assert len(call_deltas) == 1 and call_deltas[0][0]["index"] == 0
+    assert call_deltas[0][0]["function"] == {"name": "get_time", "arguments": "{}"}
+
+
+def test_without_parallel_tool_calls_only_the_first_call_is_answered():
+    text = CASES[0][1]
+    assert calls(whole(auto("hermes", parallel=False), text)) == [("get_weather", {"city": "Oslo"})]
+
+
+def test_named_function_streams_its_arguments_as_generated():
+    plan = AnswerPlan(ToolPlan("named", False, function="get_weather"))
+    message, deltas = streamed(plan, '{"city": "Oslo"}', piece=4)
+    assert deltas[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"ci'}
+    assert "id" in deltas[0]["tool_calls"][0] and "id" not in deltas[1]["tool_calls"][0]
+    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == '{"city": "Oslo"}'
+    assert message["content"] is None and calls(message) == [("get_weather", {"city": "Oslo"})]
+
+
+def test_required_reads_the_list_its_schema_makes_and_shows_a_cut_off_list_as_content():
+    plan = AnswerPlan(ToolPlan("required"))
+    listed = '[{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "get_time", "parameters": {}}]'
+    assert calls(whole(plan, listed)) == [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    assert whole(plan, listed[:20]) == {"role": "assistant", "content": listed[:20]}
+
+
+@pytest.mark.parametrize("parser, text, reasoning, content", [
+    ("qwen3", "<think>\nsunny, check\n</think>\n\nIt is sunny.", "\nsunny, check\n", "\n\nIt is sunny."),
+    ("qwen3", "It is sunny.", None, "It is sunny."),  # thinking off: no <think>, all content
+    ("qwen3", "<think>cut off", "cut off", None),
+    ("deepseek_r1", "the prompt opened the thought</think>Answer", "the prompt opened the thought", "Answer"),
+    ("deepseek_r1", "<think>a</think>b", "a", "b"),
+])
+@pytest.mark.parametrize("piece", [None, 1, 2])
+def test_reasoning_goes_into_reasoning_content(parser, text, reasoning, content, piece):
+    plan = AnswerPlan(reasoning=REASONING_PARSERS[parser])
+    message = whole(plan, text) if piece is None else streamed(plan, text, piece)[0]
+    assert (message["reasoning_content"], message["content"]) == (reasoning, content)
+
+
+def test_reasoning_then_a_tool_call():
+    text = '<think>needs weather</think><tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    for message in (whole(auto("hermes", reasoning="qwen3"), text), streamed(auto("hermes", reasoning="qwen3"), text)[0]):
+        assert message["reasoning_content"] == "needs weather"
+        assert message["content"] is None
+        assert calls(message) == [("get_weather", {"city": "Oslo"})]
+
+
+def plan_for(tools, choice, parallel=True, auto_enabled=True):
+    return tool_plan([ToolDefinition.model_validate(tool) for tool in tools] if tools else None, choice, parallel,
+                     enable_auto_tool_choice=auto_enabled, tool_call_parser="hermes" if auto_enabled else "")
+
+
+def test_tool_choice_plans():
+    assert plan_for([WEATHER], None).mode == "auto"  # OpenAI's default with tools
+    assert plan_for([WEATHER], "none").mode == "none"
+    named = plan_for([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}})
+    assert named.mode == "named" and json.loads(named.grammar.value) == WEATHER["function"]["parameters"]
+    required = json.loads(plan_for([WEATHER, TIME], "required", parallel=False).grammar.value)
+    assert required["maxItems"] == 1 and [item["properties"]["name"]["enum"] for item in required["items"]["anyOf"]] \
+        == [["get_weather"], ["get_time"]]
+    assert plan_for(None, None) is None
+
+
+@pytest.mark.parametrize("tools, choice, auto_enabled, message", [
+    ([WEATHER], "auto", False, 'tool_choice "auto" needs option.enable_auto_tool_choice'),
+    ([WEATHER], {"type": "function", "function": {"name": "nope"}}, True, "names function 'nope', which is not in"),
+    ([WEATHER], "sometimes", True, "tool_choice must be"),
+    (None, "required", True, "tool_choice needs tools"),
+    ([WEATHER, WEATHER], "required", True, "two functions are named 'get_weather'"),
+])
+def test_tool_choices_that_cannot_be_honoured_are_refused_by_name(tools, choice, auto_enabled, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        plan_for(tools, choice, auto_enabled=auto_enabled)
