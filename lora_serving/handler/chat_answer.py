@@ -3,9 +3,9 @@ split into OpenAI message deltas (`reasoning_content`, `content`, `tool_calls`),
 
 The text goes through the reasoning parser (when the server has one), then what is left of it through the
 request's tool plan: with `named`, the text is the function's arguments and streams as they are
-generated; with `required`, it is the list of calls, known at the end; with `auto`, the tool-call parser
+generated; with `required`, it is the list of calls, each sent once whole; with `auto`, the tool-call parser
 finds where calls begin, content before streams at once (less what may yet begin a call), and each call is
-sent whole once it is complete. The streamed deltas and the whole message come from the same steps.
+sent whole once it is complete (and so is each item of a `required` list). The streamed deltas and the whole message come from the same steps.
 """
 
 from __future__ import annotations
@@ -87,10 +87,7 @@ class ChoiceInterpreter:
         if self._tool_mode == "named":
             return "", self._named_call_delta(text, final)
         if self._tool_mode == "required":
-            calls = _required_calls(text) if final else None
-            if final and calls is None:  # cut off by max_tokens: what was written is shown
-                return self._new_content(text, len(text)), []
-            return "", self._new_calls(calls or [])
+            return "", self._new_calls(_required_calls(text))
         if self._tool_mode == "auto":
             return self._auto(text, final)
         return self._new_content(text, len(text)), []
@@ -143,10 +140,17 @@ def _tool_call(name: str, arguments: str) -> dict:
             "function": {"name": name, "arguments": arguments}}
 
 
-def _required_calls(text: str) -> list[ParsedToolCall] | None:
-    """The calls of a `required` answer: the list its JSON schema (tool_schema.py) made it write."""
-    try:
-        listed = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return [ParsedToolCall(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in listed]
+def _required_calls(text: str) -> list[ParsedToolCall]:
+    """The calls complete so far in a `required` answer: the list of `{"name", "parameters"}` its JSON schema
+    (tool_schema.py) makes it write, item by item; a list cut off by max_tokens answers its whole items."""
+    decoder = json.JSONDecoder()
+    calls, position = [], text.find("[") + 1
+    while position:
+        while position < len(text) and text[position] in " \n\t,":
+            position += 1
+        try:
+            item, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            break
+        calls.append(ParsedToolCall(item["name"], json.dumps(item["parameters"], ensure_ascii=False)))
+    return calls

@@ -62,9 +62,10 @@ def _whole_choice(index: int, choice: Choice, logprobs: bool, plan: AnswerPlan) 
 
 
 def chat_finish_reason(choice: Choice, plan: AnswerPlan, called_tools: bool) -> str | None:
-    """OpenAI's: "tool_calls" when the model chose to call (auto) or had to (required); a call to the function
-    the request named ends with "stop", as OpenAI ends it."""
-    if called_tools and plan.tools.mode in ("auto", "required") and choice.finish_reason is not FinishReason.ERROR:
+    """OpenAI's: "tool_calls" when the model chose to call (auto) or had to (required) and ended; a call to the
+    function the request named ends with "stop", as OpenAI ends it; "length" says calls were cut off."""
+    if called_tools and plan.tools.mode in ("auto", "required") and choice.finish_reason in (
+            FinishReason.EOS, FinishReason.STOP_SEQUENCE):
         return "tool_calls"
     return openai_finish_reason(choice.finish_reason)
 

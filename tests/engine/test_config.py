@@ -69,6 +69,9 @@ def test_properties_file_wins_over_environment_and_aliases_apply(tmp_path):
         ("max_cpu_loras", "1", "must be at least max_loras"),
         ("enable_prefix_caching", "sometimes", "option.enable_prefix_caching='sometimes'"),
         ("max_num_batched_tokens", "0", "must be a positive integer"),
+        ("tool_call_parser", "pythonic", "option.tool_call_parser='pythonic': expected one of"),
+        ("enable_auto_tool_choice", "true", "needs option.tool_call_parser"),
+        ("reasoning_parser", "granite", "option.reasoning_parser='granite'"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, key, value, fragment):

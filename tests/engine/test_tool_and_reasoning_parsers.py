@@ -1,4 +1,4 @@
-"""Tool-call and reasoning parsers on strings: each format's calls found, content kept, malformed calls
+"""Tool-call and reasoning parsers on strings, and the chat prompt a template without tools makes: each format's calls found, content kept, malformed calls
 shown as content; and a text fed piece by piece (as a stream) gives the same message as fed whole."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import json
 import pytest
 
 from lora_serving.handler.chat_answer import AnswerPlan, ChoiceInterpreter
+from lora_serving.handler.chat_prompt import TOOLS_FALLBACK_HEADER, render_chat_prompt
+from lora_serving.handler.chat_schema import ChatMessage
 from lora_serving.handler.errors import InvalidRequestError
 from lora_serving.handler.reasoning_parsers import REASONING_PARSERS
 from lora_serving.handler.tool_parsers import TOOL_CALL_PARSERS
@@ -106,11 +108,14 @@ def test_named_function_streams_its_arguments_as_generated():
     assert message["content"] is None and calls(message) == [("get_weather", {"city": "Oslo"})]
 
 
-def test_required_reads_the_list_its_schema_makes_and_shows_a_cut_off_list_as_content():
+def test_required_sends_each_item_of_the_list_its_schema_makes_once_whole():
     plan = AnswerPlan(ToolPlan("required"))
     listed = '[{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "get_time", "parameters": {}}]'
     assert calls(whole(plan, listed)) == [("get_weather", {"city": "Oslo"}), ("get_time", {})]
-    assert whole(plan, listed[:20]) == {"role": "assistant", "content": listed[:20]}
+    message, deltas = streamed(plan, listed)
+    assert [[call["index"] for call in delta["tool_calls"]] for delta in deltas] == [[0], [1]]
+    # Cut off by max_tokens inside the second item: the first is answered.
+    assert calls(whole(plan, listed[:-12])) == [("get_weather", {"city": "Oslo"})]
 
 
 @pytest.mark.parametrize("parser, text, reasoning, content", [
@@ -161,3 +166,18 @@ def test_tool_choice_plans():
 def test_tool_choices_that_cannot_be_honoured_are_refused_by_name(tools, choice, auto_enabled, message):
     with pytest.raises(InvalidRequestError, match=message):
         plan_for(tools, choice, auto_enabled=auto_enabled)
+
+
+def test_a_template_without_tools_gets_them_in_the_system_message_and_calls_in_content(tiny_models):
+    """The demo tokenizer's template reads neither `tools` nor `tool_calls`: the documented fallback."""
+    messages = [ChatMessage.model_validate(message) for message in [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+    ]]
+    prompt = render_chat_prompt(tiny_models.tokenizer, messages, [WEATHER])
+    assert prompt.startswith("<|system|>\nbe brief\n\n" + TOOLS_FALLBACK_HEADER + json.dumps([WEATHER]))
+    assert '<|assistant|>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n<|tool|>\nrain\n' in prompt
+    assert prompt.endswith("<|assistant|>\n")
