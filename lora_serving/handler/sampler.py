@@ -2,8 +2,10 @@
 
 Per row: the request's processors (handler/logits_processors.py), its grammar mask
 (handler/structured_output.py), then greedy argmax or, for sampled requests, its warpers and a draw from
-its own generator, seeded from `seed` (or at random), so the same seed gives the same output whatever else
-shares the batch. The log-probabilities reported are the model's own (log-softmax of the raw logits), for
+its own generator, seeded from `seed`, so the same seed gives the same output whatever else shares the
+batch. Sampled rows without a seed promise nothing of the kind: they draw together, in one multinomial over
+their stacked rows from one generator seeded at random (per row, a draw costs as much as the step's
+attention at 64 streams). The log-probabilities reported are the model's own (log-softmax of the raw logits), for
 the chosen token and, where asked, its most likely alternatives.
 """
 
@@ -32,6 +34,8 @@ class Sampler:
         self.device = device
         self._generators: dict[Sequence, torch.Generator] = {}
         self._seed_source = random.SystemRandom()
+        self._unseeded = torch.Generator(device=device)
+        self._unseeded.manual_seed(self._seed_source.getrandbits(63))
 
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq, None)
@@ -51,10 +55,17 @@ class Sampler:
         position = {row: index for index, row in enumerate(changed)}
         if changed:
             chosen[torch.tensor(changed, device=chosen.device)] = changed_logits.argmax(dim=-1)
+        unseeded = []
         for row, seq in enumerate(seqs):
             if not seq.params.greedy:
                 row_logits = changed_logits[position[row]] if row in position else logits[row]
-                chosen[row] = self._sample_row(row_logits, seq)
+                if seq.params.seed is None:
+                    unseeded.append((row, warp_row(row_logits, seq)))
+                else:
+                    chosen[row] = self._sample_row(row_logits, seq)
+        if unseeded:
+            index = torch.tensor([row for row, _ in unseeded], dtype=torch.long, device=chosen.device)
+            chosen[index] = self._sample_rows(torch.stack([scores for _, scores in unseeded]), chosen[index])
         chosen_log_probs = log_probs.gather(1, chosen[:, None]).squeeze(1)
         return SampledTokens(chosen.tolist(), chosen_log_probs.tolist(), self._top(log_probs, seqs))
 
@@ -87,6 +98,15 @@ class Sampler:
         for row, row_values, row_ids in zip(rows, values.tolist(), ids.tolist()):
             top[row] = list(zip(row_ids[: wanted[row]], row_values[: wanted[row]]))
         return top
+
+    def _sample_rows(self, scores: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """One draw per row of `scores` [R, V] from the shared generator; `fallback` (the greedy choices) for
+        rows whose softmax is not finite (see _sample_row)."""
+        probs = torch.softmax(scores, dim=-1)
+        finite = torch.isfinite(probs).all(dim=-1)
+        probs[~finite] = 1.0  # any valid distribution: those rows take the fallback below
+        drawn = torch.multinomial(probs, 1, generator=self._unseeded).squeeze(1)
+        return torch.where(finite, drawn, fallback)
 
     def _sample_row(self, row_logits: torch.Tensor, seq: Sequence) -> int:
         probs = torch.softmax(warp_row(row_logits, seq), dim=-1)
