@@ -251,7 +251,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--sides", type=lambda text: text.split(","), default=["ours", "vllm"])
-    parser.add_argument("--before", help="lora_serving of an earlier commit under DIR: its server (and engine) run as a third side, before")
+    parser.add_argument("--before", help="lora_serving of an earlier commit under DIR: its server (and engine) run "
+                        "as a third side, before")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.client:
