@@ -1,11 +1,12 @@
 """Turns each sequence's next-token logits into a token, following its own sampling parameters.
 
 Per row: the request's processors (handler/logits_processors.py), its grammar mask
-(handler/structured_output.py), then greedy argmax or, for sampled requests, its warpers and a draw from
-its own generator, seeded from `seed`, so the same seed gives the same output whatever else shares the
-batch. Sampled rows without a seed promise nothing of the kind: they draw together, in one multinomial over
-their stacked rows from one generator seeded at random (per row, a draw costs as much as the step's
-attention at 64 streams). The log-probabilities reported are the model's own (log-softmax of the raw logits), for
+(handler/structured_output.py), then greedy argmax or, for sampled requests, its warpers and a draw. The
+sampled rows draw together, by inverse transform (one uniform number per row, against the row's cumulative
+probabilities): torch.multinomial draws one exponential number per vocabulary entry, which at 64 streams of
+a 49k vocabulary cost more than the step's attention. A seeded request's number comes from its own
+generator, seeded from `seed`, so the same seed gives the same output whatever else shares the batch; the
+others' from one generator seeded at random. The log-probabilities reported are the model's own (log-softmax of the raw logits), for
 the chosen token and, where asked, its most likely alternatives.
 """
 
@@ -55,17 +56,11 @@ class Sampler:
         position = {row: index for index, row in enumerate(changed)}
         if changed:
             chosen[torch.tensor(changed, device=chosen.device)] = changed_logits.argmax(dim=-1)
-        unseeded = []
-        for row, seq in enumerate(seqs):
-            if not seq.params.greedy:
-                row_logits = changed_logits[position[row]] if row in position else logits[row]
-                if seq.params.seed is None:
-                    unseeded.append((row, warp_row(row_logits, seq)))
-                else:
-                    chosen[row] = self._sample_row(row_logits, seq)
-        if unseeded:
-            index = torch.tensor([row for row, _ in unseeded], dtype=torch.long, device=chosen.device)
-            chosen[index] = self._sample_rows(torch.stack([scores for _, scores in unseeded]), chosen[index])
+        sampled = [(row, seq) for row, seq in enumerate(seqs) if not seq.params.greedy]
+        if sampled:
+            index = torch.tensor([row for row, _ in sampled], dtype=torch.long, device=chosen.device)
+            scores = self._scores(logits, changed_logits, position, sampled, index)
+            chosen[index] = self._draw(scores, self._uniforms([seq for _, seq in sampled]), chosen[index])
         chosen_log_probs = log_probs.gather(1, chosen[:, None]).squeeze(1)
         return SampledTokens(chosen.tolist(), chosen_log_probs.tolist(), self._top(log_probs, seqs))
 
@@ -99,22 +94,46 @@ class Sampler:
             top[row] = list(zip(row_ids[: wanted[row]], row_values[: wanted[row]]))
         return top
 
-    def _sample_rows(self, scores: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-        """One draw per row of `scores` [R, V] from the shared generator; `fallback` (the greedy choices) for
-        rows whose softmax is not finite (see _sample_row)."""
-        probs = torch.softmax(scores, dim=-1)
-        finite = torch.isfinite(probs).all(dim=-1)
-        probs[~finite] = 1.0  # any valid distribution: those rows take the fallback below
-        drawn = torch.multinomial(probs, 1, generator=self._unseeded).squeeze(1)
-        return torch.where(finite, drawn, fallback)
+    @staticmethod
+    def _scores(logits: torch.Tensor, changed_logits: torch.Tensor | None, position: dict[int, int],
+                sampled: list[tuple[int, Sequence]], index: torch.Tensor) -> torch.Tensor:
+        """The sampled rows' scores to draw from: their (processed) logits over their temperatures, in one
+        division; the rows with other warpers (top-k, top-p, min-p, typical) get theirs one by one."""
+        rows = logits.index_select(0, index)
+        for out_row, (row, _) in enumerate(sampled):
+            if row in position:
+                rows[out_row] = changed_logits[position[row]]
+        temperatures = torch.tensor([seq.params.temperature for _, seq in sampled], dtype=rows.dtype,
+                                    device=rows.device)
+        scores = rows / temperatures[:, None]
+        for out_row, (_, seq) in enumerate(sampled):
+            params = seq.params
+            if params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0 or params.typical_p < 1.0:
+                scores[out_row] = warp_row(rows[out_row], seq)
+        return scores
 
-    def _sample_row(self, row_logits: torch.Tensor, seq: Sequence) -> int:
-        probs = torch.softmax(warp_row(row_logits, seq), dim=-1)
-        if not bool(torch.isfinite(probs).all()):
-            # Extreme parameters overflowed the scaled logits: a temperature near 0 makes them all +-inf, whose
-            # softmax is NaN. Their limit is the greedy choice; raising instead would fail the whole step.
-            return int(row_logits.argmax())
-        return int(torch.multinomial(probs, 1, generator=self._generator_for(seq)).item())
+    def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One uniform number per sequence: a seeded one's from its own generator, the others' from the shared."""
+        uniforms = torch.rand(len(seqs), generator=self._unseeded, device=self.device)
+        for position, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                uniforms[position] = torch.rand(1, generator=self._generator_for(seq), device=self.device)[0]
+        return uniforms
+
+    @staticmethod
+    def _draw(scores: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """One token per row of `scores` [R, V] by inverse transform: the first whose cumulative probability
+        passes the row's uniform. `fallback` (the greedy choices) for rows whose softmax is not finite: extreme
+        parameters (a temperature near 0) overflow the scaled logits, whose limit is the greedy choice, and
+        raising instead would fail the whole step."""
+        cumulative = torch.softmax(scores, dim=-1).cumsum_(dim=-1)
+        # A softmax is not finite only where it is NaN, which the sum of its row carries.
+        finite = torch.isfinite(cumulative[:, -1])
+        if not bool(finite.all()):
+            cumulative[~finite] = 1.0  # any valid distribution: those rows take the fallback below
+        targets = uniforms[:, None].to(cumulative.dtype) * cumulative[:, -1:]
+        drawn = torch.searchsorted(cumulative, targets, right=True).squeeze(1).clamp_(max=scores.shape[1] - 1)
+        return torch.where(finite, drawn, fallback)
 
     def _generator_for(self, seq: Sequence) -> torch.Generator:
         generator = self._generators.get(seq)
