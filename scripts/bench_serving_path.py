@@ -3,7 +3,8 @@
     .venv/bin/python scripts/bench_serving_path.py [--model DIR] [--streams 64] [--repeats 5]
 
 For one decode step of N streams (each a token): the engine's step (model, sampling at temperature 1, text),
-and apart from it, on the same shapes: drawing N sampled tokens row by row (each row's own multinomial, as
+the same with the sampler drawing row by row as it did before (the two alternate, step by step), and apart
+from it, on the same shapes: drawing N sampled tokens row by row (each row's own multinomial, as
 the sampler did before), the sampler's whole work for N sampled rows now, detokenizing N tokens, building and encoding N
 OpenAI completion chunks as server-sent events, and handing N outputs from a thread to N coroutines waiting
 on their queues (what handler/engine_loop.py does each step). The measures take turns, `--repeats` times,
@@ -55,6 +56,30 @@ def decode_step(engine: Engine, streams: int, rng: random.Random) -> float:
     while engine.has_unfinished_requests():
         engine.step()
     return elapsed
+
+
+class RowByRowSampler(Sampler):
+    """The sampler drawing as it did before the inverse transform: row by row, torch.multinomial from each
+    row's own generator, with a check of each row's softmax."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self._row_generator = torch.Generator().manual_seed(0)
+
+    def _draw(self, scores: torch.Tensor, uniforms: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        drawn = fallback.clone()
+        for row in range(scores.shape[0]):
+            probs = torch.softmax(scores[row], dim=-1)
+            if bool(torch.isfinite(probs).all()):
+                drawn[row] = int(torch.multinomial(probs, 1, generator=self._row_generator).item())
+        return drawn
+
+
+def with_sampler(engine: Engine, sampler: Sampler, measure):
+    def run():
+        engine.runner.sampler = sampler
+        return measure()
+    return run
 
 
 def draws(streams: int, vocab: int) -> tuple[callable, callable]:
@@ -132,8 +157,10 @@ def main() -> None:
                     cpu_kv_cache_mb=1024)
     rng = random.Random(0)
     per_row, batched = draws(args.streams, engine.model.vocab_size)
+    step = lambda: decode_step(engine, args.streams, rng)  # noqa: E731
     measures = {
-        "engine step (model, sampling, text)": lambda: decode_step(engine, args.streams, rng),
+        "engine step (model, sampling, text)": with_sampler(engine, engine.runner.sampler, step),
+        "engine step, drawing row by row (before)": with_sampler(engine, RowByRowSampler(torch.device("cpu")), step),
         "drawing the tokens: a multinomial per row": per_row,
         "the sampler (argmax, log-probs, inverse-transform draw)": batched,
         "detokenizing the step's tokens": detokenize(engine, args.streams, rng),
