@@ -51,6 +51,8 @@ def create_app(model_dir: Path, env: Mapping[str, str],
         finally:
             if state.runtime is not None:
                 state.runtime.engine_loop.stop()
+                if state.runtime.resolver is not None:
+                    state.runtime.resolver.close()
                 state.runtime.engine.close()
 
     app = FastAPI(title="LoRA serving (SageMaker LMI compatible)", lifespan=lifespan)

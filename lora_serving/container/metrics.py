@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lora_serving.handler import Engine
+from lora_serving.handler.lora.resolver import AdapterResolver
 
 PREFIX = "lora_serving"
 ADAPTER_TIERS = ("device", "host", "disk")
@@ -32,8 +33,29 @@ class ServerMetrics:
                                              "Between consecutive generated tokens of one request",
                                              buckets=LATENCY_BUCKETS, registry=self.registry)
 
-    def watch_engine(self, engine: Engine) -> None:
+    def watch_engine(self, engine: Engine, resolver: AdapterResolver | None = None) -> None:
         self.registry.register(EngineCollector(engine))
+        if resolver is not None:
+            self.registry.register(ResolverCollector(resolver))
+
+
+class ResolverCollector(Collector):
+    """option.adapter_resolver: what it resolved, missed, failed and evicted."""
+
+    def __init__(self, resolver: AdapterResolver) -> None:
+        self._resolver = resolver
+
+    def collect(self) -> Iterator:
+        stats = self._resolver.stats()
+        yield _counter("adapters_resolved", "Adapters registered on first use by option.adapter_resolver",
+                       stats.resolved)
+        yield _counter("adapter_resolver_misses", "Names option.adapter_resolver looked up and did not find",
+                       stats.not_found)
+        yield _counter("adapter_resolver_failures", "Resolutions that failed (download, archive, load)",
+                       stats.failed)
+        yield _counter("adapters_evicted", "Resolved adapters unregistered and deleted past option.max_disk_loras",
+                       stats.evicted)
+        yield _gauge("adapters_resolved_on_disk", "Resolved adapters registered and on disk now", stats.resident)
 
 
 class EngineCollector(Collector):

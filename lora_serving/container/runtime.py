@@ -13,6 +13,7 @@ from lora_serving.container.metrics import ServerMetrics
 from lora_serving.handler import Config, Engine
 from lora_serving.handler.engine_loop import EngineLoop
 from lora_serving.handler.generation_runner import GenerationRunner
+from lora_serving.handler.lora.resolver import AdapterResolver
 from lora_serving.handler.lmi_schema import parse_json
 
 # Prompts are text: 16 MiB is far beyond any context window, and bounds what one client makes us hold.
@@ -28,6 +29,8 @@ class Runtime:
     adapters: AdapterManager
     # The base model's name in the OpenAI `model` field and /v1/models.
     model_name: str
+    # option.adapter_resolver, when set.
+    resolver: AdapterResolver | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lora_serving.container.adapter_layout import ADAPTERS_ARCHIVE, ADAPTERS_DIR, find_startup_adapters
 from lora_serving.container.adapter_manager import AdapterManager
+from lora_serving.container.adapter_resolving import make_adapter_resolver
 from lora_serving.container.metrics import ServerMetrics
 from lora_serving.container.runtime import Runtime
 from lora_serving.container.s3 import is_s3_url, make_s3_client
@@ -83,13 +84,17 @@ def _serve(engine: Engine, config: Config, model_dir: Path, local_dir: Path, cac
     if config.enable_lora:
         logger.info("adapters: %s", ", ".join(info.name for info in engine.list_adapters()) or "none")
 
+    resolver = make_adapter_resolver(engine, config, cache_dir=cache_dir, s3_client=s3_client, hub=hub)
+    if resolver is not None:
+        logger.info("adapters not registered are looked up on first use at %s (at most %d kept, "
+                    "option.max_disk_loras)", resolver.location, config.max_disk_loras)
     engine_loop = EngineLoop(engine, event_loop, on_fatal_error)
     engine_loop.start()
-    metrics.watch_engine(engine)
+    metrics.watch_engine(engine, resolver)
     runner = GenerationRunner(engine_loop, on_first_token=metrics.time_to_first_token.observe,
-                              on_next_token=metrics.inter_token_latency.observe)
+                              on_next_token=metrics.inter_token_latency.observe, resolver=resolver)
     return Runtime(config=config, engine=engine, engine_loop=engine_loop, runner=runner, adapters=adapters,
-                   model_name=model_name)
+                   model_name=model_name, resolver=resolver)
 
 
 def _model_configured(model_dir: Path, config: Config) -> bool:

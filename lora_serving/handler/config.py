@@ -47,7 +47,7 @@ OUTPUT_FORMATTERS = {"json", "jsonlines", "sse"}
 # tensor_parallel_degree=max: every visible GPU (the engine counts them); on a CPU, 1.
 TENSOR_PARALLEL_MAX = -1
 # Keys of serving.properties outside the option.* namespace that LMI defines.
-TOP_LEVEL_KEYS = {"engine"}
+TOP_LEVEL_KEYS = {"engine", "job_queue_size"}
 
 
 @dataclass(slots=True)
@@ -99,6 +99,15 @@ class Config:
     # Local directories adapter sources may be registered from, besides the model and cache dirs.
     adapter_source_roots: list[str] = field(default_factory=list)
     max_archive_bytes: int = 16 * 1024**3
+    # Where a name no one registered is looked up on first use: s3://bucket/prefix/ (<name>/ or <name>.tar.gz),
+    # hf://org/ (the Hub repo org/<name>) or a local directory; "" looks nothing up.
+    adapter_resolver: str = ""
+    # Adapters the resolver registered that are kept (registered, their files on disk); past it the least
+    # recently requested one is evicted. Adapters registered at start-up or through the API do not count.
+    max_disk_loras: int = 256
+    # DJL's key: requests accepted but not yet running. Past max_rolling_batch_size running plus this many
+    # waiting, a request is answered at once (503, 429 on the TGI routes) instead of queueing.
+    job_queue_size: int = 1000
     # A step that admits requests for an adapter not yet resident waits at most this many steps.
     max_adapter_wait_steps: int = 64
     # torch's threads on a CPU: "auto" follows the cores other processes leave free, up to torch's own count
@@ -188,7 +197,7 @@ class Config:
         self._validate_chat_parsers()
         _require_positive(self, "max_rolling_batch_size", "max_loras", "max_lora_rank", "block_size",
                           "max_num_batched_tokens", "cpu_kv_cache_mb", "max_archive_bytes",
-                          "max_adapter_wait_steps", "tensor_parallel_timeout")
+                          "max_adapter_wait_steps", "tensor_parallel_timeout", "max_disk_loras", "job_queue_size")
         if self.tensor_parallel_degree <= 0 and self.tensor_parallel_degree != TENSOR_PARALLEL_MAX:
             raise ConfigError("tensor_parallel_degree", self.tensor_parallel_degree,
                               "must be a positive integer or max")

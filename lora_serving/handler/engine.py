@@ -420,6 +420,11 @@ class Engine:
     def list_adapters(self) -> list[AdapterInfo]:
         return self._require_lora().list()
 
+    def adapters_in_use(self) -> set[str]:
+        """The adapter names of the requests not finished yet: their files may still be read."""
+        with self._lock:
+            return {seq.adapter for seqs in self._sequences.values() for seq in seqs if seq.adapter}
+
     def _require_lora(self) -> LoraManager:
         if self.lora is None:
             raise LoraNotEnabledError("LoRA is not enabled (set option.enable_lora=true)")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from lora_serving.handler.engine_loop import EngineLoop, RequestStream
 from lora_serving.handler.errors import EngineError
 from lora_serving.handler.lmi_schema import PromptJob
+from lora_serving.handler.lora.resolver import AdapterResolver
 from lora_serving.handler.output_format import Generation
 from lora_serving.handler.sequence import RequestOutput
 from lora_serving.handler.submission import start_prompts
@@ -37,17 +38,23 @@ class RunningPrompt:
 
 class GenerationRunner:
     def __init__(self, engine_loop: EngineLoop, *, on_first_token: LatencyObserver | None = None,
-                 on_next_token: LatencyObserver | None = None) -> None:
+                 on_next_token: LatencyObserver | None = None, resolver: AdapterResolver | None = None) -> None:
+        """`resolver`: registers on first use the adapters a request names that no one registered."""
         self._engine_loop = engine_loop
         self._engine = engine_loop.engine
         self._on_first_token = on_first_token
         self._on_next_token = on_next_token
+        self._resolver = resolver
 
     async def start(self, jobs: Iterable[PromptJob], *, with_prefill: bool = False) -> list[RunningPrompt]:
-        """Submit every job, or none (handler.submission.start_prompts)."""
+        """Submit every job, or none (handler.submission.start_prompts), once their adapters are registered."""
+        jobs = list(jobs)
+        submitted_at = time.perf_counter()  # an adapter's first-use load counts in the time to first token
+        if self._resolver is not None:
+            await self._resolver.ensure(job.adapter for job in jobs)
         started = start_prompts(self._engine, jobs, with_prefill=with_prefill, submit=self._engine_loop.submit,
                                 abort=RequestStream.abort)
-        return [RunningPrompt(generation, stream) for generation, stream in started]
+        return [RunningPrompt(generation, stream, submitted_at) for generation, stream in started]
 
     async def follow(self, running: RunningPrompt) -> AsyncIterator[RequestOutput]:
         """Each output of the request, already added to its Generation; the request is aborted if the

@@ -58,6 +58,7 @@ class S3CallCounter:
     """Counts the S3 operations a client sends, by name (GetObject, HeadObject, ListObjectsV2)."""
 
     def __init__(self, client):
+        self.client = client
         self.calls = collections.Counter()
         client.meta.events.register("before-call.s3", self._count)
 
