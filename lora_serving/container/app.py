@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from lora_serving.container import routes_adapters, routes_metrics, routes_openai, routes_sagemaker, routes_tgi
 from lora_serving.container.http_errors import install_error_handlers
+from lora_serving.container.overload import OverloadGate
 from lora_serving.container.routes_metrics import RequestCountMiddleware
 from lora_serving.container.runtime import ServerState
 from lora_serving.container.startup import load_runtime
@@ -59,6 +60,8 @@ def create_app(model_dir: Path, env: Mapping[str, str],
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(RequestCountMiddleware, metrics=state.metrics)
+    # Outermost: an overloaded server answers before anything else runs.
+    app.add_middleware(OverloadGate, state=state)
     for module in (routes_sagemaker, routes_adapters, routes_openai, routes_tgi, routes_metrics):
         app.include_router(module.router)
     return app

@@ -56,10 +56,16 @@ def error_response(request: Request, status: int, message: str) -> JSONResponse:
     if path.startswith("/v1/"):
         body = {"error": {"message": message, "type": _openai_error_type(status), "param": None, "code": status}}
     elif path in TGI_PATHS:
-        body = {"error": message, "error_type": "validation" if status < 500 else "generation"}
+        body = {"error": message, "error_type": _tgi_error_type(status)}
     else:
         body = {"error": message, "code": status}
     return JSONResponse(body, status_code=status)
+
+
+def _tgi_error_type(status: int) -> str:
+    if status == HTTPStatus.TOO_MANY_REQUESTS:
+        return "overloaded"
+    return "validation" if status < 500 else "generation"
 
 
 def _openai_error_type(status: int) -> str:

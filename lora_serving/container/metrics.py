@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -33,10 +33,32 @@ class ServerMetrics:
                                              "Between consecutive generated tokens of one request",
                                              buckets=LATENCY_BUCKETS, registry=self.registry)
 
+        self.rejected = Counter(f"{PREFIX}_requests_rejected",
+                                "Generation requests answered at once because job_queue_size requests already "
+                                "waited (503, 429 on the TGI routes), by API (lmi, openai, tgi)",
+                                ["api"], registry=self.registry)
+        # Generation requests from arrival to the end of their answer (container/overload.py keeps it).
+        self.requests_in_flight = 0
+        self._engine: Engine | None = None
+        Gauge(f"{PREFIX}_requests_in_flight", "Generation requests accepted and not yet answered in full",
+              registry=self.registry).set_function(lambda: self.requests_in_flight)
+        Gauge(f"{PREFIX}_requests_waiting", "Generation requests accepted but not yet running (job_queue_size "
+              "bounds it)", registry=self.registry).set_function(self._requests_waiting)
+
+    def note_rejected(self, api: str) -> None:
+        self.rejected.labels(api).inc()
+
     def watch_engine(self, engine: Engine, resolver: AdapterResolver | None = None) -> None:
+        self._engine = engine
         self.registry.register(EngineCollector(engine))
         if resolver is not None:
             self.registry.register(ResolverCollector(resolver))
+
+    def _requests_waiting(self) -> int:
+        # A request runs once its sequences are in the batch; one with several sequences (n > 1) is counted
+        # as running by each, which can only make the estimate of those waiting smaller.
+        running = self._engine.stats().num_running if self._engine is not None else 0
+        return max(0, self.requests_in_flight - running)
 
 
 class ResolverCollector(Collector):
