@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from lora_serving.handler.djl.request import DjlRequest, Item
 from lora_serving.handler.engine import Engine
 from lora_serving.handler.errors import EngineError
+from lora_serving.handler.lora.resolver import AdapterResolver
 from lora_serving.handler.output_format import Generation
 from lora_serving.handler.sequence import RequestOutput, SamplingParams
 from lora_serving.handler.submission import add_prompt, start_prompts
@@ -22,9 +23,10 @@ class ActiveRequest:
 
 
 class EngineDriver:
-    def __init__(self, engine: Engine, *, model_name: str) -> None:
+    def __init__(self, engine: Engine, *, model_name: str, resolver: AdapterResolver | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
+        self._resolver = resolver
         self._owners: dict[str, ActiveRequest] = {}  # engine request id -> its DJL request
 
     def start(self, item, seed: int | None = None) -> ActiveRequest | Item:
@@ -32,6 +34,8 @@ class EngineDriver:
         try:
             request = DjlRequest.parse(item, self.engine, output_formatter=self.engine.config.output_formatter,
                                        model_name=self.model_name, seed=seed)
+            if self._resolver is not None:
+                self._resolver.ensure_blocking(job.adapter for job in request.jobs)
             started = start_prompts(self.engine, request.jobs, with_prefill=request.with_prefill,
                                     submit=self._submit, abort=self.engine.abort)
         except EngineError as error:

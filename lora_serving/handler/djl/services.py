@@ -28,7 +28,9 @@ from lora_serving.handler.engine_loop import EngineLoop
 from lora_serving.handler.error_status import engine_error_status
 from lora_serving.handler.errors import EngineError, InvalidRequestError, RankFailedError
 from lora_serving.handler.generation_runner import GenerationFailedError, GenerationRunner, RunningPrompt
-from lora_serving.handler.hub import served_model_name
+from lora_serving.handler.hub import HubSettings, served_model_name
+from lora_serving.handler.lora.resolver import AdapterResolver
+from lora_serving.handler.lora.resolver_fetch import make_handler_resolver
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,11 @@ AdapterAction = Callable[[DjlAdapters, AdapterCall], str]
 def start_engine(properties: dict[str, str]) -> Engine:
     # DJL registers <model_dir>/adapters/* itself, through register_adapter, once the model is loaded.
     return Engine(config=engine_config(properties), adapters_from_model_dir=False)
+
+
+def start_resolver(engine: Engine) -> AdapterResolver | None:
+    """option.adapter_resolver; DJL bounds the requests waiting itself (its job_queue_size)."""
+    return make_handler_resolver(engine, engine.config, HubSettings.from_env(os.environ))
 
 
 def exit_worker(message: str) -> None:
@@ -58,7 +65,8 @@ def model_name(engine: Engine) -> str:
 class SyncService:
     def __init__(self, properties: dict[str, str]) -> None:
         self.engine = start_engine(properties)
-        driver = EngineDriver(self.engine, model_name=model_name(self.engine))
+        # Resolving on DJL's thread holds up this worker's other requests for the download: async mode does not.
+        driver = EngineDriver(self.engine, model_name=model_name(self.engine), resolver=start_resolver(self.engine))
         self.mode = RollingBatch(driver) if is_rolling_batch(properties) else PlainBatches(driver)
         self.adapters = DjlAdapters(self.engine)
         if self.engine.ranks is not None:
@@ -97,7 +105,7 @@ class AsyncService:
         self._model_name = model_name(engine)
         self._engine_loop = EngineLoop(engine, event_loop, on_fatal_error=exit_worker)
         self._engine_loop.start()
-        self._runner = GenerationRunner(self._engine_loop)
+        self._runner = GenerationRunner(self._engine_loop, resolver=start_resolver(engine))
         # Adapter loads in progress, by name: a request naming one waits for it, so that DJL's calls take
         # effect in the order DJL sent them although a load runs off the event loop.
         self._loading: dict[str, asyncio.Future] = {}

@@ -1,0 +1,46 @@
+"""option.adapter_resolver=hf://org/: a name no one registered is the Hub repo org/<name>, fetched on first use
+(only the adapter's files) by the server and by the DJL handler under DJL's real worker."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from tests.adapters import peft_greedy
+from tests.djl.conftest import DJL_PROPERTIES, MODES, NEW_TOKENS as DJL_NEW_TOKENS, PROMPT, djl_dir, generate, running_worker, token_ids  # noqa: F401
+from tests.hub.conftest import hub_env
+from tests.server.conftest import LORA_PROPERTIES, lmi_model_dir, start_server
+
+NEW_TOKENS = 6
+
+
+def test_the_server_resolves_hub_adapters_on_first_use(hub, server_base, server_adapters, tmp_path):
+    model_dir = lmi_model_dir(server_base, tmp_path / "model", {
+        **LORA_PROPERTIES, "option.adapter_resolver": "hf://org/", "option.cache_dir": str(tmp_path / "cache")})
+    live = start_server(model_dir, hub_env(hub, tmp_path / "hf-cache"))
+    try:
+        with live.client() as client:
+            answer = client.post("/invocations", json={"inputs": PROMPT, "adapters": "adapter-a2",
+                                                       "parameters": {"max_new_tokens": NEW_TOKENS, "details": True}})
+            assert answer.status_code == 200, answer.text
+            prompt_ids = live.runtime.engine.tokenize(PROMPT)
+            assert [token["id"] for token in answer.json()["details"]["tokens"]] == \
+                peft_greedy(server_base, server_adapters["a2"], prompt_ids, NEW_TOKENS)
+            missing = client.post("/v1/completions", json={"model": "adapter-none", "prompt": PROMPT})
+            assert missing.status_code == 404 and "adapter-none" in missing.json()["error"]["message"]
+    finally:
+        live.stop()
+    assert hub.fetched_files("org/adapter-a2") == {"adapter_config.json", "adapter_model.safetensors"}
+    assert (tmp_path / "cache" / "resolved-adapters" / "adapter-a2" / "hub").is_dir()
+
+
+def test_the_djl_handler_resolves_hub_adapters_on_first_use(djl_dir, hub, server_base, server_adapters,  # noqa: F811
+                                                            tmp_path):
+    properties = {**DJL_PROPERTIES, **MODES["async"], "option.adapter_resolver": "hf://org/",
+                  "option.cache_dir": str(tmp_path / "cache")}
+    model_dir = lmi_model_dir(server_base, tmp_path / "model", properties)
+    with running_worker(djl_dir, model_dir, tmp_path, extra_env=hub_env(hub, tmp_path / "hf-cache")) as front_end:
+        answer = front_end.submit(generate(PROMPT, "adapter-a1")).wait()
+        missing = front_end.submit(generate(PROMPT, "adapter-none")).wait()
+    prompt_ids = AutoTokenizer.from_pretrained(str(server_base))(PROMPT)["input_ids"]
+    assert token_ids(answer.json()) == peft_greedy(server_base, server_adapters["a1"], prompt_ids, DJL_NEW_TOKENS)
+    assert missing.code == 404 and "adapter-none" in missing.body.decode()
