@@ -178,9 +178,10 @@ class AdapterResolver:
         finally:
             with self._lock:
                 self._in_flight.pop(name, None)
-        self._evict_over_bound()
+        self._evict_over_bound(keep=name)
 
-    def _evict_over_bound(self) -> None:
+    def _evict_over_bound(self, keep: str) -> None:
+        """`keep`: the adapter just resolved, which its waiting requests are about to use."""
         with self._lock:
             excess = len(self._resolved) - self._max_resolved
             oldest_first = list(self._resolved.items())
@@ -190,7 +191,7 @@ class AdapterResolver:
         for name, directory in oldest_first:
             if excess <= 0:
                 break
-            if name in in_use or self._is_pinned(name):
+            if name == keep or name in in_use or self._is_pinned(name):
                 continue  # a running request's files, or pinned by the management API since: kept
             try:
                 self._engine.unregister_adapter(name)
