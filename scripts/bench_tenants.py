@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -316,7 +315,8 @@ def main() -> None:
         print(f"{len(names)} adapters made and put in S3 in {time.perf_counter() - started:.0f}s", flush=True)
         env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_ENDPOINT_URL_S3": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
-        common = {"option.enable_lora": "true", "option.dtype": "fp32", "option.max_rolling_batch_size": str(args.max_batch),
+        common = {"option.enable_lora": "true", "option.dtype": "fp32",
+                  "option.max_rolling_batch_size": str(args.max_batch),
                   "job_queue_size": str(args.job_queue), "option.max_loras": str(args.max_loras),
                   "option.max_cpu_loras": str(args.adapters), "option.max_lora_rank": "16"}
         resolving = {**common, "option.adapter_resolver": f"s3://{BUCKET}/tenants/",
@@ -376,7 +376,8 @@ def main() -> None:
             result = asyncio.run(flood(flooded, sequence, clients, args.flood_seconds, args.max_new_tokens, honour))
             print(f"\nflood: {clients} clients (10 x (max_rolling_batch_size {args.max_batch} + job_queue_size "
                   f"{args.job_queue})) looping non-streamed requests ({args.max_new_tokens} tokens, Zipf adapters) "
-                  f"for {args.flood_seconds:.0f}s, {'waiting Retry-After after a 503' if honour else 'retrying at once'}"
+                  f"for {args.flood_seconds:.0f}s, "
+                  f"{'waiting Retry-After after a 503' if honour else 'retrying at once'}"
                   f"; from another process every 0.25s, /ping and one probe request; RSS sampled every 0.5s")
             print_table(["", "count", "p50 ms", "p99 ms", "max ms"], [
                 ["flood: accepted", len(result["accepted"])] + _ms(result["accepted"]),

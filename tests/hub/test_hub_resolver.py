@@ -6,7 +6,8 @@ from __future__ import annotations
 from transformers import AutoTokenizer
 
 from tests.adapters import peft_greedy
-from tests.djl.conftest import DJL_PROPERTIES, MODES, NEW_TOKENS as DJL_NEW_TOKENS, PROMPT, djl_dir, generate, running_worker, token_ids  # noqa: F401
+from tests.djl.conftest import DJL_PROPERTIES, MODES, PROMPT, djl_dir, generate, running_worker, token_ids  # noqa: F401
+from tests.djl.conftest import NEW_TOKENS as DJL_NEW_TOKENS
 from tests.hub.conftest import hub_env
 from tests.server.conftest import LORA_PROPERTIES, lmi_model_dir, start_server
 
