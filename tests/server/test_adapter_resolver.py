@@ -9,6 +9,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import botocore.exceptions
 import pytest
 
 from lora_serving.container import startup
@@ -173,9 +174,23 @@ def test_missing_unsafe_and_broken_names_fail_alone(s3, counted_server_s3, serve
             s3.upload_file(str(pack(tmp_path / "fixed.tar.gz", {"broken": server_adapters["a1"]})), "tenants",
                            "lora/broken.tar.gz")
             assert lmi_ids(client, "broken") == a1_ids
+
+            # A download that fails (the connection to S3 drops on every read of the adapter's files): 503 for that
+            # request; the next one, with S3 back, is served.
+            upload_dir(s3, server_adapters["a2"], "tenants", "lora/flaky")
+
+            def connection_drops(params, **_):
+                if params.get("Key", "").startswith("lora/flaky/"):
+                    raise botocore.exceptions.EndpointConnectionError(endpoint_url="s3 under test")
+
+            counted_server_s3.client.meta.events.register("before-parameter-build.s3.GetObject", connection_drops)
+            failed = client.post("/invocations", json={"inputs": PROMPT, "adapters": "flaky"})
+            counted_server_s3.client.meta.events.unregister("before-parameter-build.s3.GetObject", connection_drops)
+            assert failed.status_code == 503 and "lora/flaky/" in failed.json()["error"]
+            assert lmi_ids(client, "flaky") == peft_greedy(server_base, server_adapters["a2"], prompt_ids, NEW_TOKENS)
             metrics = client.get("/metrics").text
             assert "lora_serving_adapter_resolver_misses_total 1.0" in metrics
-            assert "lora_serving_adapter_resolver_failures_total 1.0" in metrics
+            assert "lora_serving_adapter_resolver_failures_total 2.0" in metrics
     finally:
         live.stop()
 
