@@ -48,6 +48,7 @@ class HubStandin:
         self.repos: dict[str, StandinRepo] = {}
         self.known_tokens: set[str] = set()
         self.requests: list[RecordedRequest] = []
+        self._held: dict[str, threading.Event] = {}  # repo id -> set when its answers may go out
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._thread = threading.Thread(target=self._server.serve_forever, name="hub-standin", daemon=True)
@@ -77,6 +78,18 @@ class HubStandin:
         for ref in refs:
             repo.refs[ref] = commit
         return commit
+
+    def hold(self, repo_id: str) -> None:
+        """Make every request about `repo_id` wait (a slow Hub) until `release`."""
+        self._held[repo_id] = threading.Event()
+
+    def release(self, repo_id: str) -> None:
+        self._held.pop(repo_id).set()
+
+    def wait_if_held(self, repo_id: str) -> None:
+        held = self._held.get(repo_id)
+        if held is not None:
+            held.wait(120)
 
     def fetched_files(self, repo_id: str) -> set[str]:
         """Paths of `repo_id` whose content was downloaded (GET on resolve)."""
@@ -118,6 +131,7 @@ def _handler_for(hub: HubStandin):
                 repo_id, kind, rest = match["repo"], "resolve", match["rest"]
             else:
                 return self._error(404, message="Not Found")
+            hub.wait_if_held(repo_id)
             repo = hub.repos.get(repo_id)
             if repo is None or (repo.private and token not in repo.tokens):
                 return self._error(401 if token is None else 404, code="RepoNotFound",

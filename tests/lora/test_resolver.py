@@ -30,6 +30,12 @@ def engine(lora_base):
     engine.close()
 
 
+def resolve(resolver: AdapterResolver, name: str) -> None:
+    future = resolver.begin(name)
+    if future is not None:
+        future.result()
+
+
 def resolver_for(engine, tenants, tmp_path, clock, max_resolved=4) -> AdapterResolver:
     location = ResolverLocation.parse(str(tenants))
     fetch = handler_fetch(location, HubSettings(endpoint=None, token=None, cache_dir=tmp_path / "hub", offline=True),
@@ -43,13 +49,13 @@ def test_a_miss_is_remembered_for_a_while_then_looked_up_again(engine, adapters,
     clock = Clock()
     resolver = resolver_for(engine, tenants, tmp_path, clock)
     with pytest.raises(AdapterNotFoundError, match="late"):
-        resolver.ensure_blocking(["late"])
+        resolve(resolver, "late")
     shutil.copytree(adapters["r8-all"], tenants / "late")
     clock.now += MISS_SECONDS - 1
     with pytest.raises(AdapterNotFoundError, match="late"):
-        resolver.ensure_blocking(["late"])  # still remembered: not looked up, although it is there now
+        resolve(resolver, "late")  # still remembered: not looked up, although it is there now
     clock.now += 2
-    resolver.ensure_blocking(["late"])
+    resolve(resolver, "late")
     assert engine.get_adapter("late").path == str((tenants / "late").resolve())
     assert resolver.stats().not_found == 1 and resolver.stats().resolved == 1
     resolver.close()
@@ -60,14 +66,14 @@ def test_an_adapter_in_use_is_not_evicted(engine, adapters, tmp_path):
     for name in ("busy", "next"):
         shutil.copytree(adapters["r1-qv"], tenants / name)
     resolver = resolver_for(engine, tenants, tmp_path, Clock(), max_resolved=1)
-    resolver.ensure_blocking(["busy"])
+    resolve(resolver, "busy")
     engine.add_request("running", "one two three", SamplingParams(max_new_tokens=4), "busy")
-    resolver.ensure_blocking(["next"])  # over the bound, but "busy" has an unfinished request
+    resolve(resolver, "next")  # over the bound, but "busy" has an unfinished request
     assert {info.name for info in engine.list_adapters()} == {"busy", "next"}
     while engine.has_unfinished_requests():
         engine.step()
     shutil.copytree(adapters["r1-qv"], tenants / "third")
-    resolver.ensure_blocking(["third"])
+    resolve(resolver, "third")
     assert {info.name for info in engine.list_adapters()} == {"third"}
     assert resolver.stats().evicted == 2
     resolver.close()

@@ -1,9 +1,14 @@
 """Requests of the synchronous modes (rolling batch, plain batching), whose worker thread steps the engine
-itself: start a request's prompts, and route each step's outputs to the request they belong to."""
+itself: start a request's prompts, and route each step's outputs to the request they belong to.
+
+A request naming adapters that option.adapter_resolver is still fetching can wait without holding up the
+others (rolling batch): it is then an ActiveRequest with `resolving` futures and nothing submitted, until
+`submit_resolved` submits it (or answers its failure) once the fetches are done."""
 
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 from lora_serving.handler.djl.request import DjlRequest, Item
@@ -20,6 +25,7 @@ class ActiveRequest:
     request: DjlRequest
     generations: dict[str, Generation] = field(default_factory=dict)  # by engine request id
     headers: dict[str, str] = field(default_factory=dict)
+    resolving: list[Future] = field(default_factory=list)  # adapter fetches to wait for before submitting
 
 
 class EngineDriver:
@@ -29,23 +35,54 @@ class EngineDriver:
         self._resolver = resolver
         self._owners: dict[str, ActiveRequest] = {}  # engine request id -> its DJL request
 
-    def start(self, item, seed: int | None = None) -> ActiveRequest | Item:
-        """Parse and submit one DJL request item; a refused request is answered by its failure Item."""
+    def start(self, item, seed: int | None = None, *, wait_for_adapters: bool = True) -> ActiveRequest | Item:
+        """Parse and submit one DJL request item; a refused request is answered by its failure Item. With
+        `wait_for_adapters` false, a request whose adapters are being resolved comes back unsubmitted."""
         try:
             request = DjlRequest.parse(item, self.engine, output_formatter=self.engine.config.output_formatter,
                                        model_name=self.model_name, seed=seed)
-            if self._resolver is not None:
-                self._resolver.ensure_blocking(job.adapter for job in request.jobs)
-            started = start_prompts(self.engine, request.jobs, with_prefill=request.with_prefill,
+            resolving = self._begin_resolving(request)
+        except EngineError as error:
+            return Item.failure(error)
+        active = ActiveRequest(request, headers={"Content-Type": request.content_type}, resolving=resolving)
+        if resolving and wait_for_adapters:
+            wait(resolving)
+        return active if resolving and not wait_for_adapters else self.submit_resolved(active)
+
+    def submit_resolved(self, active: ActiveRequest) -> ActiveRequest | Item:
+        """Submit a request whose adapter fetches are all done (as it is, while one still runs); a failed fetch
+        or a refused prompt is answered by its failure Item."""
+        if not all(future.done() for future in active.resolving):
+            return active
+        for future in active.resolving:
+            error = future.exception()  # the fetch's own error, for every request that waited for it
+            if error is not None:
+                return Item.failure(error if isinstance(error, EngineError) else f"adapter fetch failed: {error}")
+        try:
+            started = start_prompts(self.engine, active.request.jobs, with_prefill=active.request.with_prefill,
                                     submit=self._submit, abort=self.engine.abort)
         except EngineError as error:
             return Item.failure(error)
-        request.begin([generation for generation, _ in started])
-        active = ActiveRequest(request, {request_id: generation for generation, request_id in started},
-                               {"Content-Type": request.content_type})
+        active.resolving = []
+        active.request.begin([generation for generation, _ in started])
+        active.generations = {request_id: generation for generation, request_id in started}
         for request_id in active.generations:
             self._owners[request_id] = active
         return active
+
+    def wait_for_resolving(self, actives: list[ActiveRequest], timeout: float) -> None:
+        """Block until one of these requests' fetches is done, at most `timeout` seconds: what an iteration
+        with nothing to step does instead of returning at once to a caller that calls again at once."""
+        pending = [future for active in actives for future in active.resolving if not future.done()]
+        if pending:
+            wait(pending, timeout=timeout, return_when="FIRST_COMPLETED")
+
+    def _begin_resolving(self, request: DjlRequest) -> list[Future]:
+        if self._resolver is None:
+            return []
+        names = dict.fromkeys(job.adapter for job in request.jobs if job.adapter)
+        futures = (self._resolver.begin(name) for name in names)
+        return [future for future in futures if future is not None]
 
     def step(self) -> bool:
         """One engine step, its outputs recorded by the requests they belong to; False if nothing ran."""

@@ -5,7 +5,8 @@ already running first, in the order they came, with empty content, then the new 
 and body (and a `seed` item). Each iteration runs one engine step and answers every request of the batch
 with one item, in the same order; a request whose item says `last` leaves DJL's list, and ours. A request
 refused at parsing is answered at once (last, with its 4xx). `reset_rollingbatch` (sent after an
-iteration DJL saw fail) aborts everything this side still runs.
+iteration DJL saw fail) aborts everything this side still runs. A request whose adapter
+option.adapter_resolver is still fetching is answered with empty items, not last, until it is submitted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from lora_serving.handler.djl.outputs import rolling_batch_output
 from lora_serving.handler.djl.request import JSON, Item
 
 logger = logging.getLogger(__name__)
+
+# How long an iteration with nothing to step waits for an adapter fetch before answering DJL (which calls
+# again at once while it holds requests).
+IDLE_WAIT_SECONDS = 0.05
 
 
 class RollingBatch:
@@ -37,13 +42,22 @@ class RollingBatch:
             raise RuntimeError(f"rolling batch out of step: {len(batch)} requests sent, {len(self._active)} running")
         entries: list[ActiveRequest | Item] = list(self._active)
         for item in batch[len(self._active):]:
-            entries.append(self._driver.start(item, seed=_seed(item)))
-        self._driver.step()
+            entries.append(self._driver.start(item, seed=_seed(item), wait_for_adapters=False))
+        # A request whose adapter is still being fetched waits without holding up the others' steps.
+        entries = [self._driver.submit_resolved(entry) if isinstance(entry, ActiveRequest) and entry.resolving
+                   else entry for entry in entries]
+        if not self._driver.step():
+            self._driver.wait_for_resolving([entry for entry in entries if isinstance(entry, ActiveRequest)],
+                                            IDLE_WAIT_SECONDS)
         answers = []
         still_active = []
         for entry in entries:
             if isinstance(entry, Item):
                 answers.append((entry, {"Content-Type": JSON}))
+                continue
+            if entry.resolving:
+                answers.append((Item("", False), entry.headers))
+                still_active.append(entry)
                 continue
             item = entry.request.take_item()
             answers.append((item, entry.headers))

@@ -65,7 +65,8 @@ def model_name(engine: Engine) -> str:
 class SyncService:
     def __init__(self, properties: dict[str, str]) -> None:
         self.engine = start_engine(properties)
-        # Resolving on DJL's thread holds up this worker's other requests for the download: async mode does not.
+        # A request whose adapter is being fetched waits beside the running ones (rolling batch), or with its
+        # batch (plain batching, answered whole anyway).
         driver = EngineDriver(self.engine, model_name=model_name(self.engine), resolver=start_resolver(self.engine))
         self.mode = RollingBatch(driver) if is_rolling_batch(properties) else PlainBatches(driver)
         self.adapters = DjlAdapters(self.engine)

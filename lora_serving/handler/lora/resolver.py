@@ -135,12 +135,6 @@ class AdapterResolver:
                 # Shielded: a waiter that goes away (a client disconnects) must not cancel the shared fetch.
                 await asyncio.shield(asyncio.wrap_future(future))
 
-    def ensure_blocking(self, names: Iterable[str | None]) -> None:
-        for name in dict.fromkeys(name for name in names if name):
-            future = self.begin(name)
-            if future is not None:
-                future.result()
-
     def stats(self) -> ResolverStats:
         with self._lock:
             self._stats.resident = len(self._resolved)
