@@ -19,7 +19,33 @@ FAMILY_OVERRIDES = {
     # A window much shorter than the test sequences, so that it really cuts attention off.
     "mistral": {"sliding_window": 12},
     "qwen2": {},
+    # Layer 1 slides; head_dim set apart from hidden / heads as in the real models.
+    "qwen3": {"head_dim": 32, "use_sliding_window": True, "sliding_window": 12, "max_window_layers": 1,
+              "norm_noise": 0.3},
+    # A query_pre_attn_scalar unlike head_dim and soft caps low enough to bite on random weights.
+    "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 12, "attn_logit_softcapping": 2.0,
+               "final_logit_softcapping": 5.0, "norm_noise": 0.3},
+    # Sliding then global layers, each with its own RoPE (the global one scaled).
+    "gemma3_text": {"head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 12,
+                    "layer_types": ["sliding_attention", "full_attention"],
+                    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                        "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                           "rope_theta": 1000000.0}},
+                    "norm_noise": 0.3},
+    # Phi-4-mini's partial rotary factor and a window on every layer.
+    "phi3": {"sliding_window": 12, "partial_rotary_factor": 0.75, "norm_noise": 0.3},
 }
+
+
+# The families added after the first three, each checked against transformers and PEFT in
+# tests/engine/test_families.py, and what PEFT lets an adapter target on each.
+NEWER_FAMILIES = ["qwen3", "gemma2", "gemma3_text", "phi3"]
+PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+DEFAULT_PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_targets(family: str) -> list[str]:
+    return PEFT_TARGETS.get(family, DEFAULT_PEFT_TARGETS)
 
 
 class TinyModelFactory:

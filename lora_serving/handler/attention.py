@@ -13,6 +13,10 @@ the cache (no copy at all), and any other sequence one `index_select` whose resu
 `[kv_heads, L, d]` with each head's keys contiguous. On GPUs, where that would be a kernel launch per
 sequence and layer, and on CPU without the kernel while the result is small, all are gathered into one
 padded `[B, kv_heads, L, d]` tensor (the same `index_select`) and attended in one call.
+
+Soft-capped attention logits (Gemma 2: `cap * tanh(scores / cap)` before the mask and softmax) are not a
+form torch's fused attention or the C kernel compute, so with a cap every path attends through `_attend`'s
+explicit product, softmax and product, the reference implementation's order of operations.
 """
 
 from __future__ import annotations
@@ -33,41 +37,44 @@ def paged_attention(
     ctx: ForwardContext,
     sliding_window: int | None,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [T, q_heads, head_dim]
     kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(kv_heads, -1, head_dim).index_copy_(1, ctx.slot_mapping, k.transpose(0, 1))
     v_cache.view(kv_heads, -1, head_dim).index_copy_(1, ctx.slot_mapping, v.transpose(0, 1))
     if not ctx.prefills:
-        return _decode_attention(q, k_cache, v_cache, ctx, sliding_window, scale)
+        return _decode_attention(q, k_cache, v_cache, ctx, sliding_window, scale, softcap)
     out = torch.empty_like(q)
     num_decode = ctx.num_decode_tokens
     if num_decode:
-        out[:num_decode] = _decode_attention(q[:num_decode], k_cache, v_cache, ctx, sliding_window, scale)
+        out[:num_decode] = _decode_attention(q[:num_decode], k_cache, v_cache, ctx, sliding_window, scale, softcap)
     for prefill in ctx.prefills:
         start, end = prefill.start, prefill.end
         if prefill.cached is None:
-            out[start:end] = _prefill_attention(q[start:end], k[start:end], v[start:end], sliding_window, scale)
+            out[start:end] = _prefill_attention(q[start:end], k[start:end], v[start:end], sliding_window, scale,
+                                                 softcap)
         else:
-            out[start:end] = _prefill_after_context(q[start:end], k_cache, v_cache, prefill, sliding_window, scale)
+            out[start:end] = _prefill_after_context(q[start:end], k_cache, v_cache, prefill, sliding_window, scale,
+                                                     softcap)
     return out
 
 
-def _prefill_attention(q, k, v, sliding_window: int | None, scale: float) -> torch.Tensor:
+def _prefill_attention(q, k, v, sliding_window: int | None, scale: float, softcap: float | None) -> torch.Tensor:
     length = q.shape[0]
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, L, d]
     gqa = q.shape[1] != k.shape[1]
     if sliding_window is None or sliding_window >= length:
-        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=gqa)
+        out = _attend(q4, k4, v4, None, scale, gqa, softcap, is_causal=True)
     else:
         query_pos = torch.arange(length, device=q.device)[:, None]
         key_pos = torch.arange(length, device=q.device)[None, :]
         mask = (key_pos <= query_pos) & (key_pos > query_pos - sliding_window)
-        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out = _attend(q4, k4, v4, mask, scale, gqa, softcap)
     return out.squeeze(0).transpose(0, 1)
 
 
 def _prefill_after_context(q, k_cache, v_cache, prefill: PrefillSpan, sliding_window: int | None,
-                           scale: float) -> torch.Tensor:
+                           scale: float, softcap: float | None) -> torch.Tensor:
     length = q.shape[0]
     context = prefill.context_len
     # The first query (at position `context`) sees the oldest key any of them sees.
@@ -84,14 +91,14 @@ def _prefill_after_context(q, k_cache, v_cache, prefill: PrefillSpan, sliding_wi
             mask &= key_pos > query_pos - sliding_window
         prefill.masks[sliding_window] = mask
     q4 = q.transpose(0, 1).unsqueeze(0)  # [1, q_heads, L, d]
-    out = F.scaled_dot_product_attention(q4, keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=q.shape[1] != keys.shape[1])
+    out = _attend(q4, keys, values, mask, scale, q.shape[1] != keys.shape[1], softcap)
     return out.squeeze(0).transpose(0, 1)
 
 
-def _decode_attention(q, k_cache, v_cache, ctx: ForwardContext, sliding_window: int | None, scale: float):
+def _decode_attention(q, k_cache, v_cache, ctx: ForwardContext, sliding_window: int | None, scale: float,
+                      softcap: float | None):
     if isinstance(ctx.decode_kv, PaddedDecodes):
-        return _padded_decode_attention(q, k_cache, v_cache, ctx.decode_kv, sliding_window, scale)
+        return _padded_decode_attention(q, k_cache, v_cache, ctx.decode_kv, sliding_window, scale, softcap)
     batch, q_heads, head_dim = q.shape
     kv_heads, _, block_size, _ = k_cache.shape
     # Grouped-query attention without repeating K/V: the query heads that share a KV head become that
@@ -102,7 +109,7 @@ def _decode_attention(q, k_cache, v_cache, ctx: ForwardContext, sliding_window: 
         start = 0 if sliding_window is None else max(0, seq.length - sliding_window)
         keys = _cached(k_cache, seq, start, block_size).unsqueeze(0)
         values = _cached(v_cache, seq, start, block_size).unsqueeze(0)
-        outputs.append(F.scaled_dot_product_attention(grouped_q[row], keys, values, scale=scale))
+        outputs.append(_attend(grouped_q[row], keys, values, None, scale, False, softcap))
     return torch.stack(outputs).view(batch, q_heads, head_dim)
 
 
@@ -118,8 +125,8 @@ def _cached(cache: torch.Tensor, seq: CachedKV, start: int, block_size: int) -> 
 
 
 def _padded_decode_attention(q, k_cache, v_cache, decodes: PaddedDecodes, sliding_window: int | None,
-                             scale: float):
-    if decodes.in_kernel:
+                             scale: float, softcap: float | None):
+    if decodes.in_kernel and softcap is None:
         return cpu_attention.decode_attention(q, k_cache, v_cache, decodes.block_tables, decodes.context_lens,
                                               _kernel_starts(decodes, sliding_window), scale)
     batch, q_heads, head_dim = q.shape
@@ -131,8 +138,8 @@ def _padded_decode_attention(q, k_cache, v_cache, decodes: PaddedDecodes, slidin
     keys = k_cache.index_select(1, block_ids).view(kv_heads, batch, padded_len, head_dim)[:, :, :longest]
     values = v_cache.index_select(1, block_ids).view(kv_heads, batch, padded_len, head_dim)[:, :, :longest]
     grouped_q = q.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # GQA as in _decode_attention
-    out = F.scaled_dot_product_attention(grouped_q, keys.transpose(0, 1), values.transpose(0, 1),
-                                         attn_mask=_padded_decode_mask(decodes, sliding_window), scale=scale)
+    out = _attend(grouped_q, keys.transpose(0, 1), values.transpose(0, 1),
+                  _padded_decode_mask(decodes, sliding_window), scale, False, softcap)
     return out.reshape(batch, q_heads, head_dim)
 
 
@@ -162,3 +169,23 @@ def _padded_decode_mask(decodes: PaddedDecodes, sliding_window: int | None) -> t
         mask = mask[:, None, None, :]
         decodes.masks[sliding_window] = mask
     return mask
+
+
+def _attend(q, k, v, mask: torch.Tensor | None, scale: float, gqa: bool, softcap: float | None,
+            is_causal: bool = False) -> torch.Tensor:
+    """softmax(q @ k.T * scale) @ v over [..., heads, L, d], a boolean mask saying which keys each query sees."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=gqa)
+    if gqa:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        length = q.shape[-2]
+        mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril_()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)

@@ -5,6 +5,10 @@ look like `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`. Each
 gets `lora_A` [r, in] and `lora_B` [out, r]; its output gains `(x @ A.T) @ B.T * scaling` with
 scaling = alpha / r, or alpha / sqrt(r) with rslora. r and alpha may differ per module
 (`rank_pattern`, `alpha_pattern`, matched as PEFT matches them).
+
+What an adapter may target is the base model family's (BaseModelShapes.peft_modules). A module the
+checkpoint fuses (Phi-3's qkv_proj, gate_up_proj) feeds several of the engine's modules: its A is shared
+by them and its B split by their output rows, which computes the same delta, row for row.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,8 +33,11 @@ BIN_FILE = "adapter_model.bin"
 SERVABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MODULE_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                   "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# PEFT module name -> (its parent in a decoder layer, the engine's modules it feeds, in output-row order).
+PeftModules = dict[str, tuple[str, tuple[str, ...]]]
+DEFAULT_PEFT_MODULES: PeftModules = {module: (parent, (module,)) for module, parent in _MODULE_PARENT.items()}
 _TENSOR_NAME = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+)\.([\w.]+?)\.lora_([AB])(?:\.default)?\.weight$"
 )
 
 
@@ -70,8 +77,20 @@ class BaseModelShapes:
     """What an adapter must fit: the layer count and each projection's (in, out) features."""
 
     num_layers: int
-    module_shapes: dict[str, tuple[int, int]]
+    module_shapes: dict[str, tuple[int, int]]  # the engine's modules
     model_type: str
+    peft_modules: PeftModules = field(default_factory=lambda: dict(DEFAULT_PEFT_MODULES))
+
+    def refusal_for(self, parent: str, module: str) -> str | None:
+        """Why a LoRA on `parent.module` cannot be served on this model (None: it can)."""
+        known = self.peft_modules.get(module)
+        if known is not None and known[0] == parent:
+            return None
+        servable = ", ".join(self.peft_modules)
+        if "experts" in module.split(".") or (module == "gate" and parent != "self_attn"):
+            return (f"it targets {parent}.{module}, a mixture-of-experts {'router' if module == 'gate' else 'expert'}"
+                    f" module; LoRA on a {self.model_type} model is served on {servable} only")
+        return f"it targets {parent}.{module}, which a {self.model_type} model does not have (servable: {servable})"
 
 
 def load_peft_adapter(
@@ -103,9 +122,9 @@ def load_peft_adapter(
             raise refuse(f"tensor {tensor_name!r} is not a LoRA A/B weight of a decoder-layer projection "
                          "(embedding, lm_head, DoRA and bias weights cannot be served unmerged)")
         layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
-        if module not in SERVABLE_MODULES or _MODULE_PARENT[module] != parent:
-            raise refuse(f"it targets {parent}.{module}, which a {base.model_type} model does not have "
-                         f"(servable: {', '.join(SERVABLE_MODULES)})")
+        refusal = base.refusal_for(parent, module)
+        if refusal is not None:
+            raise refuse(refusal)
         if layer >= base.num_layers:
             raise refuse(f"it has weights for layer {layer} but the base model has {base.num_layers} layers")
         pairs.setdefault((layer, module), {})[which] = tensor
@@ -116,12 +135,15 @@ def load_peft_adapter(
     alpha_pattern = config.get("alpha_pattern") or {}
     modules: dict[tuple[int, str], ModuleLora] = {}
     for (layer, module), pair in sorted(pairs.items()):
-        key = f"model.layers.{layer}.{_MODULE_PARENT[module]}.{module}"
+        parent, engine_modules = base.peft_modules[module]
+        key = f"model.layers.{layer}.{parent}.{module}"
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise refuse(f"{key} has no {missing} weight")
         a, b = pair["A"], pair["B"]
-        in_features, out_features = base.module_shapes[module]
+        in_features = base.module_shapes[engine_modules[0]][0]
+        part_rows = [base.module_shapes[m][1] for m in engine_modules]
+        out_features = sum(part_rows)
         rank = _pattern_value(rank_pattern, key, config["r"])
         alpha = _pattern_value(alpha_pattern, key, config.get("lora_alpha", 8))
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features:
@@ -136,8 +158,10 @@ def load_peft_adapter(
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise refuse(f"{key} has NaN or infinite weights")
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        modules[(layer, module)] = ModuleLora(a=a.to(dtype).contiguous(),
-                                              b=(b.to(torch.float32) * scaling).to(dtype).contiguous())
+        a = a.to(dtype).contiguous()
+        scaled_b = (b.to(torch.float32) * scaling).to(dtype)
+        for engine_module, rows in zip(engine_modules, scaled_b.split(part_rows)):
+            modules[(layer, engine_module)] = ModuleLora(a=a, b=rows.contiguous())
     return AdapterWeights(version=version, modules=modules)
 
 
@@ -166,7 +190,10 @@ def _check_config(config: dict, base: BaseModelShapes, refuse) -> None:
         raise refuse("it trains biases, which would change the base model for every request")
     if config.get("fan_in_fan_out"):
         raise refuse("fan_in_fan_out=true is for Conv1D models (GPT-2), not this base model")
-    for unsupported in ("layer_replication", "trainable_token_indices", "target_parameters"):
+    if config.get("target_parameters"):
+        raise refuse(f"target_parameters={config['target_parameters']} puts LoRA on parameters (a mixture of "
+                     f"experts' expert weights), which is not served; servable: {', '.join(base.peft_modules)}")
+    for unsupported in ("layer_replication", "trainable_token_indices"):
         if config.get(unsupported):
             raise refuse(f"{unsupported} is not supported")
     rank = config.get("r")
@@ -179,9 +206,9 @@ def _check_config(config: dict, base: BaseModelShapes, refuse) -> None:
     for target in targets:
         if target in ("embed_tokens", "lm_head"):
             raise refuse(f"it targets {target}; embedding and lm_head LoRA cannot be served")
-        if target not in SERVABLE_MODULES:
+        if target not in base.peft_modules:
             raise refuse(f"it targets {target}, which a {base.model_type} model does not have "
-                         f"(servable: {', '.join(SERVABLE_MODULES)})")
+                         f"(servable: {', '.join(base.peft_modules)})")
 
 
 def _pattern_value(patterns: dict, key: str, default):

@@ -8,9 +8,12 @@ import torch
 from transformers import AutoConfig
 
 from lora_serving.handler.errors import ModelLoadError
+from lora_serving.handler.models.gemma import Gemma2Model, Gemma3TextModel
 from lora_serving.handler.models.llama import LORA_GROUPS, LlamaModel
 from lora_serving.handler.models.mistral import MistralModel
+from lora_serving.handler.models.phi3 import Phi3Model
 from lora_serving.handler.models.qwen2 import Qwen2Model
+from lora_serving.handler.models.qwen3 import Qwen3Model
 from lora_serving.handler.tp.comm import TensorParallelComm
 from lora_serving.handler.tp.plan import ShardingPlan
 
@@ -18,6 +21,10 @@ MODEL_FAMILIES: dict[str, type[LlamaModel]] = {
     "llama": LlamaModel,
     "mistral": MistralModel,
     "qwen2": Qwen2Model,
+    "qwen3": Qwen3Model,
+    "gemma2": Gemma2Model,
+    "gemma3_text": Gemma3TextModel,
+    "phi3": Phi3Model,
 }
 
 __all__ = ["LORA_GROUPS", "LlamaModel", "MODEL_FAMILIES", "load_hf_config", "load_model"]

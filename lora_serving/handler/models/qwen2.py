@@ -16,6 +16,4 @@ class Qwen2Model(LlamaModel):
 
     @classmethod
     def layer_sliding_windows(cls, hf_config) -> list[int | None]:
-        window = getattr(hf_config, "sliding_window", None)
-        layer_types = getattr(hf_config, "layer_types", None) or ["full_attention"] * hf_config.num_hidden_layers
-        return [window if kind == "sliding_attention" else None for kind in layer_types]
+        return cls.windows_from_layer_types(hf_config)
