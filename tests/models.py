@@ -34,13 +34,19 @@ FAMILY_OVERRIDES = {
                     "norm_noise": 0.3},
     # Phi-4-mini's partial rotary factor and a window on every layer.
     "phi3": {"sliding_window": 12, "partial_rotary_factor": 0.75, "norm_noise": 0.3},
+    # Eight experts, two per token; Qwen3-MoE's experts narrower than its (unused) dense MLP size.
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 12, "norm_noise": 0.3},
+    "qwen3_moe": {"head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                  "norm_topk_prob": False, "norm_noise": 0.3},
 }
 
 
 # The families added after the first three, each checked against transformers and PEFT in
 # tests/engine/test_families.py, and what PEFT lets an adapter target on each.
-NEWER_FAMILIES = ["qwen3", "gemma2", "gemma3_text", "phi3"]
-PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+NEWER_FAMILIES = ["qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe"]
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "mixtral": ATTENTION_TARGETS,
+                "qwen3_moe": ATTENTION_TARGETS}
 DEFAULT_PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -10,6 +10,8 @@ import random
 import pytest
 
 from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.errors import ModelLoadError
+from lora_serving.handler.models import MODEL_FAMILIES
 from tests.adapters import make_peft_adapter, peft_greedy
 from tests.engine.test_parity import random_prompts
 from tests.models import NEWER_FAMILIES, peft_targets
@@ -52,3 +54,21 @@ def test_family_matches_transformers_and_peft(tiny_models, tmp_path, family):
     changed = [result.token_ids != peft_greedy(base, None, prompt, n)
                for prompt, name, n, result in zip(prompts, names, max_new, first) if name]
     assert sum(changed) >= len(changed) - 1
+
+
+def test_unknown_model_type_is_refused_with_the_supported_list(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ModelLoadError) as refused:
+        Engine(tmp_path, dtype="float32")
+    assert "'gpt2'" in str(refused.value)
+    assert all(family in str(refused.value) for family in MODEL_FAMILIES)
+
+
+def test_longrope_is_refused_naming_it(tiny_models):
+    rotary_half = 16 * 3 // 4 // 2  # head_dim 16, partial_rotary_factor 0.75
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                "short_factor": [1.0] * rotary_half, "long_factor": [2.0] * rotary_half,
+                "original_max_position_embeddings": 64}
+    model_dir = tiny_models.get("phi3-longrope", "phi3", rope_parameters=longrope, original_max_position_embeddings=64)
+    with pytest.raises(ModelLoadError, match="'longrope' is not supported"):
+        Engine(model_dir, dtype="float32")

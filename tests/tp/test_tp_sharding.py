@@ -33,7 +33,7 @@ def prefill_hidden(model, token_ids: list[int]) -> torch.Tensor:
     ("llama", 2), ("qwen2", 2),
     # 4 ranks over 2 KV heads: each KV head held by two ranks; the fused q/k/v rows of Phi-3 read per rank.
     ("llama", 4), ("qwen2", 4), ("phi3", 4),
-    ("qwen3", 2), ("gemma2", 2), ("gemma3_text", 2), ("phi3", 2),
+    ("qwen3", 2), ("gemma2", 2), ("gemma3_text", 2), ("phi3", 2), ("mixtral", 2), ("qwen3_moe", 2),
 ])
 def test_sharded_forward_equals_the_whole_model(tiny_models, family, world_size):
     model_dir = tiny_models.get(family, family)

@@ -11,6 +11,7 @@ from lora_serving.handler.errors import ModelLoadError
 from lora_serving.handler.models.gemma import Gemma2Model, Gemma3TextModel
 from lora_serving.handler.models.llama import LORA_GROUPS, LlamaModel
 from lora_serving.handler.models.mistral import MistralModel
+from lora_serving.handler.models.moe import MixtralModel, Qwen3MoeModel
 from lora_serving.handler.models.phi3 import Phi3Model
 from lora_serving.handler.models.qwen2 import Qwen2Model
 from lora_serving.handler.models.qwen3 import Qwen3Model
@@ -25,20 +26,23 @@ MODEL_FAMILIES: dict[str, type[LlamaModel]] = {
     "gemma2": Gemma2Model,
     "gemma3_text": Gemma3TextModel,
     "phi3": Phi3Model,
+    "mixtral": MixtralModel,
+    "qwen3_moe": Qwen3MoeModel,
 }
 
 __all__ = ["LORA_GROUPS", "LlamaModel", "MODEL_FAMILIES", "load_hf_config", "load_model"]
 
 
 def load_hf_config(model_dir: str | Path, trust_remote_code: bool = False):
+    """The checkpoint's config, refused at once (before anything reads its shapes) if no family here runs it."""
     if not (Path(model_dir) / "config.json").is_file():
         raise ModelLoadError(f"no config.json in model directory {model_dir}")
-    return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    family_of(hf_config)
+    return hf_config
 
 
-def load_model(model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device,
-               plan: ShardingPlan | None = None, comm: TensorParallelComm | None = None) -> LlamaModel:
-    """The whole model, or with a sharding plan and its rank's collectives, that rank's shard."""
+def family_of(hf_config) -> type[LlamaModel]:
     family = MODEL_FAMILIES.get(hf_config.model_type)
     if family is None:
         raise ModelLoadError(
@@ -46,4 +50,10 @@ def load_model(model_dir: str | Path, hf_config, dtype: torch.dtype, device: tor
             f"({', '.join(getattr(hf_config, 'architectures', None) or [])}); "
             f"supported: {', '.join(sorted(MODEL_FAMILIES))}"
         )
-    return family(hf_config, model_dir, dtype, device, plan, comm)
+    return family
+
+
+def load_model(model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device,
+               plan: ShardingPlan | None = None, comm: TensorParallelComm | None = None) -> LlamaModel:
+    """The whole model, or with a sharding plan and its rank's collectives, that rank's shard."""
+    return family_of(hf_config)(hf_config, model_dir, dtype, device, plan, comm)

@@ -198,7 +198,7 @@ class LlamaModel:
         self.comm = comm if self.plan is not None else None
         self.vocab_size = hf_config.vocab_size
         self.hidden_size = hf_config.hidden_size
-        self.intermediate_size = hf_config.intermediate_size
+        self.intermediate_size = self.shape.intermediate_size
         self.num_layers = hf_config.num_hidden_layers
         self.num_heads = hf_config.num_attention_heads
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads

@@ -8,6 +8,9 @@ Per layer:
   of o / down is added once, after the all-reduce.
 - With fewer KV heads than ranks, KV heads are replicated: N must be a multiple of the KV heads, and the
   N / kv_heads ranks that share a KV head hold a copy of it (their query heads all map to it).
+- Mixture-of-experts layers shard every expert as the MLP above (each rank holds its slice of every expert's
+  intermediate features; the router is replicated), so a step's expert choice is the same on every rank and
+  the expert outputs' partial sums ride on the "down" all-reduce.
 - The embedding table is replicated (a lookup, no compute to split; sharding it by vocabulary would cost
   an all-reduce of [T, hidden] per step). The LM head lives on rank 0 only, which alone samples and scores
   prompts: no communication and no protocol for the rows to score. Sharding it by vocabulary would split its
@@ -36,7 +39,7 @@ ROW_PARALLEL_MODULES = ("o_proj", "down_proj")
 @dataclass(frozen=True, slots=True)
 class ModelShape:
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # an expert's, in a mixture of experts
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -49,7 +52,7 @@ class ModelShape:
         hidden = hf_config.hidden_size
         return cls(
             hidden_size=hidden,
-            intermediate_size=hf_config.intermediate_size,
+            intermediate_size=getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size,
             num_layers=hf_config.num_hidden_layers,
             num_heads=num_heads,
             num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
