@@ -89,8 +89,9 @@ class DecoderLayer:
             weight = torch.cat([self.load(f"{parent}.{m}.weight", rows[m]) for m in modules])
             return weight, torch.cat([self.load(f"{parent}.{m}.bias", rows[m]) for m in modules]) if bias else None
         offsets = model.fused_offsets(group)
-        parts = [slice(offsets[m] + (rows[m] or slice(0, model.full_out_features(m))).start,
-                       offsets[m] + (rows[m] or slice(0, model.full_out_features(m))).stop) for m in modules]
+        whole = {m: slice(0, model.full_out_features(m)) for m in modules}
+        parts = [slice(offsets[m] + (rows[m] or whole[m]).start, offsets[m] + (rows[m] or whole[m]).stop)
+                 for m in modules]
         weight = torch.cat([self.load(f"{parent}.{fused}.weight", part) for part in parts])
         return weight, torch.cat([self.load(f"{parent}.{fused}.bias", part) for part in parts]) if bias else None
 

@@ -18,7 +18,8 @@ import torch
 
 from lora_serving.handler.errors import ModelLoadError
 from lora_serving.handler.lora.peft_adapter import DEFAULT_PEFT_MODULES
-from lora_serving.handler.models.llama import DecoderLayer, LlamaModel
+from lora_serving.handler.models.llama import DecoderLayer
+from lora_serving.handler.models.mistral import MistralModel
 from lora_serving.handler.models.projection import Projection
 
 ATTENTION_PEFT_MODULES = {m: DEFAULT_PEFT_MODULES[m] for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
@@ -73,9 +74,9 @@ class MoeDecoderLayer(DecoderLayer):
         return self._reduce(out.contiguous(), "down", None)
 
 
-class MixtralModel(LlamaModel):
-    """Mixtral: no biases, a sliding window on every layer when the config sets one, top-k weights always
-    renormalised and kept in fp32 until they multiply the experts' outputs."""
+class MixtralModel(MistralModel):
+    """Mixtral: Mistral's attention (no biases, a sliding window on every layer when the config sets one),
+    top-k weights always renormalised and kept in fp32 until they multiply the experts' outputs."""
 
     layer_class = MoeDecoderLayer
     peft_modules = ATTENTION_PEFT_MODULES
@@ -91,18 +92,6 @@ class MixtralModel(LlamaModel):
     @classmethod
     def experts_in(cls, hf_config) -> int:
         return hf_config.num_local_experts
-
-    @classmethod
-    def has_qkv_bias(cls, hf_config) -> bool:
-        return False
-
-    @classmethod
-    def has_o_bias(cls, hf_config) -> bool:
-        return False
-
-    @classmethod
-    def layer_sliding_windows(cls, hf_config) -> list[int | None]:
-        return [getattr(hf_config, "sliding_window", None)] * hf_config.num_hidden_layers
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, experts] logits -> each token's top-k weights and expert ids, [T, k] each."""

@@ -9,22 +9,10 @@ qkv_proj A is shared by q, k and v and its B split by the same rows (lora/peft_a
 
 from __future__ import annotations
 
-from lora_serving.handler.models.llama import LlamaModel
+from lora_serving.handler.models.mistral import MistralModel
 
 
-class Phi3Model(LlamaModel):
+class Phi3Model(MistralModel):  # Mistral's: no biases, the window (when set) on every layer
     fused_checkpoint_modules = {"qkv": "qkv_proj", "gate_up": "gate_up_proj"}
     peft_modules = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": ("self_attn", ("o_proj",)),
                     "gate_up_proj": ("mlp", ("gate_proj", "up_proj")), "down_proj": ("mlp", ("down_proj",))}
-
-    @classmethod
-    def has_qkv_bias(cls, hf_config) -> bool:
-        return False
-
-    @classmethod
-    def has_o_bias(cls, hf_config) -> bool:
-        return False
-
-    @classmethod
-    def layer_sliding_windows(cls, hf_config) -> list[int | None]:
-        return [getattr(hf_config, "sliding_window", None)] * hf_config.num_hidden_layers
