@@ -15,12 +15,12 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 def make_peft_adapter(base_dir: Path, out_dir: Path, *, r: int = 8, alpha: float = 16, targets=None,
                       use_rslora: bool = False, rank_pattern=None, alpha_pattern=None, seed: int = 0,
-                      weight_scale: float = 1.0) -> Path:
+                      weight_scale: float = 1.0, target_parameters=None) -> Path:
     """Random (non-zero) LoRA weights on the base model's projections, saved with save_pretrained."""
     base = reference_model(base_dir)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or ALL_PROJECTIONS, use_rslora=use_rslora,
                         rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {},
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+                        target_parameters=target_parameters, init_lora_weights=False, task_type="CAUSAL_LM")
     torch.manual_seed(seed)
     peft_model = get_peft_model(_fresh_copy(base_dir), config)
     with torch.no_grad():

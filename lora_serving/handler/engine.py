@@ -162,7 +162,7 @@ class Engine:
         if config.enable_lora:
             self.lora = LoraManager(
                 BaseModelShapes(self.model.num_layers, self.model.lora_module_shapes(), self.hf_config.model_type,
-                                dict(self.model.peft_modules)),
+                                dict(self.model.peft_modules), *self.model.expert_lora()),
                 max_loras=config.max_loras,
                 max_cpu_loras=config.cpu_lora_capacity,
                 max_rank=config.max_lora_rank,

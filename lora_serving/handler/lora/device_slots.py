@@ -10,11 +10,14 @@ from __future__ import annotations
 import torch
 
 from lora_serving import kernels
+from lora_serving.handler.lora.expert_lora import ExpertSlots
 from lora_serving.handler.lora.peft_adapter import SERVABLE_MODULES, AdapterWeights
 from lora_serving.handler.models import LORA_GROUPS
 from lora_serving.handler.tp.plan import ShardingPlan
 
 MODULE_INDEX = {module: index for index, module in enumerate(SERVABLE_MODULES)}
+# The step-plan group of LoRA on a mixture of experts' expert parameters (lora/expert_lora.py).
+EXPERTS_GROUP = "experts"
 
 
 class DeviceSlots:
@@ -28,12 +31,16 @@ class DeviceSlots:
         device: torch.device,
         shard: ShardingPlan | None = None,
         mirror_writes: bool = False,
+        expert_shapes: dict[str, tuple[int, int]] | None = None,
+        num_experts: int = 0,
     ) -> None:
         """`module_shapes`: the whole model's (in, out); with a sharding plan the buffers hold this rank's
         shard of every adapter (handler/tp/plan.py). `mirror_writes`: keep a log of writes and clears for
         the other tensor-parallel ranks (rank 0), which `take_mirror_ops` empties."""
         self.num_slots = num_slots
         self.device = device
+        self._expert_args = (num_slots, max_rank, num_layers, num_experts, expert_shapes or {}, dtype, device)
+        self.experts: ExpertSlots | None = None  # allocated with the first adapter that has expert LoRA
         self.shard = shard
         if shard is not None:
             module_shapes = shard.local_lora_shapes(module_shapes)
@@ -84,8 +91,13 @@ class DeviceSlots:
             for group in layer_groups.values():
                 group.slot_written(slot)
         targeted = {module for module, rank in zip(SERVABLE_MODULES, ranks.amax(dim=0).tolist()) if rank > 0}
+        if weights.expert_modules and self.experts is None:
+            self.experts = ExpertSlots(*self._expert_args)
+        if self.experts is not None:
+            self.experts.write(slot, weights.expert_modules)
         self._targeted_groups[slot] = frozenset(
-            group for group, modules in LORA_GROUPS.items() if targeted.intersection(modules))
+            group for group, modules in LORA_GROUPS.items() if targeted.intersection(modules)
+        ) | ({EXPERTS_GROUP} if weights.expert_modules else set())
         self.owner[slot] = weights.version.content_hash
 
     def clear(self, slot: int) -> None:
@@ -93,6 +105,8 @@ class DeviceSlots:
             self.mirror_ops.append((slot, None))
         self.host_ranks[:, :, slot] = 0
         self.ranks[:, :, slot] = 0
+        if self.experts is not None:
+            self.experts.clear(slot)
         self._targeted_groups[slot] = frozenset()
         self.owner[slot] = None
 

@@ -30,7 +30,7 @@ from lora_serving.handler.errors import (
     AdapterNotFoundError,
     InvalidAdapterError,
 )
-from lora_serving.handler.lora.device_slots import DeviceSlots
+from lora_serving.handler.lora.device_slots import EXPERTS_GROUP, DeviceSlots
 from lora_serving.handler.lora.host_cache import HostCache
 from lora_serving.handler.lora.names import validate_adapter_name
 from lora_serving.handler.lora.peft_adapter import AdapterVersion, AdapterWeights, BaseModelShapes, load_peft_adapter
@@ -89,7 +89,8 @@ class LoraManager:
         self.dtype = dtype
         self.device = device
         self.slots = DeviceSlots(max_loras, max_rank, base.num_layers, base.module_shapes, dtype, device,
-                                 shard=shard, mirror_writes=row_parallel is not None)
+                                 shard=shard, mirror_writes=row_parallel is not None,
+                                 expert_shapes=base.expert_parameters, num_experts=base.num_experts)
         self.row_parallel = row_parallel
         self.host = HostCache(max_cpu_loras)
         self._lock = threading.Lock()
@@ -426,6 +427,9 @@ class LoraStepApplier:
         self._meta = kernels.LoraBatchMeta.build(host_slots, slots.num_slots, device=device)
         self._token_slots = host_slots.to(device, non_blocking=True)
         self._row_parallel = row_parallel
+        self._experts = slots.experts if EXPERTS_GROUP in plan.groups else None
+        if self._experts is not None:  # base tokens read the expert buffers' zero slot
+            self._expert_slots = torch.where(self._token_slots < 0, self._experts.base_slot, self._token_slots).long()
 
     def apply(self, layer_index: int, group: str, y: torch.Tensor, x: torch.Tensor) -> None:
         if group not in self.plan.groups:
@@ -436,13 +440,22 @@ class LoraStepApplier:
             return
         self._groups[layer_index][group].add(y, x, self._token_slots, self._meta)
 
+    def apply_expert(self, layer_index: int, parameter: str, expert: int, y: torch.Tensor, x: torch.Tensor,
+                     tokens: torch.Tensor) -> None:
+        """Adds the LoRA delta of one expert's parameter to y [n, out] for its rows x [n, in], the step's
+        tokens `tokens` [n] (a mixture of experts groups a step's tokens by expert)."""
+        if self._experts is not None:
+            y += self._experts.delta(layer_index, parameter, expert, self._expert_slots.index_select(0, tokens), x)
+
 
 def _entry_for(weights: AdapterWeights, pinned: bool, load_seconds: float | None) -> _Entry:
     return _Entry(
         version=weights.version,
         pinned=pinned,
-        ranks=sorted({lora.a.shape[0] for lora in weights.modules.values()}),
-        target_modules=sorted({module for _, module in weights.modules}),
+        ranks=sorted({lora.a.shape[0] for lora in weights.modules.values()}
+                     | {lora.a.shape[1] for lora in weights.expert_modules.values()}),
+        target_modules=sorted({module for _, module in weights.modules}
+                              | {f"experts.{parameter}" for _, parameter in weights.expert_modules}),
         load_seconds=load_seconds,
     )
 
@@ -451,7 +464,7 @@ def _for_device(weights: AdapterWeights, device: torch.device) -> AdapterWeights
     """On CUDA, host copies live in page-locked memory so that slot writes are asynchronous copies."""
     if device.type != "cuda":
         return weights
-    for lora in weights.modules.values():
+    for lora in [*weights.modules.values(), *weights.expert_modules.values()]:
         lora.a = lora.a.pin_memory()
         lora.b = lora.b.pin_memory()
     return weights

@@ -8,7 +8,8 @@ scaling = alpha / r, or alpha / sqrt(r) with rslora. r and alpha may differ per 
 
 What an adapter may target is the base model family's (BaseModelShapes.peft_modules). A module the
 checkpoint fuses (Phi-3's qkv_proj, gate_up_proj) feeds several of the engine's modules: its A is shared
-by them and its B split by their output rows, which computes the same delta, row for row.
+by them and its B split by their output rows, which computes the same delta, row for row. LoRA on a
+mixture of experts' expert parameters (`target_parameters`) is read by lora/expert_lora.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from lora_serving.handler.errors import InvalidAdapterError
+from lora_serving.handler.lora.expert_lora import EXPERT_MODULE, ExpertLora, split_experts, which_parameter
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -62,14 +64,17 @@ class AdapterWeights:
 
     version: AdapterVersion
     modules: dict[tuple[int, str], ModuleLora]  # (layer index, module name) -> weights
+    # (layer index, expert parameter) -> every expert's weights
+    expert_modules: dict[tuple[int, str], ExpertLora] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in self.modules.values())
+        loras = [*self.modules.values(), *self.expert_modules.values()]
+        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in loras)
 
     @property
     def max_rank(self) -> int:
-        return max(m.a.shape[0] for m in self.modules.values())
+        return max([m.a.shape[0] for m in self.modules.values()] + [m.a.shape[1] for m in self.expert_modules.values()])
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,11 @@ class BaseModelShapes:
     module_shapes: dict[str, tuple[int, int]]  # the engine's modules
     model_type: str
     peft_modules: PeftModules = field(default_factory=lambda: dict(DEFAULT_PEFT_MODULES))
+    # A mixture of experts': each expert parameter's (in, out) where expert LoRA is served (else empty, and
+    # `expert_lora_refusal` says why when the model has experts).
+    expert_parameters: dict[str, tuple[int, int]] = field(default_factory=dict)
+    num_experts: int = 0
+    expert_lora_refusal: str = ""
 
     def refusal_for(self, parent: str, module: str) -> str | None:
         """Why a LoRA on `parent.module` cannot be served on this model (None: it can)."""
@@ -116,19 +126,23 @@ def load_peft_adapter(
     version = AdapterVersion(name=name, path=adapter_dir, content_hash=digest)
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    expert_pairs: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
     for tensor_name, tensor in tensors.items():
         match = _TENSOR_NAME.match(tensor_name)
         if match is None:
             raise refuse(f"tensor {tensor_name!r} is not a LoRA A/B weight of a decoder-layer projection "
                          "(embedding, lm_head, DoRA and bias weights cannot be served unmerged)")
         layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
+        if base.expert_parameters and EXPERT_MODULE.match(module):
+            expert_pairs.setdefault((layer, parent, module), {})[which] = tensor
+            continue
         refusal = base.refusal_for(parent, module)
         if refusal is not None:
             raise refuse(refusal)
         if layer >= base.num_layers:
             raise refuse(f"it has weights for layer {layer} but the base model has {base.num_layers} layers")
         pairs.setdefault((layer, module), {})[which] = tensor
-    if not pairs:
+    if not pairs and not expert_pairs:
         raise refuse("it holds no LoRA weights")
 
     rank_pattern = config.get("rank_pattern") or {}
@@ -162,7 +176,37 @@ def load_peft_adapter(
         scaled_b = (b.to(torch.float32) * scaling).to(dtype)
         for engine_module, rows in zip(engine_modules, scaled_b.split(part_rows)):
             modules[(layer, engine_module)] = ModuleLora(a=a, b=rows.contiguous())
-    return AdapterWeights(version=version, modules=modules)
+    experts = _expert_modules(expert_pairs, config, base, max_rank, dtype, refuse)
+    return AdapterWeights(version=version, modules=modules, expert_modules=experts)
+
+
+def _expert_modules(expert_pairs, config: dict, base: BaseModelShapes, max_rank: int, dtype: torch.dtype,
+                    refuse) -> dict[tuple[int, str], ExpertLora]:
+    experts: dict[tuple[int, str], ExpertLora] = {}
+    for (layer, parent, module), pair in sorted(expert_pairs.items()):
+        where = f"model.layers.{layer}.{parent}.{module}"
+        if set(pair) != {"A", "B"}:
+            raise refuse(f"{where} has no {'lora_B' if 'A' in pair else 'lora_A'} weight")
+        a, b = pair["A"], pair["B"]
+        parameter = which_parameter(a, b, base.expert_parameters) if a.dim() == b.dim() == 2 else None
+        if parameter is None or a.shape[0] != b.shape[1] or a.shape[0] % base.num_experts:
+            raise refuse(f"{where} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which fit none of the "
+                         f"{base.num_experts} experts' parameters ({base.expert_parameters})")
+        key = f"model.layers.{layer}.{parent}.experts.{parameter}"
+        rank = a.shape[0] // base.num_experts
+        expected = _pattern_value(config.get("rank_pattern") or {}, key, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, key, config.get("lora_alpha", 8))
+        if rank != expected:
+            raise refuse(f"adapter_config.json gives {key} rank {expected} but its tensors have rank {rank}")
+        if rank > max_rank:
+            raise refuse(f"{key} has rank {rank}, above option.max_lora_rank={max_rank}")
+        if (layer, parameter) in experts:
+            raise refuse(f"{key} has two LoRA weights")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise refuse(f"{key} has NaN or infinite weights")
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        experts[(layer, parameter)] = split_experts(a, b, base.num_experts, scaling, dtype)
+    return experts
 
 
 def _read_config(adapter_dir: Path, refuse) -> dict:
@@ -190,9 +234,14 @@ def _check_config(config: dict, base: BaseModelShapes, refuse) -> None:
         raise refuse("it trains biases, which would change the base model for every request")
     if config.get("fan_in_fan_out"):
         raise refuse("fan_in_fan_out=true is for Conv1D models (GPT-2), not this base model")
-    if config.get("target_parameters"):
-        raise refuse(f"target_parameters={config['target_parameters']} puts LoRA on parameters (a mixture of "
-                     f"experts' expert weights), which is not served; servable: {', '.join(base.peft_modules)}")
+    for target in config.get("target_parameters") or []:
+        if base.expert_parameters and target.split(".")[-2:-1] == ["experts"] \
+                and target.split(".")[-1] in base.expert_parameters:
+            continue
+        reason = base.expert_lora_refusal or (
+            f"servable: {', '.join(base.peft_modules)}"
+            + (f" and the experts' {', '.join(base.expert_parameters)}" if base.expert_parameters else ""))
+        raise refuse(f"target_parameters names {target}, LoRA on a parameter this model does not serve it on ({reason})")
     for unsupported in ("layer_replication", "trainable_token_indices"):
         if config.get(unsupported):
             raise refuse(f"{unsupported} is not supported")

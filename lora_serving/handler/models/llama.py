@@ -318,6 +318,11 @@ class LlamaModel:
             "down_proj": (inter, hidden),
         }
 
+    def expert_lora(self) -> tuple[dict[str, tuple[int, int]], int, str]:
+        """A mixture of experts' expert parameters that take LoRA, (in, out) each; the number of experts; why
+        expert LoRA is refused where the model has experts but does not serve it."""
+        return {}, 0, ""
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, H]; kv_cache [layers, 2, kv_heads, blocks, block_size, d]."""

@@ -8,8 +8,10 @@ weighted and added back per token in expert order, as the reference does.
 
 Checkpoints keep one tensor per expert and projection (Mixtral: block_sparse_moe.experts.E.w1 / w3 / w2 for
 gate / up / down, Qwen3-MoE: mlp.experts.E.gate_proj / up_proj / down_proj) and the router as `gate`.
-LoRA is served on the attention projections: with transformers 5 the experts are parameters, not linear
-modules, so PEFT reaches them only through `target_parameters`, which registration refuses by name.
+LoRA is served on the attention projections, and on the experts as PEFT writes it for transformers 5, where
+the experts are parameters (`target_parameters` on experts.gate_up_proj / down_proj; lora/expert_lora.py):
+each expert's rows get their tokens' adapters' deltas. Not under tensor parallelism, where such adapters
+are refused at registration.
 """
 
 from __future__ import annotations
@@ -60,9 +62,17 @@ class MoeDecoderLayer(DecoderLayer):
                 continue
             rows = slice(start, start + count)
             # index_select, not x[index]: advanced indexing cost ~50x more on small CPU tensors (measured).
-            gate_up = self.expert_gate_up[expert](x.index_select(0, token_of[rows]))
+            tokens = token_of[rows]
+            x_rows = x.index_select(0, tokens)
+            gate_up = self.expert_gate_up[expert](x_rows)
+            if lora is not None:
+                lora.apply_expert(self.index, "gate_up_proj", expert, gate_up, x_rows, tokens)
             gate, up = gate_up.split(model.intermediate_size, dim=-1)
-            expert_out[rows] = self.expert_down[expert](model.activation(gate) * up)
+            hidden = model.activation(gate) * up
+            down = self.expert_down[expert](hidden)
+            if lora is not None:
+                lora.apply_expert(self.index, "down_proj", expert, down, hidden, tokens)
+            expert_out[rows] = down
             start += count
         weighted = (expert_out * top_weights.flatten().index_select(0, order)[:, None]).to(x.dtype)
         # Back to token-major order, then each token's k outputs added in expert order (a gather and k - 1
@@ -92,6 +102,12 @@ class MixtralModel(MistralModel):
     @classmethod
     def experts_in(cls, hf_config) -> int:
         return hf_config.num_local_experts
+
+    def expert_lora(self) -> tuple[dict[str, tuple[int, int]], int, str]:
+        if self.plan is not None:
+            return {}, self.num_experts, "expert LoRA is not served under tensor parallelism"
+        hidden, features = self.shape.hidden_size, self.shape.intermediate_size
+        return {"gate_up_proj": (hidden, 2 * features), "down_proj": (features, hidden)}, self.num_experts, ""
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, experts] logits -> each token's top-k weights and expert ids, [T, k] each."""
