@@ -89,5 +89,5 @@ def test_lora_on_the_router_is_refused_naming_it(tiny_models, tmp_path):
     experts = make_peft_adapter(base, tmp_path / "experts", r=4, targets=["q_proj"], target_parameters=EXPERT_PARAMETERS)
     sharded = dataclasses.replace(engine.lora.base, expert_parameters={},
                                   expert_lora_refusal="expert LoRA is not served under tensor parallelism")
-    with pytest.raises(InvalidAdapterError, match=r"mlp\.experts\.gate_up_proj.*not served under tensor parallelism"):
+    with pytest.raises(InvalidAdapterError, match=r"mlp\.experts\.(gate_up|down)_proj.*not served under tensor parallelism"):
         load_peft_adapter("experts", experts, sharded, 16, torch.float32)
