@@ -28,6 +28,19 @@ class ToolCallParser:
         raise NotImplementedError
 
 
+class MarkedToolCallParser(ToolCallParser):
+    """A format whose calls begin at a fixed marker (`<tool_call>`, `[TOOL_CALLS]`)."""
+
+    marker: str
+
+    def start(self, text: str) -> int | None:
+        index = text.find(self.marker)
+        return index if index != -1 else None
+
+    def undecided_tail(self, text: str) -> int:
+        return partial_marker_length(text, self.marker)
+
+
 def partial_marker_length(text: str, marker: str) -> int:
     """The length of the longest end of `text` that is a proper beginning of `marker`."""
     for length in range(min(len(marker) - 1, len(text)), 0, -1):

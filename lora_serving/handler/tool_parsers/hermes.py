@@ -6,19 +6,14 @@ from __future__ import annotations
 import json
 import re
 
-from lora_serving.handler.tool_parsers.base import ParsedToolCall, ToolCallParser, partial_marker_length, tool_call_from_object
+from lora_serving.handler.tool_parsers.base import MarkedToolCallParser, ParsedToolCall, tool_call_from_object
 
 START, END = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(START) + r"(.*?)" + re.escape(END), re.DOTALL)
 
 
-class HermesToolParser(ToolCallParser):
-    def start(self, text: str) -> int | None:
-        index = text.find(START)
-        return index if index != -1 else None
-
-    def undecided_tail(self, text: str) -> int:
-        return partial_marker_length(text, START)
+class HermesToolParser(MarkedToolCallParser):
+    marker = START
 
     def calls(self, tool_text: str, final: bool) -> list[ParsedToolCall] | None:
         blocks = [match.group(1) for match in _BLOCK.finditer(tool_text)]

@@ -4,19 +4,14 @@ content. (Mistral's later `[TOOL_CALLS]name[ARGS]{...}` form is not read.)"""
 from __future__ import annotations
 
 from lora_serving.handler.tool_parsers.base import (
-    ParsedToolCall, ToolCallParser, json_values, partial_marker_length, tool_call_from_object,
+    MarkedToolCallParser, ParsedToolCall, json_values, tool_call_from_object,
 )
 
 START = "[TOOL_CALLS]"
 
 
-class MistralToolParser(ToolCallParser):
-    def start(self, text: str) -> int | None:
-        index = text.find(START)
-        return index if index != -1 else None
-
-    def undecided_tail(self, text: str) -> int:
-        return partial_marker_length(text, START)
+class MistralToolParser(MarkedToolCallParser):
+    marker = START
 
     def calls(self, tool_text: str, final: bool) -> list[ParsedToolCall] | None:
         if not final:
