@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO_ROOT = SCRIPTS.parent
@@ -74,17 +73,12 @@ class Server:
         self.process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} server exited; see {self._log.name}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.name} server did not start; see {self._log.name}")
+        sys.path.insert(0, str(SCRIPTS))
+        from benchlib import wait_until_serving  # torch comes with it: only once a server is started
+
+        # /v1/models: the route both servers answer once their model is loaded.
+        wait_until_serving(self.url, self.process, Path(self._log.name), seconds=STARTUP_SECONDS, path="/v1/models",
+                           poll_seconds=1, what=f"the {self.name} server")
 
     def stop(self) -> None:
         self.process.terminate()

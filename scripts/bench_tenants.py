@@ -41,7 +41,7 @@ from moto.server import ThreadedMotoServer
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine_description, print_table  # noqa: E402
+from benchlib import machine_description, print_table, wait_until_serving  # noqa: E402
 
 from lora_serving.container.demo.build import ensure_demo_model  # noqa: E402
 from lora_serving.container.startup import DEFAULT_CACHE_DIR  # noqa: E402
@@ -99,17 +99,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lora_serving", "--model-dir", str(self.model_dir), "--host", "127.0.0.1",
              "--port", str(self.port)], env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                sys.exit(f"the server exited: see {root / 'server.log'}")
-            try:
-                if httpx.get(f"{self.url}/ping", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        sys.exit("the server did not become healthy")
+        wait_until_serving(self.url, self.process, root / "server.log", seconds=300, poll_seconds=0.2)
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

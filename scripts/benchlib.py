@@ -1,10 +1,13 @@
-"""Shared by the benchmark scripts: the benchmark model, the workload, the machine's memory bandwidth."""
+"""Shared by the benchmark scripts: the benchmark model, the workload, the machine's memory bandwidth, waiting
+for a server the script started."""
 
 from __future__ import annotations
 
 import os
 import platform
 import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +15,7 @@ from pathlib import Path
 from lora_serving import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
 
 # isort: split
+import httpx
 import torch
 
 from lora_serving.container.demo.random_model import save_random_model
@@ -130,3 +134,20 @@ def _format(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+def wait_until_serving(url: str, process: subprocess.Popen | None, log_path: Path | None, *, seconds: float,
+                       path: str = "/ping", poll_seconds: float = 0.5, what: str = "the server") -> None:
+    """Until GET `url``path` answers 200; the script exits naming the log if `process` ends first or after
+    `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            sys.exit(f"{what} exited with status {process.returncode}; its log: {log_path}")
+        try:
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(poll_seconds)
+    sys.exit(f"{what} at {url} did not answer {path} within {seconds} s; its log: {log_path}")

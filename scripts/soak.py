@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import cpu_name, percentile  # noqa: E402
-from benchlib import print_table  # noqa: E402
+from benchlib import print_table, wait_until_serving  # noqa: E402
 from soak_churn import Churn, build_churn, change, churn_kinds, churn_loop, churn_prompts  # noqa: E402
 from soak_reference import chat_prompt, greedy_references  # noqa: E402
 from soak_traffic import REQUEST_TIMEOUT_SECONDS, Case, Outcome, Traffic, one_request, request_deck  # noqa: E402
@@ -68,20 +68,6 @@ def start_server(model_dir: Path, port: int, log_path: Path) -> subprocess.Popen
     log = log_path.open("w")
     return subprocess.Popen([sys.executable, "-m", "lora_serving", "--model-dir", str(model_dir), "--host", "127.0.0.1",
                              "--port", str(port)], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen | None, log_path: Path | None) -> None:
-    deadline = time.monotonic() + SERVER_START_SECONDS
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            sys.exit(f"the server exited with status {process.returncode}; its log: {log_path}")
-        try:
-            if httpx.get(f"{url}/ping", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"the server at {url} did not become healthy within {SERVER_START_SECONDS} s")
 
 
 def free_port() -> int:
@@ -271,7 +257,7 @@ def main() -> int:
         process = start_server(model_dir, port, log_path)
         url, pid = f"http://127.0.0.1:{port}", process.pid
     try:
-        wait_until_healthy(url, process, log_path)
+        wait_until_serving(url, process, log_path, seconds=SERVER_START_SECONDS)
         cases, chat_cases, base_model_name, adapter_dirs = greedy_cases(url, model_dir, args.max_new_tokens)
         churn = None
         if args.churn_every:
