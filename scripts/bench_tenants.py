@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine_description, print_table, wait_until_serving  # noqa: E402
 
+from lora_serving.container.adapter_layout import find_startup_adapters  # noqa: E402
 from lora_serving.container.demo.build import ensure_demo_model  # noqa: E402
 from lora_serving.container.startup import DEFAULT_CACHE_DIR  # noqa: E402
 
@@ -300,7 +301,9 @@ def main() -> None:
     servers: list[Server] = []
     try:
         started = time.perf_counter()
-        names = make_tenants(demo / "adapters" / TEMPLATE_ADAPTER, work / "tenants", args.adapters)
+        # The demo ships its adapters as adapters.tar.gz: found (unpacked) as a server would find them.
+        template = find_startup_adapters(demo, cache_dir=work / "demo-adapters")[TEMPLATE_ADAPTER]
+        names = make_tenants(template, work / "tenants", args.adapters)
         upload(endpoint, work / "tenants", names)
         print(f"{len(names)} adapters made and put in S3 in {time.perf_counter() - started:.0f}s", flush=True)
         env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
