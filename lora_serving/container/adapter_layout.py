@@ -12,16 +12,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lora_serving.container.adapter_files import is_adapter_dir
-from lora_serving.container.archive import (
+from lora_serving.handler.storage.adapter_files import is_adapter_dir
+from lora_serving.handler.storage.archive import (
     DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_TOTAL_BYTES,
     archive_digest,
     safe_extract_tar,
 )
-from lora_serving.container.s3 import is_s3_url
-from lora_serving.container.s3_cache import download_s3_object
-from lora_serving.container.storage_errors import InvalidAdapterError, SourceNotFoundError, StorageError
+from lora_serving.handler.storage.s3 import is_s3_url
+from lora_serving.handler.storage.s3_cache import download_s3_object
+from lora_serving.handler.storage.errors import InvalidAdapterError, SourceNotFoundError, StorageError
 from lora_serving.handler.errors import InvalidAdapterError as InvalidAdapterNameError
 from lora_serving.handler.lora.names import validate_adapter_name
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from lora_serving.container.adapter_source import resolve_adapter_source
+from lora_serving.handler.storage.adapter_source import resolve_adapter_source
 from lora_serving.handler import Engine
 from lora_serving.handler.errors import LoraNotEnabledError
 from lora_serving.handler.hub import HubSettings

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lora_serving.container.adapter_source import resolve_adapter_source
-from lora_serving.container.storage_errors import SourceNotFoundError
+from lora_serving.handler.storage.adapter_source import resolve_adapter_source
+from lora_serving.handler.storage.errors import SourceNotFoundError
 from lora_serving.handler import Config, Engine
 from lora_serving.handler.hub import HF_URL_SCHEME, HubSettings
 from lora_serving.handler.lora.resolver import AdapterResolver, Fetch, ResolverLocation, missing

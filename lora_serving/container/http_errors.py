@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lora_serving.container.storage_errors import (
+from lora_serving.handler.storage.errors import (
     BadSourceError,
     SourceAccessDeniedError,
     SourceNotFoundError,

@@ -16,8 +16,8 @@ from lora_serving.container.adapter_manager import AdapterManager
 from lora_serving.container.adapter_resolving import make_adapter_resolver
 from lora_serving.container.metrics import ServerMetrics
 from lora_serving.container.runtime import Runtime
-from lora_serving.container.s3 import is_s3_url, make_s3_client
-from lora_serving.container.s3_cache import download_s3_prefix
+from lora_serving.handler.storage.s3 import is_s3_url, make_s3_client
+from lora_serving.handler.storage.s3_cache import download_s3_prefix
 from lora_serving.handler import Config, Engine
 from lora_serving.handler.engine_loop import EngineLoop
 from lora_serving.handler.errors import ConfigError

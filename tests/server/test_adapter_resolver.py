@@ -13,7 +13,7 @@ import botocore.exceptions
 import pytest
 
 from lora_serving.container import startup
-from lora_serving.container.s3 import make_s3_client
+from lora_serving.handler.storage.s3 import make_s3_client
 from tests.adapters import peft_greedy
 from tests.server.conftest import LORA_PROPERTIES, lmi_model_dir, start_server
 from tests.server.test_s3_startup import pack, upload_dir

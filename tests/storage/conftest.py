@@ -10,7 +10,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from lora_serving.container.s3 import make_s3_client
+from lora_serving.handler.storage.s3 import make_s3_client
 
 _AWS_SETTINGS_TO_CLEAR = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
 
@@ -71,6 +71,6 @@ class S3CallCounter:
 
 @pytest.fixture
 def counted_client(s3):
-    """A client of the code under test (made by lora_serving.container.s3) with a counter of its calls."""
+    """A client of the code under test (made by lora_serving.handler.storage.s3) with a counter of its calls."""
     client = make_s3_client()
     return client, S3CallCounter(client)

@@ -11,7 +11,7 @@ import pytest
 
 from lora_serving.container import adapter_layout
 from lora_serving.container.adapter_layout import discover_adapters, find_startup_adapters, unpack_adapters_archive
-from lora_serving.container.storage_errors import InvalidAdapterError, StorageError, UnsafeSourceError
+from lora_serving.handler.storage.errors import InvalidAdapterError, StorageError, UnsafeSourceError
 from tests.storage.storage_helpers import (
     file_entry,
     special_entry,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_serving.container.adapter_source import resolve_adapter_source
-from lora_serving.container.storage_errors import (
+from lora_serving.handler.storage.adapter_source import resolve_adapter_source
+from lora_serving.handler.storage.errors import (
     BadSourceError,
     InvalidAdapterError,
     SourceNotFoundError,

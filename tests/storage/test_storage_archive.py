@@ -9,8 +9,8 @@ import tarfile
 
 import pytest
 
-from lora_serving.container.archive import safe_extract_tar
-from lora_serving.container.storage_errors import ArchiveTooLargeError, CorruptArchiveError, UnsafeSourceError
+from lora_serving.handler.storage.archive import safe_extract_tar
+from lora_serving.handler.storage.errors import ArchiveTooLargeError, CorruptArchiveError, UnsafeSourceError
 from tests.storage.storage_helpers import file_entry, special_entry, tar_directory, tar_with_entries, write_adapter
 
 

@@ -9,9 +9,9 @@ import time
 import botocore.exceptions
 import pytest
 
-from lora_serving.container.s3 import make_s3_client, parse_s3_url, s3_errors_as_storage_errors
-from lora_serving.container.s3_cache import download_s3_object, download_s3_prefix
-from lora_serving.container.storage_errors import (
+from lora_serving.handler.storage.s3 import make_s3_client, parse_s3_url, s3_errors_as_storage_errors
+from lora_serving.handler.storage.s3_cache import download_s3_object, download_s3_prefix
+from lora_serving.handler.storage.errors import (
     BadSourceError,
     SourceAccessDeniedError,
     SourceNotFoundError,

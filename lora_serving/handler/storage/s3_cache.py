@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from lora_serving.container.s3 import (
+from lora_serving.handler.storage.s3 import (
     DOWNLOADING_INFIX,
     S3Object,
     S3Url,
@@ -33,8 +33,8 @@ from lora_serving.container.s3 import (
     make_s3_client,
     parse_s3_url,
 )
-from lora_serving.container.safe_paths import UnsafeNameError, relative_parts
-from lora_serving.container.storage_errors import BadSourceError, UnsafeSourceError
+from lora_serving.handler.storage.safe_paths import UnsafeNameError, relative_parts
+from lora_serving.handler.storage.errors import BadSourceError, UnsafeSourceError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from lora_serving.container.safe_paths import UnsafeNameError, relative_parts
-from lora_serving.container.storage_errors import ArchiveTooLargeError, CorruptArchiveError, UnsafeSourceError
+from lora_serving.handler.storage.safe_paths import UnsafeNameError, relative_parts
+from lora_serving.handler.storage.errors import ArchiveTooLargeError, CorruptArchiveError, UnsafeSourceError
 
 # Generous enough for dozens of rank-64 adapters of a 70B model, small enough that a hostile
 # archive cannot fill the disk; the container passes its own configured bounds.

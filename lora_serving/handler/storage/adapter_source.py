@@ -14,17 +14,17 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from lora_serving.container.adapter_files import find_adapter_root, require_adapter_dir
-from lora_serving.container.archive import (
+from lora_serving.handler.storage.adapter_files import find_adapter_root, require_adapter_dir
+from lora_serving.handler.storage.archive import (
     DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_TOTAL_BYTES,
     archive_digest,
     is_tar_archive_name,
     safe_extract_tar,
 )
-from lora_serving.container.s3 import is_s3_url
-from lora_serving.container.s3_cache import download_s3_object, download_s3_prefix_snapshot
-from lora_serving.container.storage_errors import (
+from lora_serving.handler.storage.s3 import is_s3_url
+from lora_serving.handler.storage.s3_cache import download_s3_object, download_s3_prefix_snapshot
+from lora_serving.handler.storage.errors import (
     BadSourceError,
     InvalidAdapterError,
     SourceAccessDeniedError,

@@ -18,7 +18,7 @@ import botocore.config
 import botocore.exceptions
 import s3transfer.exceptions
 
-from lora_serving.container.storage_errors import (
+from lora_serving.handler.storage.errors import (
     BadSourceError,
     SourceAccessDeniedError,
     SourceNotFoundError,

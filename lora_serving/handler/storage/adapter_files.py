@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_serving.container.storage_errors import InvalidAdapterError
+from lora_serving.handler.storage.errors import InvalidAdapterError
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # in order of preference
