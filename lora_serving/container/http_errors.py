@@ -13,27 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lora_serving.handler.storage.errors import (
-    BadSourceError,
-    SourceAccessDeniedError,
-    SourceNotFoundError,
-    StorageError,
-    StorageUnreachableError,
-)
 from lora_serving.handler.error_status import engine_error_status
 from lora_serving.handler.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")
-
-# Most specific first (docs/STORAGE.md).
-_STORAGE_STATUS: tuple[tuple[type[StorageError], HTTPStatus], ...] = (
-    (SourceNotFoundError, HTTPStatus.NOT_FOUND),
-    (SourceAccessDeniedError, HTTPStatus.FORBIDDEN),
-    (StorageUnreachableError, HTTPStatus.SERVICE_UNAVAILABLE),
-    (BadSourceError, HTTPStatus.BAD_REQUEST),
-)
 
 
 class ServiceUnavailableError(Exception):
@@ -42,13 +27,6 @@ class ServiceUnavailableError(Exception):
 
 class PayloadTooLargeError(Exception):
     """A request body over the server's bound: answered 413."""
-
-
-def storage_error_status(error: StorageError) -> int:
-    for error_class, status in _STORAGE_STATUS:
-        if isinstance(error, error_class):
-            return status
-    return HTTPStatus.INTERNAL_SERVER_ERROR
 
 
 def error_response(request: Request, status: int, message: str) -> JSONResponse:
@@ -81,12 +59,6 @@ def install_error_handlers(app: FastAPI) -> None:
             logger.error("%s %s failed: %s", request.method, request.url.path, error)
         return error_response(request, status, str(error))
 
-    async def on_storage_error(request: Request, error: StorageError) -> JSONResponse:
-        status = storage_error_status(error)
-        if status >= 500:
-            logger.error("%s %s failed: %s", request.method, request.url.path, error)
-        return error_response(request, status, str(error))
-
     async def on_unavailable(request: Request, error: ServiceUnavailableError) -> JSONResponse:
         return error_response(request, HTTPStatus.SERVICE_UNAVAILABLE, str(error))
 
@@ -112,7 +84,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, error.status_code, message)
 
     app.add_exception_handler(EngineError, on_engine_error)
-    app.add_exception_handler(StorageError, on_storage_error)
     app.add_exception_handler(ServiceUnavailableError, on_unavailable)
     app.add_exception_handler(PayloadTooLargeError, on_too_large)
     app.add_exception_handler(Exception, on_unexpected)

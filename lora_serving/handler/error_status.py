@@ -1,4 +1,5 @@
-"""The HTTP status each engine error is answered with, for the HTTP server and the DJL handler alike.
+"""The HTTP status each engine error (storage errors included) is answered with, for the HTTP server and the DJL
+handler alike.
 
 A client's mistake is 400, not LMI's 424 ("Failed Dependency"): the request is what is wrong, and SageMaker
 hands the container's status to the caller of InvokeEndpoint either way.
@@ -17,6 +18,12 @@ from lora_serving.handler.errors import (
     InvalidRequestError,
     LoraNotEnabledError,
 )
+from lora_serving.handler.storage.errors import (
+    BadSourceError,
+    SourceAccessDeniedError,
+    SourceNotFoundError,
+    StorageUnreachableError,
+)
 
 # Most specific first: AdapterNotFoundError is also a KeyError, InvalidAdapterError also a ValueError.
 _STATUS_BY_ERROR: tuple[tuple[type[Exception], HTTPStatus], ...] = (
@@ -27,6 +34,11 @@ _STATUS_BY_ERROR: tuple[tuple[type[Exception], HTTPStatus], ...] = (
     (LoraNotEnabledError, HTTPStatus.BAD_REQUEST),
     (InvalidRequestError, HTTPStatus.BAD_REQUEST),
     (ConfigError, HTTPStatus.BAD_REQUEST),
+    # docs/STORAGE.md; any other StorageError is 500.
+    (SourceNotFoundError, HTTPStatus.NOT_FOUND),
+    (SourceAccessDeniedError, HTTPStatus.FORBIDDEN),
+    (StorageUnreachableError, HTTPStatus.SERVICE_UNAVAILABLE),
+    (BadSourceError, HTTPStatus.BAD_REQUEST),
 )
 
 

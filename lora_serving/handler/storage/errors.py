@@ -1,6 +1,7 @@
 """Errors raised by the storage side (S3 downloads, archive unpacking, adapter sources).
 
-The classes follow what the HTTP layer has to answer, so it can map by class alone:
+Engine errors like any other (the server and the DJL handler answer them alike), and the classes follow what
+a caller has to be answered, so that handler/error_status.py maps them by class alone:
 
     StorageError                  anything else that went wrong while fetching or unpacking
       SourceNotFoundError         404: no such bucket, key, prefix or local path
@@ -16,8 +17,10 @@ The classes follow what the HTTP layer has to answer, so it can map by class alo
 Every message names the bucket/key, path or archive entry and says what is wrong with it.
 """
 
+from lora_serving.handler.errors import EngineError
 
-class StorageError(Exception):
+
+class StorageError(EngineError):
     """Base of every storage failure."""
 
 
