@@ -45,7 +45,7 @@ from benchlib import machine_description, print_table, wait_until_serving  # noq
 
 from lora_serving.container.adapter_layout import find_startup_adapters  # noqa: E402
 from lora_serving.container.demo.build import ensure_demo_model  # noqa: E402
-from lora_serving.container.startup import DEFAULT_CACHE_DIR  # noqa: E402
+from lora_serving.handler.config import DEFAULT_CACHE_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "the red cat sees a small dog\n"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from lora_serving.container.adapter_layout import ADAPTERS_ARCHIVE, ADAPTERS_DIR, find_startup_adapters
 from lora_serving.container.adapter_manager import AdapterManager
-from lora_serving.container.adapter_resolving import make_adapter_resolver
 from lora_serving.container.metrics import ServerMetrics
 from lora_serving.container.runtime import Runtime
 from lora_serving.handler.storage.s3 import is_s3_url, make_s3_client
@@ -23,17 +22,16 @@ from lora_serving.handler.engine_loop import EngineLoop
 from lora_serving.handler.errors import ConfigError
 from lora_serving.handler.generation_runner import GenerationRunner
 from lora_serving.handler.hub import HubSettings, fetch_model_for, is_hub_id, served_model_name
+from lora_serving.handler.lora.resolver_fetch import make_adapter_resolver
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "lora-serving"
 
 
 def load_runtime(model_dir: Path, env: Mapping[str, str], event_loop: asyncio.AbstractEventLoop,
                  metrics: ServerMetrics, on_fatal_error: Callable[[str], None] | None = None) -> Runtime:
     """`on_fatal_error(message)`: the engine stopped for good after start-up (a tensor-parallel rank died)."""
     config = Config.load(model_dir, env)
-    cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else DEFAULT_CACHE_DIR
+    cache_dir = config.cache_path
     if not _model_configured(model_dir, config):
         from lora_serving.container.demo.build import (
             ensure_demo_model,  # the demo's training code is not needed otherwise
@@ -84,7 +82,7 @@ def _serve(engine: Engine, config: Config, model_dir: Path, local_dir: Path, cac
     if config.enable_lora:
         logger.info("adapters: %s", ", ".join(info.name for info in engine.list_adapters()) or "none")
 
-    resolver = make_adapter_resolver(engine, config, cache_dir=cache_dir, s3_client=s3_client, hub=hub)
+    resolver = make_adapter_resolver(engine, config, hub=hub, s3_client=s3_client)
     if resolver is not None:
         logger.info("adapters not registered are looked up on first use at %s (at most %d kept, "
                     "option.max_disk_loras)", resolver.location, config.max_disk_loras)

@@ -21,6 +21,8 @@ from lora_serving.handler.tool_parsers import TOOL_CALL_PARSERS
 logger = logging.getLogger(__name__)
 
 PROPERTIES_FILE = "serving.properties"
+# Where downloads are cached when option.cache_dir is not set.
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "lora-serving"
 
 # Environment variables SageMaker and LMI users set, mapped onto option keys.
 ENV_ALIASES = {
@@ -181,6 +183,10 @@ class Config:
     @property
     def cpu_lora_capacity(self) -> int:
         return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else DEFAULT_CACHE_DIR
 
     # ---- validation ---------------------------------------------------------------------------------
 

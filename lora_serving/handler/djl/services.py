@@ -30,7 +30,7 @@ from lora_serving.handler.errors import EngineError, InvalidRequestError, RankFa
 from lora_serving.handler.generation_runner import GenerationFailedError, GenerationRunner, RunningPrompt
 from lora_serving.handler.hub import HubSettings, served_model_name
 from lora_serving.handler.lora.resolver import AdapterResolver
-from lora_serving.handler.lora.resolver_fetch import make_handler_resolver
+from lora_serving.handler.lora.resolver_fetch import make_adapter_resolver
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def start_engine(properties: dict[str, str]) -> Engine:
 
 def start_resolver(engine: Engine) -> AdapterResolver | None:
     """option.adapter_resolver; DJL bounds the requests waiting itself (its job_queue_size)."""
-    return make_handler_resolver(engine, engine.config, HubSettings.from_env(os.environ))
+    return make_adapter_resolver(engine, engine.config, hub=HubSettings.from_env(os.environ))
 
 
 def exit_worker(message: str) -> None:

@@ -10,8 +10,8 @@ know waits while it is fetched from the resolver's location and registered, then
   pinned or a request still uses it. Adapters registered any other way (start-up, management API) are never
   evicted.
 
-How a name becomes a local directory (`fetch`) is the caller's: the server fetches from S3, the Hub or a local
-directory (container/adapter_resolving.py); the DJL handler from the Hub or a local directory.
+How a name becomes a local directory (`fetch`) is resolver_fetch.py's, for the server and the DJL handler alike:
+from S3, the Hub or a local directory.
 """
 
 from __future__ import annotations
