@@ -6,7 +6,6 @@ Every method blocks (file and network I/O): the routes call them with asyncio.to
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from lora_serving.handler.storage.adapter_source import resolve_adapter_source
@@ -33,9 +32,6 @@ class AdapterManager:
         self._s3_client = s3_client
         self._hub = hub
         self._max_archive_bytes = max_archive_bytes
-        # What each adapter was registered from, as the client wrote it (the engine knows the local path).
-        self._sources: dict[str, str] = {}
-        self._lock = threading.Lock()
 
     def register(self, name: str, src: str, *, preload: bool = True, pin: bool = False) -> None:
         # Checked before anything is downloaded or unpacked for an engine that cannot use it.
@@ -43,9 +39,8 @@ class AdapterManager:
             raise LoraNotEnabledError("LoRA is not enabled (set option.enable_lora=true)")
         validate_adapter_name(name)
         path = self._resolve(src)
-        self._engine.register_adapter(name, path, pin=pin, preload=preload)
-        with self._lock:
-            self._sources[name] = src
+        # Listed with the src the client wrote, not the cache directory it was downloaded into.
+        self._engine.register_adapter(name, path, pin=pin, preload=preload, source=src)
 
     def register_local(self, name: str, path: Path) -> None:
         """A start-up adapter, already on local disk; skipped if the engine registered it itself."""
@@ -54,15 +49,10 @@ class AdapterManager:
 
     def update(self, name: str, *, src: str | None = None, pin: bool | None = None) -> None:
         path = self._resolve(src) if src else None
-        self._engine.update_adapter(name, path, pin=pin)
-        if src:
-            with self._lock:
-                self._sources[name] = src
+        self._engine.update_adapter(name, path, pin=pin, source=src)
 
     def unregister(self, name: str) -> None:
         self._engine.unregister_adapter(name)
-        with self._lock:
-            self._sources.pop(name, None)
 
     def describe(self, name: str) -> dict:
         return self._description(self._engine.get_adapter(name))
@@ -76,11 +66,9 @@ class AdapterManager:
 
     def _description(self, info) -> dict:
         # DJL's fields (name, src, pin) first, then what this engine knows beyond them.
-        with self._lock:
-            src = self._sources.get(info.name, str(info.path))
         return {
             "name": info.name,
-            "src": src,
+            "src": info.source,
             "pin": info.pinned,
             "tier": info.tier,
             "ranks": info.ranks,

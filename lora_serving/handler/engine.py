@@ -404,12 +404,15 @@ class Engine:
 
     # ---- adapters -----------------------------------------------------------------------------------
 
-    def register_adapter(self, name: str, path: str | Path, *, pin: bool = False, preload: bool = True) -> AdapterInfo:
-        """Check and register a PEFT LoRA adapter directory; InvalidAdapterError says why one is refused."""
-        return self._require_lora().register(name, path, pin=pin, preload=preload)
+    def register_adapter(self, name: str, path: str | Path, *, pin: bool = False, preload: bool = True,
+                         source: str | None = None) -> AdapterInfo:
+        """Check and register a PEFT LoRA adapter directory; InvalidAdapterError says why one is refused.
+        `source`: where the directory came from (an s3:// or hf:// url), listed instead of the local path."""
+        return self._require_lora().register(name, path, pin=pin, preload=preload, source=source)
 
-    def update_adapter(self, name: str, path: str | Path | None = None, *, pin: bool | None = None) -> AdapterInfo:
-        return self._require_lora().update(name, path, pin=pin)
+    def update_adapter(self, name: str, path: str | Path | None = None, *, pin: bool | None = None,
+                       source: str | None = None) -> AdapterInfo:
+        return self._require_lora().update(name, path, pin=pin, source=source)
 
     def unregister_adapter(self, name: str) -> None:
         """New requests for `name` are refused from now on; requests already accepted finish."""

@@ -30,6 +30,7 @@ def test_the_server_resolves_hub_adapters_on_first_use(hub, server_base, server_
             prompt_ids = live.runtime.engine.tokenize(PROMPT)
             assert [token["id"] for token in answer.json()["details"]["tokens"]] == \
                 peft_greedy(server_base, server_adapters["a2"], prompt_ids, NEW_TOKENS)
+            assert client.get("/adapters/adapter-a2").json()[0]["src"] == "hf://org/adapter-a2"
             missing = client.post("/v1/completions", json={"model": "adapter-none", "prompt": PROMPT})
             assert missing.status_code == 404 and "adapter-none" in missing.json()["error"]["message"]
     finally:

@@ -12,7 +12,7 @@ from lora_serving.handler import Engine, SamplingParams
 from lora_serving.handler.errors import AdapterNotFoundError, ConfigError, InvalidAdapterError
 from lora_serving.handler.hub import HubSettings
 from lora_serving.handler.lora.resolver import MISS_SECONDS, AdapterResolver, ResolverLocation
-from lora_serving.handler.lora.resolver_fetch import handler_fetch
+from lora_serving.handler.lora.resolver_fetch import resolver_fetch
 
 
 class Clock:
@@ -38,8 +38,9 @@ def resolve(resolver: AdapterResolver, name: str) -> None:
 
 def resolver_for(engine, tenants, tmp_path, clock, max_resolved=4) -> AdapterResolver:
     location = ResolverLocation.parse(str(tenants))
-    fetch = handler_fetch(location, HubSettings(endpoint=None, token=None, cache_dir=tmp_path / "hub", offline=True),
-                          max_total_bytes=1 << 30)
+    fetch = resolver_fetch(location, s3_client=None,
+                           hub=HubSettings(endpoint=None, token=None, cache_dir=tmp_path / "hub", offline=True),
+                           max_total_bytes=1 << 30)
     return AdapterResolver(engine, location, fetch, tmp_path / "store", max_resolved=max_resolved, clock=clock)
 
 

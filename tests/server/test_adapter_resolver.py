@@ -103,6 +103,10 @@ def test_first_use_from_s3_folder_and_archive_one_download_and_bounded_disk(
             assert lmi_ids(client, "t-archive", via="header") == a2_ids
             described = client.get("/adapters/t-archive").json()[0]
             assert described["tokens_served"] >= NEW_TOKENS and described["tier"] in {"device", "host"}
+            # Listed with the URL each was found at, as if registered with that src, not the cache directory.
+            assert described["src"] == "s3://tenants/lora/t-archive.tar.gz"
+            listed = {adapter["name"]: adapter["src"] for adapter in client.get("/adapters").json()["adapters"]}
+            assert listed["t-folder"] == "s3://tenants/lora/t-folder/"
             assert {"t-folder", "t-archive"} <= {model["id"] for model in client.get("/v1/models").json()["data"]}
 
             # Two resolved adapters at most: t-folder is requested again, so t-archive is the least recent.
@@ -209,6 +213,9 @@ def test_a_local_directory_resolver_keeps_adapters_inside_it(server_base, server
                                                               NEW_TOKENS)
             assert lmi_ids(client, "packed") == peft_greedy(server_base, server_adapters["a2"], prompt_ids,
                                                            NEW_TOKENS)
+            listed = {adapter["name"]: adapter["src"] for adapter in client.get("/adapters").json()["adapters"]}
+            assert listed == {"local-one": str(tenants.resolve() / "local-one"),
+                              "packed": str(tenants.resolve() / "packed.tar.gz")}
             escaping = client.post("/invocations", json={"inputs": PROMPT, "adapters": "here"})
             assert escaping.status_code == 400 and "outside the allowed local roots" in escaping.json()["error"]
             assert client.post("/invocations", json={"inputs": PROMPT, "adapters": "absent"}).status_code == 404

@@ -50,6 +50,7 @@ ROW_PARALLEL_GROUPS = ("o", "down")
 class AdapterInfo:
     name: str
     path: str
+    source: str  # what it was registered from as its registrant named it (an s3:// url...); else `path`
     tier: str  # "device" | "host" | "disk"
     pinned: bool
     ranks: list[int]  # distinct ranks over its modules
@@ -66,6 +67,7 @@ class _Entry:
     ranks: list[int]
     target_modules: list[str]
     load_seconds: float | None
+    source: str | None
 
 
 class LoraManager:
@@ -111,7 +113,9 @@ class LoraManager:
 
     # ---- registry (any thread) ----------------------------------------------------------------------
 
-    def register(self, name: str, path: str | Path, *, pin: bool = False, preload: bool = True) -> AdapterInfo:
+    def register(self, name: str, path: str | Path, *, pin: bool = False, preload: bool = True,
+                 source: str | None = None) -> AdapterInfo:
+        """`source`: where `path` came from, as the registrant named it (shown instead of the local path)."""
         validate_adapter_name(name)
         with self._lock:
             if name in self._entries:
@@ -124,14 +128,15 @@ class LoraManager:
                 raise AdapterExistsError(f"Adapter {name} is already registered")
             if pin:
                 self._check_pin_capacity(weights.version.content_hash)
-            self._entries[name] = _entry_for(weights, pinned=pin, load_seconds=load_seconds)
+            self._entries[name] = _entry_for(weights, pinned=pin, load_seconds=load_seconds, source=source)
             if pin:
                 self._pinned_hashes.add(weights.version.content_hash)
         self._keep_in_host(weights, pin, preload)
         logger.info("registered adapter %s from %s (ranks %s)", name, path, self._entries[name].ranks)
         return self.info(name)
 
-    def update(self, name: str, path: str | Path | None = None, *, pin: bool | None = None) -> AdapterInfo:
+    def update(self, name: str, path: str | Path | None = None, *, pin: bool | None = None,
+               source: str | None = None) -> AdapterInfo:
         """New files and/or a new pin state for a registered name; running requests keep their version."""
         with self._lock:
             entry = self._require(name)
@@ -144,7 +149,7 @@ class LoraManager:
                 self._check_pin_capacity(new_hash, replacing=entry.version.content_hash if entry.pinned else None)
             self._unpin_locked(entry)
             if weights is not None:
-                entry = self._entries[name] = _entry_for(weights, pinned=pinned, load_seconds=None)
+                entry = self._entries[name] = _entry_for(weights, pinned=pinned, load_seconds=None, source=source)
             entry.pinned = pinned
             if pinned:
                 self._pinned_hashes.add(new_hash)
@@ -187,6 +192,7 @@ class LoraManager:
         return AdapterInfo(
             name=name,
             path=str(entry.version.path),
+            source=entry.source or str(entry.version.path),
             tier=tier,
             pinned=entry.pinned,
             ranks=entry.ranks,
@@ -448,7 +454,7 @@ class LoraStepApplier:
             y += self._experts.delta(layer_index, parameter, expert, self._expert_slots.index_select(0, tokens), x)
 
 
-def _entry_for(weights: AdapterWeights, pinned: bool, load_seconds: float | None) -> _Entry:
+def _entry_for(weights: AdapterWeights, pinned: bool, load_seconds: float | None, source: str | None) -> _Entry:
     return _Entry(
         version=weights.version,
         pinned=pinned,
@@ -457,6 +463,7 @@ def _entry_for(weights: AdapterWeights, pinned: bool, load_seconds: float | None
         target_modules=sorted({module for _, module in weights.modules}
                               | {f"experts.{parameter}" for _, parameter in weights.expert_modules}),
         load_seconds=load_seconds,
+        source=source,
     )
 
 

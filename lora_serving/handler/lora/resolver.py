@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from lora_serving.handler.errors import AdapterExistsError, AdapterNotFoundError, ConfigError
 from lora_serving.handler.lora.names import validate_adapter_name
@@ -45,9 +46,16 @@ S3_SCHEME = "s3://"
 HF_SCHEME = "hf://"
 _HUB_ORG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
-# fetch(name, directory it may write into) -> the local adapter directory; raises AdapterNotFoundError when the
-# location does not hold `name`, anything else when it holds it but fetching or checking it failed.
-Fetch = Callable[[str, Path], Path]
+
+
+class Fetched(NamedTuple):
+    path: Path  # the local adapter directory
+    source: str  # where it was found, as a registrant would name it (s3://bucket/prefix/name/): its listed src
+
+
+# fetch(name, directory it may write into) -> where the adapter is and came from; raises AdapterNotFoundError when
+# the location does not hold `name`, anything else when it holds it but fetching or checking it failed.
+Fetch = Callable[[str, Path], Fetched]
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +157,8 @@ class AdapterResolver:
             shutil.rmtree(directory, ignore_errors=True)  # leftovers of an evicted or failed earlier fetch
             started = time.perf_counter()
             try:
-                path = self._fetch(name, directory)
-                self._engine.register_adapter(name, path, preload=True)
+                fetched = self._fetch(name, directory)
+                self._engine.register_adapter(name, fetched.path, preload=True, source=fetched.source)
             except AdapterExistsError:
                 # Registered through the management API while this fetch ran: that registration serves.
                 shutil.rmtree(directory, ignore_errors=True)
@@ -164,7 +172,7 @@ class AdapterResolver:
                 with self._lock:
                     self._stats.failed += 1
                 raise
-            logger.info("resolved adapter %s from %s in %.2fs", name, self.location, time.perf_counter() - started)
+            logger.info("resolved adapter %s from %s in %.2fs", name, fetched.source, time.perf_counter() - started)
             with self._lock:
                 self._resolved[name] = directory
                 self._misses.pop(name, None)

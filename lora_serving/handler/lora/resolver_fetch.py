@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lora_serving.handler.config import Config
 from lora_serving.handler.hub import HF_URL_SCHEME, HubSettings
-from lora_serving.handler.lora.resolver import AdapterResolver, Fetch, ResolverLocation, missing
+from lora_serving.handler.lora.resolver import AdapterResolver, Fetch, Fetched, ResolverLocation, missing
 from lora_serving.handler.storage.adapter_source import resolve_adapter_source
 from lora_serving.handler.storage.errors import SourceNotFoundError
 from lora_serving.handler.storage.s3 import make_s3_client
@@ -33,16 +33,17 @@ def make_adapter_resolver(engine, config: Config, *, hub: HubSettings, s3_client
 
 
 def resolver_fetch(location: ResolverLocation, *, s3_client, hub: HubSettings, max_total_bytes: int) -> Fetch:
-    def fetch(name: str, directory: Path) -> Path:
+    def fetch(name: str, directory: Path) -> Fetched:
         # The Hub's cache for this adapter lives in its own directory too, so that eviction frees it.
         own_hub = dataclasses.replace(hub, cache_dir=directory / "hub")
         for src in candidate_sources(location, name):
             try:
-                return resolve_adapter_source(src, allowed_roots=[location.base] if location.kind == "local" else [],
+                path = resolve_adapter_source(src, allowed_roots=[location.base] if location.kind == "local" else [],
                                               cache_dir=directory, client=s3_client, hub=own_hub,
                                               max_total_bytes=max_total_bytes)
             except SourceNotFoundError:
                 continue
+            return Fetched(path, src)
         raise missing(location, name)
 
     return fetch
