@@ -126,17 +126,17 @@ class LoraTraffic:
         self.in_features = torch.tensor([shapes[m][0] for m in SERVABLE_MODULES])[None, :, None]
         self.out_features = torch.tensor([shapes[m][1] for m in SERVABLE_MODULES])[None, :, None]
         self.element = torch.empty((), dtype=engine.dtype).element_size()
-        self._original = engine.lora.step_applier
-        engine.lora.step_applier = self._counting_step_applier
+        self._original = engine.lora.admission.step_plan
+        engine.lora.admission.step_plan = self._counting_step_plan
 
     def close(self) -> None:
-        self.engine.lora.step_applier = self._original
+        self.engine.lora.admission.step_plan = self._original
 
-    def _counting_step_applier(self, step):
-        applier = self._original(step)
-        token_slots = [self.engine.lora._slot_for(seq) for seq in step.decode_seqs]
+    def _counting_step_plan(self, step):
+        plan = self._original(step)
+        token_slots = [self.engine.lora.admission.slot_for(seq) for seq in step.decode_seqs]
         for seq in step.prefill_seqs:
-            token_slots += [self.engine.lora._slot_for(seq)] * seq.num_tokens
+            token_slots += [self.engine.lora.admission.slot_for(seq)] * seq.num_tokens
         used = torch.tensor(sorted({slot for slot in token_slots if slot >= 0}), dtype=torch.long)
         if used.numel():
             ranks = self.host_ranks[:, :, used].long()  # [layers, modules, used slots]
@@ -146,7 +146,7 @@ class LoraTraffic:
             tokens = torch.bincount(with_adapter, minlength=self.host_ranks.shape[2])[used]
             self.flops += int((2 * weights.sum(dim=(0, 1)) * tokens).sum())
         self.steps += 1
-        return applier
+        return plan
 
 
 def time_to_first_token(engine: Engine, prompt_ids, adapter: str) -> float:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 # handler before torch: it sets how torch's OpenMP threads wait.
 from lora_serving.handler import Engine
-from lora_serving.handler.lora.manager import LoraStepPlan
+from lora_serving.handler.lora.step_plan import LoraStepPlan
 from lora_serving.handler.step_inputs import StepInputs
 from lora_serving.handler.tp.plan import ModelShape, ShardingPlan, ring_all_reduce_wire_bytes
 from lora_serving.handler.tp.protocol import StepMessage

@@ -11,17 +11,14 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence as SequenceOf
 
-import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
-from lora_serving import handler
 from lora_serving.handler.block_manager import BlockManager
 from lora_serving.handler.config import Config
-from lora_serving.handler.cpu_threads import CpuThreads
+from lora_serving.handler.engine_stats import EngineStats, StepCounters
 from lora_serving.handler.errors import (
     AdapterError,
     ConfigError,
@@ -29,14 +26,16 @@ from lora_serving.handler.errors import (
     LoraNotEnabledError,
     ModelLoadError,
 )
-from lora_serving.handler.lora.manager import AdapterInfo, LoraManager
-from lora_serving.handler.lora.peft_adapter import BaseModelShapes
-from lora_serving.handler.model_runner import ModelRunner, kv_bytes_per_token
-from lora_serving.handler.models import load_hf_config, load_model
+from lora_serving.handler.lora.manager import LoraManager
+from lora_serving.handler.lora.registry import AdapterInfo
+from lora_serving.handler.model_limits import eos_token_ids, resolve_max_model_len
+from lora_serving.handler.models import load_hf_config
 from lora_serving.handler.offline import generate_offline
 from lora_serving.handler.output_processor import RequestTextState
 from lora_serving.handler.request_sequences import RequestSequences
-from lora_serving.handler.scheduler import ScheduledStep, Scheduler
+from lora_serving.handler.runner.device import resolve_device
+from lora_serving.handler.runner.model_runner import ModelRunner
+from lora_serving.handler.scheduler import Scheduler
 from lora_serving.handler.sequence import (
     FinishReason,
     GenerationResult,
@@ -46,39 +45,13 @@ from lora_serving.handler.sequence import (
     TokenOutput,
 )
 from lora_serving.handler.structured_output import StructuredOutputCompiler
-from lora_serving.handler.tp.devices import cpu_threads_per_rank, rank_devices, resolve_degree
-from lora_serving.handler.tp.lora import RowParallelLora
+from lora_serving.handler.tp.devices import rank_devices, resolve_degree
 from lora_serving.handler.tp.plan import ModelShape, ShardingPlan
-from lora_serving.handler.tp.protocol import WorkerInit
 from lora_serving.handler.tp.ranks import RankGroup
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Memory kept free on a GPU for activations and the sampler, beyond the KV cache.
-CUDA_ACTIVATION_RESERVE_BYTES = 2 * 1024**3
 IDLE_WAIT_SECONDS = 0.002
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_kv_blocks: int
-    num_free_kv_blocks: int
-    steps: int
-    generated_tokens: int
-    prompt_tokens: int
-    preemptions: int
-    # Prefix cache: prompt tokens looked up at admission and found there (their K/V reused, not computed),
-    # and blocks kept for reuse that no sequence holds (counted in num_free_kv_blocks: they are reclaimable).
-    prefix_cache_queried_tokens: int
-    prefix_cache_hit_tokens: int
-    num_cached_kv_blocks: int
-    # Steps in which the token budget cut a prefill short (chunked prefill).
-    chunked_prefill_steps: int
-    num_adapter_slots: int  # 0 without LoRA
-    num_busy_adapter_slots: int  # held by sequences in the running batch; the rest can take another adapter
 
 
 class Engine:
@@ -91,8 +64,7 @@ class Engine:
         elif model_dir is not None or options:
             raise TypeError("pass either a Config or model_dir and options, not both")
         self.config = config
-        self.device = _resolve_device(config)
-        self.dtype = resolve_dtype(config, self.device)
+        self.device = resolve_device(config)
         model_dir = Path(config.model_id)
         if config.model_id.startswith("s3://"):
             raise ConfigError("model_id", config.model_id, "the engine loads a local directory; the container "
@@ -106,16 +78,15 @@ class Engine:
         self.tensor_parallel_degree = resolve_degree(config, self.device)
         # Refused here, before any rank starts: heads or features that do not split over the ranks, then
         # more ranks than devices.
-        plan = ShardingPlan(ModelShape.from_hf_config(self.hf_config), 0, self.tensor_parallel_degree)
+        ShardingPlan(ModelShape.from_hf_config(self.hf_config), 0, self.tensor_parallel_degree)
         devices = rank_devices(self.tensor_parallel_degree, self.device)
         self.ranks: RankGroup | None = None
         if len(devices) > 1:
             # The ranks run from another directory: they get the model's absolute path.
             rank_config = dataclasses.replace(config, model_id=str(model_dir.resolve()))
-            self.ranks = RankGroup(rank_config, len(devices), devices, config.tensor_parallel_timeout,
-                                   cpu_threads_per_rank(config, len(devices)) if self.device.type == "cpu" else None)
+            self.ranks = RankGroup(rank_config, len(devices), devices, config.tensor_parallel_timeout)
         try:
-            self._load(config, model_dir, plan)
+            self._load(config, model_dir)
         except BaseException:
             self.close()
             raise
@@ -137,59 +108,41 @@ class Engine:
         # request id -> its unfinished sequences (one per n / best_of choice)
         self._sequences: dict[str, list[Sequence]] = {}
         self._text_states: dict[Sequence, RequestTextState] = {}
-        self._steps = 0
-        self._generated_tokens = 0
-        self._prompt_tokens = 0
-        self._preemptions = 0
-        self._cache_queried_tokens = 0
-        self._cache_hit_tokens = 0
-        self._chunked_steps = 0
+        self._counters = StepCounters()
         if self.lora is not None and adapters_from_model_dir:
             self._register_model_dir_adapters()
 
-    def _load(self, config: Config, model_dir: Path, plan: ShardingPlan) -> None:
-        """The model (this rank's shard), tokenizer, adapter manager, KV cache and runner."""
+    def _load(self, config: Config, model_dir: Path) -> None:
+        """The tokenizer; this rank's runner (model shard, LoRA slots, KV cache); the host side around it."""
         ranks = self.ranks
-        comm = ranks.comm if ranks is not None else None
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=config.trust_remote_code)
-        self.model = load_model(model_dir, self.hf_config, self.dtype, self.device, plan, comm)
+        self.runner = ModelRunner(config, self.device, world_size=self.tensor_parallel_degree,
+                                  comm=ranks.comm if ranks is not None else None, followers=ranks)
+        self.model, self.dtype = self.runner.model, self.runner.dtype
         if ranks is not None:
             ranks.wait_for("loaded")
-        self.max_model_len = _resolve_max_model_len(config, self.model.max_position_embeddings)
-        self.eos_token_ids = _eos_token_ids(model_dir, self.hf_config, self.tokenizer)
+        self.max_model_len = resolve_max_model_len(config, self.model.max_position_embeddings)
+        self.eos_token_ids = eos_token_ids(model_dir, self.hf_config, self.tokenizer)
 
         self.lora: LoraManager | None = None
         if config.enable_lora:
-            self.lora = LoraManager(
-                BaseModelShapes(self.model.num_layers, self.model.lora_module_shapes(), self.hf_config.model_type,
-                                dict(self.model.peft_modules), *self.model.expert_lora()),
-                max_loras=config.max_loras,
-                max_cpu_loras=config.cpu_lora_capacity,
-                max_rank=config.max_lora_rank,
-                max_wait_steps=config.max_adapter_wait_steps,
-                dtype=self.dtype,
-                device=self.device,
-                shard=plan if ranks is not None else None,
-                row_parallel=RowParallelLora(comm, plan.hidden_columns, config.max_loras, config.max_lora_rank,
-                                             self.dtype, self.device) if ranks is not None else None,
-            )
-        # Per rank: every rank holds its KV heads of the same blocks.
-        num_blocks = config.num_kv_blocks or self._auto_num_kv_blocks()
-        if ranks is not None:
-            ranks.send(WorkerInit(num_kv_blocks=num_blocks))
+            self.lora = LoraManager(self.runner.lora_base_shapes(), self.runner.lora_slots,
+                                    max_cpu_loras=config.cpu_lora_capacity, max_rank=config.max_lora_rank,
+                                    max_wait_steps=config.max_adapter_wait_steps, dtype=self.dtype,
+                                    device=self.device)
+        num_blocks = self.runner.num_kv_blocks(self.max_model_len)
+        self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
+        self.runner.use_block_manager(self.block_manager)
         self.scheduler = Scheduler(
             self.block_manager,
             max_running=config.max_rolling_batch_size,
             # Every running sequence's decode fits, whatever the setting.
             max_batched_tokens=max(config.max_num_batched_tokens, config.max_rolling_batch_size),
-            gate=self.lora,
+            gate=self.lora.admission if self.lora is not None else None,
             chunked_prefill=config.enable_chunked_prefill,
         )
-        self.runner = ModelRunner(self.model, self.block_manager, ranks,
-                                  self.lora.slots if self.lora is not None else None)
-        self._cpu_threads = _cpu_threads(config, self.device, plan.world_size)
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -272,8 +225,7 @@ class Engine:
         """Admit queued requests, run one forward pass, and report every request that progressed."""
         outputs: list[RequestOutput] = []
         self.check_health()
-        if self._cpu_threads is not None:
-            self._cpu_threads.maybe_adjust()
+        self.runner.adjust_cpu_threads()
         self._take_queued(outputs)
         if self.lora is not None:
             for seq, message in self.lora.take_failed(self.scheduler.waiting):
@@ -281,18 +233,18 @@ class Engine:
             self.lora.prefetch(self.scheduler.waiting)
         step = self.scheduler.schedule()
         if self.lora is not None:
-            self.lora.group_by_slot(step.decode_seqs)
-        self._preemptions += len(step.preempted)
+            self.lora.admission.group_by_slot(step.decode_seqs)
+        self._counters.preemptions += len(step.preempted)
         if step.is_empty:
             if self.scheduler.waiting and not outputs:
                 # Everything waits on an adapter load: yield the CPU to the loader instead of spinning.
                 time.sleep(IDLE_WAIT_SECONDS)
             return outputs
-        self._count(step)
+        self._counters.count(step)
         seqs, _ = step.sampling_rows()
         try:
-            lora_step = self.lora.step_applier(step) if self.lora is not None else None
-            sampled = self.runner.execute(step, lora_step)
+            lora_plan = self.lora.admission.step_plan(step) if self.lora is not None else None
+            sampled = self.runner.execute(step, lora_plan)
         except Exception as error:  # a failed forward must not take the engine (or other steps) down
             if self.ranks is not None:
                 # ...except with tensor parallelism: the ranks may now disagree on where they are.
@@ -306,7 +258,7 @@ class Engine:
         for seq, token_id, log_prob, top in zip(seqs, sampled.token_ids, sampled.log_probs, sampled.top):
             text_state = self._text_states[seq]
             token, finish = text_state.process(seq, token_id, log_prob, top)
-            self._generated_tokens += 1
+            self._counters.generated_tokens += 1
             if self.lora is not None:
                 self.lora.record_token(seq)
             # The prompt's scores go out with the first token (the prefill that computed them).
@@ -319,16 +271,6 @@ class Engine:
                 output.prompt_log_probs = prompt_log_probs
                 outputs.append(output)
         return outputs
-
-    def _count(self, step: ScheduledStep) -> None:
-        self._steps += 1
-        self._chunked_steps += step.is_chunked
-        self._cache_queried_tokens += step.cache_queried_tokens
-        self._cache_hit_tokens += step.cache_hit_tokens
-        # Prompt tokens computed (not those whose K/V came from the prefix cache).
-        self._prompt_tokens += sum(max(0, min(seq.num_cached_tokens + length, len(seq.prompt_token_ids))
-                                          - seq.num_cached_tokens)
-                                   for seq, length in zip(step.prefill_seqs, step.prefill_lengths))
 
     def _take_queued(self, outputs: list[RequestOutput]) -> None:
         with self._lock:
@@ -454,93 +396,14 @@ class Engine:
             num_waiting=len(self.scheduler.waiting) + len(self._new_requests),
             num_kv_blocks=self.block_manager.num_blocks,
             num_free_kv_blocks=self.block_manager.num_free_blocks,
-            steps=self._steps,
-            generated_tokens=self._generated_tokens,
-            prompt_tokens=self._prompt_tokens,
-            preemptions=self._preemptions,
-            prefix_cache_queried_tokens=self._cache_queried_tokens,
-            prefix_cache_hit_tokens=self._cache_hit_tokens,
+            steps=self._counters.steps,
+            generated_tokens=self._counters.generated_tokens,
+            prompt_tokens=self._counters.prompt_tokens,
+            preemptions=self._counters.preemptions,
+            prefix_cache_queried_tokens=self._counters.cache_queried_tokens,
+            prefix_cache_hit_tokens=self._counters.cache_hit_tokens,
             num_cached_kv_blocks=self.block_manager.num_cached_blocks,
-            chunked_prefill_steps=self._chunked_steps,
+            chunked_prefill_steps=self._counters.chunked_steps,
             num_adapter_slots=self.lora.slots.num_slots if self.lora is not None else 0,
-            num_busy_adapter_slots=self.lora.num_busy_slots(running) if self.lora is not None else 0,
+            num_busy_adapter_slots=self.lora.admission.num_busy_slots(running) if self.lora is not None else 0,
         )
-
-    def _auto_num_kv_blocks(self) -> int:
-        config = self.config
-        per_block = kv_bytes_per_token(self.model) * config.block_size
-        wanted_tokens = config.max_rolling_batch_size * self.max_model_len
-        wanted_blocks = -(-wanted_tokens // config.block_size)
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = int(total * config.gpu_memory_utilization) - used - CUDA_ACTIVATION_RESERVE_BYTES
-        else:
-            budget = config.cpu_kv_cache_mb * 1024**2
-        affordable = budget // per_block
-        min_blocks = -(-self.max_model_len // config.block_size)
-        if affordable < min_blocks:
-            raise ConfigError(
-                "gpu_memory_utilization" if self.device.type == "cuda" else "cpu_kv_cache_mb",
-                config.gpu_memory_utilization if self.device.type == "cuda" else config.cpu_kv_cache_mb,
-                f"leaves room for {affordable * config.block_size} KV tokens, less than one sequence of "
-                f"max_model_len {self.max_model_len}",
-            )
-        return int(min(wanted_blocks, affordable))
-
-
-def _resolve_device(config: Config) -> torch.device:
-    """Rank 0's device (with tensor parallelism rank i uses the i-th device from there)."""
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", config.device, "CUDA is not available on this machine")
-    return torch.device(config.device)
-
-
-def _cpu_threads(config: Config, device: torch.device, world_size: int) -> CpuThreads | None:
-    """The adaptive thread count for a CPU engine with cpu_threads=auto; a fixed count is set here once, and
-    so is each tensor-parallel rank's share of the cores (the ranks must not fight over them)."""
-    if device.type != "cpu":
-        return None
-    if not handler.OPENMP_WAIT_CHOSEN:
-        logger.warning("torch was imported before handler with no OMP_WAIT_POLICY set: its OpenMP threads spin "
-                       "for milliseconds after every op, taking the CPU from other threads. Import handler "
-                       "first, or set OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=%s", handler.GOMP_SPINCOUNT)
-    if world_size > 1:
-        torch.set_num_threads(cpu_threads_per_rank(config, world_size))
-        return None
-    if config.cpu_threads == "auto":
-        return CpuThreads()
-    torch.set_num_threads(int(config.cpu_threads))
-    return None
-
-
-def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
-    name = config.torch_dtype_name
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return TORCH_DTYPES[name]
-
-
-def _resolve_max_model_len(config: Config, max_position_embeddings: int) -> int:
-    if config.max_model_len is None:
-        return max_position_embeddings
-    if config.max_model_len > max_position_embeddings:
-        raise ConfigError("max_model_len", config.max_model_len,
-                          f"exceeds the model's max_position_embeddings ({max_position_embeddings})")
-    return config.max_model_len
-
-
-def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> frozenset[int]:
-    """End-of-sequence ids as transformers' generate() uses them: generation_config.json first."""
-    eos = None
-    if (model_dir / "generation_config.json").is_file():
-        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
-    if eos is None:
-        eos = getattr(hf_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)

@@ -13,10 +13,11 @@ import random
 import pytest
 import torch
 
-from lora_serving.handler import Engine, SamplingParams, model_runner
+from lora_serving.handler import Engine, SamplingParams
 from lora_serving.handler.attention import paged_attention
 from lora_serving.handler.forward_context import CachedKV, ForwardContext, PaddedDecodes
-from lora_serving.handler.model_runner import PAD_DECODES_MAX_ELEMENTS
+from lora_serving.handler.runner import model_runner
+from lora_serving.handler.runner.model_runner import PAD_DECODES_MAX_ELEMENTS
 from lora_serving.handler.step_inputs import StepInputs, build_forward_inputs
 from lora_serving.kernels import cpu_attention
 from tests.models import reference_greedy

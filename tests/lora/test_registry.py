@@ -297,7 +297,7 @@ def test_a_failed_load_does_not_fail_another_name_with_the_same_files(engine, lo
 def test_disk_loads_run_off_the_step_loop(engine, lora_base, adapters, monkeypatch):
     import threading
 
-    import lora_serving.handler.lora.manager as manager_module
+    import lora_serving.handler.lora.loader as manager_module
 
     release = threading.Event()
     real_load = manager_module.load_peft_adapter

@@ -91,5 +91,5 @@ def _adapter_bytes(engine, name: str) -> int:
     info = engine.get_adapter(name)
     weights = engine.lora.host.get(info.content_hash)
     if weights is None:
-        weights = engine.lora._read(name, info.path)
+        weights = engine.lora.loader.read(name, info.path)
     return weights.nbytes

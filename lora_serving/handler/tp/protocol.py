@@ -8,7 +8,7 @@ the process group (handler/tp/comm.py), on the device.
 Per step rank 0 sends one StepMessage: the slot writes and clears since the last step (every rank holds
 its shard of an adapter before any step uses the slot: the writes come first in the message that first
 uses it), the copy-on-write block copies, the forward's inputs and the LoRA plan. Ranks 1..N-1 run the
-same forward on their shards; only rank 0 computes logits and samples.
+same forward on their shards (handler/runner/); only rank 0 computes logits and samples.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from lora_serving.handler.lora.manager import LoraStepPlan
+from lora_serving.handler.lora.step_plan import LoraStepPlan
 from lora_serving.handler.step_inputs import StepInputs
 
 _LENGTH = struct.Struct("<Q")
@@ -84,4 +84,3 @@ class WorkerStart:
     device: str
     store_port: int
     timeout_seconds: float
-    cpu_threads: int | None  # torch threads on a CPU rank

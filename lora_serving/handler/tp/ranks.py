@@ -1,7 +1,7 @@
 """Rank 0's side of tensor parallelism: it starts ranks 1..N-1, sends them each step, and watches them.
 
 Rank 0 is the process that builds the Engine (the server, or DJL's one Python worker, which owns all N
-devices). Each other rank is a child process running `python -m lora_serving.handler.tp.worker` (a fresh interpreter:
+devices). Each other rank is a child process running `python -m lora_serving.handler.runner.worker` (a fresh interpreter:
 nothing of the parent's process-wide state is changed or inherited, and it imports handler, which sets
 the OpenMP wait policy, before torch). A rank that dies is noticed two ways: at once, by its exit status,
 which rank 0 checks before every step and every half second while idle (handler/engine_loop.py); and
@@ -43,8 +43,7 @@ _PACKAGE_PARENT = Path(__file__).resolve().parents[3]
 class RankGroup:
     """Ranks 1..N-1 as seen from rank 0, connected, with rank 0's collectives in `comm`."""
 
-    def __init__(self, config, world_size: int, devices: list[torch.device], timeout_seconds: float,
-                 cpu_threads: int | None) -> None:
+    def __init__(self, config, world_size: int, devices: list[torch.device], timeout_seconds: float) -> None:
         self.world_size = world_size
         self.timeout_seconds = timeout_seconds
         self._failed: RankFailedError | None = None
@@ -55,12 +54,12 @@ class RankGroup:
         self._processes: dict[int, subprocess.Popen] = {}
         try:
             for rank in range(1, world_size):
-                process = subprocess.Popen([sys.executable, "-m", "lora_serving.handler.tp.worker"],
+                process = subprocess.Popen([sys.executable, "-m", "lora_serving.handler.runner.worker"],
                                            stdin=subprocess.PIPE, env=env, cwd=str(_PACKAGE_PARENT))
                 self._processes[rank] = process
                 protocol.send(process.stdin, protocol.WorkerStart(
                     config=config, rank=rank, world_size=world_size, device=str(devices[rank]),
-                    store_port=self._store.port, timeout_seconds=timeout_seconds, cpu_threads=cpu_threads))
+                    store_port=self._store.port, timeout_seconds=timeout_seconds))
             self.wait_for("joined")
             self.comm = TensorParallelComm.connect(self._store, 0, world_size, devices[0], timeout_seconds)
         except BaseException:
