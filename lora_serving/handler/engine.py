@@ -20,7 +20,6 @@ from lora_serving.handler.block_manager import BlockManager
 from lora_serving.handler.config import Config
 from lora_serving.handler.engine_stats import EngineStats, StepCounters
 from lora_serving.handler.errors import (
-    AdapterError,
     ConfigError,
     InvalidRequestError,
     LoraNotEnabledError,
@@ -110,7 +109,7 @@ class Engine:
         self._text_states: dict[Sequence, RequestTextState] = {}
         self._counters = StepCounters()
         if self.lora is not None and adapters_from_model_dir:
-            self._register_model_dir_adapters()
+            self.lora.register_directory(self.model_dir / "adapters")
 
     def _load(self, config: Config, model_dir: Path) -> None:
         """The tokenizer; this rank's runner (model shard, LoRA slots, KV cache); the host side around it."""
@@ -375,17 +374,6 @@ class Engine:
         if self.lora is None:
             raise LoraNotEnabledError("LoRA is not enabled (set option.enable_lora=true)")
         return self.lora
-
-    def _register_model_dir_adapters(self) -> None:
-        """Every `<model_dir>/adapters/<name>/` with an adapter_config.json registers as `<name>`."""
-        adapters_dir = self.model_dir / "adapters"
-        if not adapters_dir.is_dir():
-            return
-        for adapter_dir in sorted(p for p in adapters_dir.iterdir() if (p / "adapter_config.json").is_file()):
-            try:
-                self.lora.register(adapter_dir.name, adapter_dir, preload=False)
-            except AdapterError as error:  # one bad adapter must not stop the others or the server
-                logger.error("not registering %s: %s", adapter_dir, error)
 
     # ---- introspection ------------------------------------------------------------------------------
 

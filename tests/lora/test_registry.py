@@ -297,17 +297,17 @@ def test_a_failed_load_does_not_fail_another_name_with_the_same_files(engine, lo
 def test_disk_loads_run_off_the_step_loop(engine, lora_base, adapters, monkeypatch):
     import threading
 
-    import lora_serving.handler.lora.loader as manager_module
+    import lora_serving.handler.lora.loader as loader_module
 
     release = threading.Event()
-    real_load = manager_module.load_peft_adapter
+    real_load = loader_module.load_peft_adapter
 
     def slow_load(*args, **kwargs):
         if threading.current_thread().name.startswith("lora-load"):
             release.wait(timeout=30)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(manager_module, "load_peft_adapter", slow_load)
+    monkeypatch.setattr(loader_module, "load_peft_adapter", slow_load)
     engine.register_adapter("cold", adapters["r8-mlp"], preload=False)
     prompts = random_prompts(2, seed=47)
     engine.add_request("base", prompts[0], SamplingParams(max_new_tokens=8))

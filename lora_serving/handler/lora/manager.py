@@ -23,6 +23,7 @@ from typing import Iterable
 
 import torch
 
+from lora_serving.handler.errors import AdapterError
 from lora_serving.handler.lora.device_slots import DeviceSlots
 from lora_serving.handler.lora.host_cache import HostCache
 from lora_serving.handler.lora.loader import AdapterLoader
@@ -60,6 +61,16 @@ class LoraManager:
         info = self.info(name)
         logger.info("registered adapter %s from %s (ranks %s)", name, path, info.ranks)
         return info
+
+    def register_directory(self, adapters_dir: Path) -> None:
+        """Every `<adapters_dir>/<name>/` with an adapter_config.json registers as `<name>` (loaded on use)."""
+        if not adapters_dir.is_dir():
+            return
+        for adapter_dir in sorted(p for p in adapters_dir.iterdir() if (p / "adapter_config.json").is_file()):
+            try:
+                self.register(adapter_dir.name, adapter_dir, preload=False)
+            except AdapterError as error:  # one bad adapter must not stop the others or the server
+                logger.error("not registering %s: %s", adapter_dir, error)
 
     def update(self, name: str, path: str | Path | None = None, *, pin: bool | None = None,
                source: str | None = None) -> AdapterInfo:
