@@ -27,10 +27,11 @@ sys.path.insert(0, str(SCRIPTS.parent))
 
 import torch  # noqa: E402  (after the path: lora_serving is imported below, which sets torch's threads up)
 
-from lora_serving.container.openai_completions import CompletionChunks  # noqa: E402
+from lora_serving.handler.api.openai_completions import CompletionChunks  # noqa: E402
 from lora_serving.handler import Engine, SamplingParams  # noqa: E402
 from lora_serving.handler.detokenizer import IncrementalDetokenizer  # noqa: E402
-from lora_serving.handler.output_format import Generation, encode_stream_record  # noqa: E402
+from lora_serving.handler.api.generation import Generation  # noqa: E402
+from lora_serving.handler.api.lmi_answer import encode_stream_record  # noqa: E402
 from lora_serving.handler.sampler import Sampler  # noqa: E402
 from lora_serving.handler.sequence import RequestOutput, Sequence, TokenOutput  # noqa: E402
 

@@ -15,10 +15,10 @@ from fastapi.responses import JSONResponse
 
 from lora_serving.container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamResponse, until_disconnected
 from lora_serving.container.runtime import Runtime
-from lora_serving.handler.chat_schema import ChatCompletionRequest, PreparedChat, prepare_chat
-from lora_serving.handler.lmi_schema import PromptJob, StreamFormat
-from lora_serving.handler.openai_format import ChatChunks, chat_completion
-from lora_serving.handler.output_format import encode_stream_record, stream_media_type
+from lora_serving.handler.api.openai_chat_request import ChatCompletionRequest, PreparedChat, prepare_chat
+from lora_serving.handler.api.lmi_request import PromptJob, StreamFormat
+from lora_serving.handler.api.openai_answer import ChatChunks, chat_completion
+from lora_serving.handler.api.lmi_answer import encode_stream_record, stream_media_type
 
 OPENAI_STREAM_END = "data: [DONE]\n\n"
 

@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lora_serving.container.runtime import read_body, require_runtime
-from lora_serving.handler.lmi_schema import parse_json, validate_model
-from lora_serving.handler.sagemaker_api import adapter_registered, adapter_unregistered, adapter_updated
+from lora_serving.handler.api.validation import parse_json, validate_model
+from lora_serving.handler.api.sagemaker import adapter_registered, adapter_unregistered, adapter_updated
 
 router = APIRouter()
 

@@ -15,13 +15,14 @@ from fastapi.responses import JSONResponse
 
 from lora_serving.container.chat_responses import OPENAI_STREAM_END, respond_to_chat
 from lora_serving.container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamResponse, until_disconnected
-from lora_serving.container.openai_completions import CompletionChunks, CompletionRequest, completion
+from lora_serving.handler.api.openai_completions import CompletionChunks, CompletionRequest, completion
 from lora_serving.container.runtime import Runtime, read_json, require_runtime
-from lora_serving.handler.chat_schema import parse_chat_request
+from lora_serving.handler.api.openai_chat_request import parse_chat_request
 from lora_serving.handler.generation_runner import RunningPrompt
-from lora_serving.handler.lmi_schema import PromptJob, validate_model
-from lora_serving.handler.output_format import encode_stream_record
-from lora_serving.handler.sagemaker_api import ADAPTER_IDENTIFIER_HEADER
+from lora_serving.handler.api.lmi_request import PromptJob
+from lora_serving.handler.api.validation import validate_model
+from lora_serving.handler.api.lmi_answer import encode_stream_record
+from lora_serving.handler.api.sagemaker import ADAPTER_IDENTIFIER_HEADER
 
 router = APIRouter(prefix="/v1")
 

@@ -15,11 +15,11 @@ from fastapi.responses import JSONResponse
 from lora_serving.container.chat_responses import respond_to_chat
 from lora_serving.container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamResponse, until_disconnected
 from lora_serving.container.runtime import read_json, require_runtime, server_state
-from lora_serving.handler.chat_schema import parse_chat_request
+from lora_serving.handler.api.openai_chat_request import parse_chat_request
 from lora_serving.handler.generation_runner import GenerationRunner, RunningPrompt
-from lora_serving.handler.lmi_schema import TextGenerationRequest, is_chat_request, parse_text_generation
-from lora_serving.handler.output_format import encode_stream_record, lmi_response, lmi_stream_records, stream_media_type
-from lora_serving.handler.sagemaker_api import ADAPTER_IDENTIFIER_HEADER
+from lora_serving.handler.api.lmi_request import TextGenerationRequest, is_chat_request, parse_text_generation
+from lora_serving.handler.api.lmi_answer import encode_stream_record, lmi_response, lmi_stream_records, stream_media_type
+from lora_serving.handler.api.sagemaker import ADAPTER_IDENTIFIER_HEADER
 
 router = APIRouter()
 

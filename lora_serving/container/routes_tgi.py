@@ -11,12 +11,13 @@ from fastapi.responses import JSONResponse
 
 from lora_serving.container.client_disconnect import CLIENT_CLOSED_REQUEST, GenerationStreamResponse, until_disconnected
 from lora_serving.container.runtime import Runtime, read_json, require_runtime
-from lora_serving.container.tgi_api import TgiRequest, generate_response, stream_events
+from lora_serving.handler.api.tgi import TgiRequest, generate_response, stream_events
 from lora_serving.handler.errors import InvalidRequestError
 from lora_serving.handler.generation_runner import RunningPrompt
-from lora_serving.handler.lmi_schema import PromptJob, validate_model
-from lora_serving.handler.output_format import encode_stream_record
-from lora_serving.handler.sagemaker_api import ADAPTER_IDENTIFIER_HEADER
+from lora_serving.handler.api.lmi_request import PromptJob
+from lora_serving.handler.api.validation import validate_model
+from lora_serving.handler.api.lmi_answer import encode_stream_record
+from lora_serving.handler.api.sagemaker import ADAPTER_IDENTIFIER_HEADER
 
 router = APIRouter()
 

@@ -14,7 +14,7 @@ from lora_serving.handler import Config, Engine
 from lora_serving.handler.engine_loop import EngineLoop
 from lora_serving.handler.generation_runner import GenerationRunner
 from lora_serving.handler.lora.resolver import AdapterResolver
-from lora_serving.handler.lmi_schema import parse_json
+from lora_serving.handler.api.validation import parse_json
 
 # Prompts are text: 16 MiB is far beyond any context window, and bounds what one client makes us hold.
 MAX_REQUEST_BYTES = 16 * 1024 * 1024

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from lora_serving.handler.engine_loop import EngineLoop, RequestStream
 from lora_serving.handler.errors import EngineError
-from lora_serving.handler.lmi_schema import PromptJob
+from lora_serving.handler.api.lmi_request import PromptJob
 from lora_serving.handler.lora.resolver import AdapterResolver
-from lora_serving.handler.output_format import Generation
+from lora_serving.handler.api.generation import Generation
 from lora_serving.handler.sequence import RequestOutput
 from lora_serving.handler.submission import start_prompts
 

@@ -12,8 +12,8 @@ from typing import TypeVar
 
 from lora_serving.handler.engine import Engine
 from lora_serving.handler.errors import AdapterNotFoundError, InvalidRequestError
-from lora_serving.handler.lmi_schema import PromptJob
-from lora_serving.handler.output_format import Generation, prefill_tokens
+from lora_serving.handler.api.lmi_request import PromptJob
+from lora_serving.handler.api.generation import Generation, prefill_tokens
 from lora_serving.handler.sequence import SamplingParams
 
 Handle = TypeVar("Handle")

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from lora_serving.handler.chat_answer import AnswerPlan, ChoiceInterpreter
-from lora_serving.handler.chat_prompt import TOOLS_FALLBACK_HEADER, render_chat_prompt
-from lora_serving.handler.chat_schema import ChatMessage
+from lora_serving.handler.api.chat_answer import AnswerPlan, ChoiceInterpreter
+from lora_serving.handler.api.chat_prompt import TOOLS_FALLBACK_HEADER, render_chat_prompt
+from lora_serving.handler.api.openai_chat_request import ChatMessage
 from lora_serving.handler.errors import InvalidRequestError
 from lora_serving.handler.reasoning_parsers import REASONING_PARSERS
 from lora_serving.handler.tool_parsers import TOOL_CALL_PARSERS
-from lora_serving.handler.tool_schema import ToolDefinition, ToolPlan, tool_plan
+from lora_serving.handler.api.tool_schema import ToolDefinition, ToolPlan, tool_plan
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lora_serving.handler.engine import Engine
 from lora_serving.handler.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError
-from lora_serving.handler.sagemaker_api import adapter_registered, adapter_unregistered, adapter_updated
+from lora_serving.handler.api.sagemaker import adapter_registered, adapter_unregistered, adapter_updated
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from lora_serving.handler.djl.request import DjlRequest, Item
 from lora_serving.handler.engine import Engine
 from lora_serving.handler.errors import EngineError
 from lora_serving.handler.lora.resolver import AdapterResolver
-from lora_serving.handler.output_format import Generation
+from lora_serving.handler.api.generation import Generation
 from lora_serving.handler.sequence import RequestOutput, SamplingParams
 from lora_serving.handler.submission import add_prompt, start_prompts
 

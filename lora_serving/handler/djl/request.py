@@ -14,28 +14,28 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from lora_serving.handler.chat_answer import PLAIN_ANSWER, AnswerPlan
-from lora_serving.handler.chat_schema import parse_chat_request, prepare_chat
+from lora_serving.handler.api.chat_answer import PLAIN_ANSWER, AnswerPlan
+from lora_serving.handler.api.openai_chat_request import parse_chat_request, prepare_chat
 from lora_serving.handler.engine import Engine
 from lora_serving.handler.error_status import engine_error_status
 from lora_serving.handler.errors import EngineError
-from lora_serving.handler.lmi_schema import (
+from lora_serving.handler.api.lmi_request import (
     PromptJob,
     StreamFormat,
     TextGenerationRequest,
     is_chat_request,
-    parse_json,
     parse_text_generation,
 )
-from lora_serving.handler.openai_format import ChatChunks, chat_completion
-from lora_serving.handler.output_format import (
-    Generation,
+from lora_serving.handler.api.validation import parse_json
+from lora_serving.handler.api.openai_answer import ChatChunks, chat_completion
+from lora_serving.handler.api.generation import Generation
+from lora_serving.handler.api.lmi_answer import (
     encode_stream_record,
     lmi_response,
     lmi_stream_records,
     stream_media_type,
 )
-from lora_serving.handler.sagemaker_api import ADAPTER_IDENTIFIER_HEADER
+from lora_serving.handler.api.sagemaker import ADAPTER_IDENTIFIER_HEADER
 from lora_serving.handler.sequence import RequestOutput
 
 JSON = "application/json"

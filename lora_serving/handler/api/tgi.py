@@ -11,10 +11,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from lora_serving.handler.errors import InvalidRequestError
-from lora_serving.handler.lmi_schema import GenerationParameters
-from lora_serving.handler.output_format import Choice, Generation
+from lora_serving.handler.api.lmi_request import GenerationParameters
+from lora_serving.handler.api.generation import Choice, Generation
 from lora_serving.handler.sequence import RequestOutput, SamplingParams, StructuredOutput, TokenOutput
-from lora_serving.handler.structured_fields import tgi_grammar
+from lora_serving.handler.api.structured_fields import tgi_grammar
 
 
 class TgiParameters(GenerationParameters):

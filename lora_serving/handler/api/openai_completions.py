@@ -10,10 +10,10 @@ from typing import Any
 
 from pydantic import field_validator
 
-from lora_serving.handler.chat_schema import OpenAISamplingFields
+from lora_serving.handler.api.openai_fields import OpenAISamplingFields
 from lora_serving.handler.errors import InvalidRequestError
-from lora_serving.handler.openai_format import openai_finish_reason, usage, usage_chunk
-from lora_serving.handler.output_format import Choice, Generation
+from lora_serving.handler.api.openai_answer import openai_finish_reason, usage, usage_chunk
+from lora_serving.handler.api.generation import Choice, Generation
 from lora_serving.handler.sequence import RequestOutput, SamplingParams, TokenOutput
 
 # OpenAI's documented default for max_tokens in this API.

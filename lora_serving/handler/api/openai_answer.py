@@ -3,8 +3,8 @@ from a Generation: one choice per returned sequence, log-probabilities with thei
 
 from __future__ import annotations
 
-from lora_serving.handler.chat_answer import PLAIN_ANSWER, AnswerPlan, ChoiceInterpreter
-from lora_serving.handler.output_format import Choice, Generation
+from lora_serving.handler.api.chat_answer import PLAIN_ANSWER, AnswerPlan, ChoiceInterpreter
+from lora_serving.handler.api.generation import Choice, Generation
 from lora_serving.handler.sequence import FinishReason, RequestOutput, TokenOutput
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from lora_serving.handler.reasoning_parsers import ThinkParser
 from lora_serving.handler.tool_parsers import ParsedToolCall
-from lora_serving.handler.tool_schema import ToolPlan
+from lora_serving.handler.api.tool_schema import ToolPlan
 
 
 @dataclass(frozen=True, slots=True)

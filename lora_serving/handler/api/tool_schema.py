@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from lora_serving.handler.errors import InvalidRequestError
 from lora_serving.handler.sequence import StructuredOutput
-from lora_serving.handler.structured_fields import json_schema
+from lora_serving.handler.api.structured_fields import json_schema
 from lora_serving.handler.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser
 
 ToolMode = Literal["none", "auto", "required", "named"]
