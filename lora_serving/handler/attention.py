@@ -5,7 +5,7 @@ position 0 attends to its own fresh K/V (the fast path: causal attention over co
 prefill that starts later (after a prefix-cache hit, or a chunk after earlier chunks) reads the whole
 sequence's K/V from the cache, its new ones written there first, with a causal mask aligned to the bottom
 right: its query at position p sees keys 0..p (the last `sliding_window` of them, with a window).
-Decodes read their cached K/V in one of three ways. On CPU with fp32 the C kernel (kernels/cpu_attention.py)
+Decodes read their cached K/V in one of three ways. On CPU with fp32 or bf16 the C kernel (kernels/cpu_attention.py)
 attends all of them in one call per layer, reading each one's blocks in place through its block table (one
 query row per sequence is where torch's attention costs most above its bytes). Without the kernel, on CPU
 each attends on its own: head-major blocks make a sequence whose blocks are consecutive one strided view of

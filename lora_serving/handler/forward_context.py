@@ -39,7 +39,7 @@ class CachedKV:
 class PaddedDecodes:
     """All decoding sequences' block tables, padded to one width, for one attention call per layer over them all.
 
-    On CPU with fp32 (`in_kernel`), the C decode attention kernel (kernels/cpu_attention.py) reads every
+    On CPU with fp32 or bf16 (`in_kernel`), the C decode attention kernel (kernels/cpu_attention.py) reads every
     sequence's K/V in place through these tables. Otherwise the blocks are gathered into one padded tensor
     and attended by torch: the form for GPUs, where one attention per sequence would cost a kernel launch per
     sequence and layer, and a gather is cheap next to that; and on CPU without the kernel while the padded

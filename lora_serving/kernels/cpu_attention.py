@@ -1,5 +1,6 @@
 """Decode attention on CPU by a C kernel (kernels/cpu_attention.c) that reads each sequence's K/V in place through
-its block table: every decoding sequence and head of a layer in one call, fp32.
+its block table: every decoding sequence and head of a layer in one call, fp32 or bf16 (read as fp32: scores and
+sums are fp32 in both).
 
 handler/attention.py takes it for the decodes of a step when `serves(dtype, device)`; otherwise (other dtypes,
 GPUs, no C compiler, or $LORA_SERVING_CPU_ATTENTION=off, which benchmarks use to compare) torch's
@@ -17,8 +18,11 @@ from . import cpu_native
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def serves(dtype: torch.dtype, device: torch.device | str) -> bool:
-    if torch.device(device).type != "cpu" or dtype != torch.float32:
+    if torch.device(device).type != "cpu" or dtype not in KERNEL_DTYPES:
         return False
     return cpu_native.available_unless("LORA_SERVING_CPU_ATTENTION")
 
@@ -33,8 +37,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if q.stride(2) != 1:
         q = q.contiguous()
     # The kernel reads these through raw pointers: the layout and element types it assumes are checked here.
-    if not q.dtype == k_cache.dtype == v_cache.dtype == torch.float32:
-        raise ValueError(f"q and the caches must be float32, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if not q.dtype == k_cache.dtype == v_cache.dtype or q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"q and the caches must be all float32 or all bfloat16, got {q.dtype}, {k_cache.dtype}, "
+                         f"{v_cache.dtype}")
     indices = (block_tables, lengths) if starts is None else (block_tables, lengths, starts)
     if any(index.dtype != torch.int64 for index in indices):
         raise ValueError("block_tables, lengths and starts must be int64")
@@ -42,8 +47,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          ("lengths", lengths)) + ((("starts", starts),) if starts is not None else ()):
         if not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    out = torch.empty(batch, q_heads, head_dim, dtype=torch.float32)
-    status = cpu_native.library().paged_decode_attention_f32(
+    out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype)
+    library = cpu_native.library()
+    attention = library.paged_decode_attention_f32 if q.dtype == torch.float32 else library.paged_decode_attention_bf16
+    status = attention(
         _I64(batch), _PTR(q.data_ptr()), _I64(q.stride(0)), _I64(q.stride(1)), _I64(q_heads), _I64(kv_heads),
         _I64(head_dim), _PTR(k_cache.data_ptr()), _PTR(v_cache.data_ptr()), _I64(num_blocks), _I64(block_size),
         _PTR(block_tables.data_ptr()), _I64(block_tables.shape[1]), _PTR(lengths.data_ptr()),

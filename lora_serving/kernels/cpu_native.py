@@ -196,9 +196,10 @@ def _load(path: Path):
     lib.packed_matvec_f32.restype = None
     lib.packed_matvec_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int]
     lib.matvec_max_rows.restype = ctypes.c_int
-    lib.paged_decode_attention_f32.restype = ctypes.c_int
-    lib.paged_decode_attention_f32.argtypes = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR,
-                                               _I64, _PTR, _PTR, ctypes.c_float, _PTR, ctypes.c_int]
+    for attention in (lib.paged_decode_attention_f32, lib.paged_decode_attention_bf16):
+        attention.restype = ctypes.c_int
+        attention.argtypes = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR,
+                              ctypes.c_float, _PTR, ctypes.c_int]
     return lib
 
 

@@ -134,9 +134,10 @@ def test_each_form_matches_transformers_in_the_engine(tiny_models, family, form,
 
 
 def test_cpu_decodes_take_the_kernel_where_it_builds(tiny_models):
-    runner = Engine(tiny_models.get("llama", "llama"), dtype="float32").runner
-    assert runner.decode_form == ("kernel" if cpu_attention.serves(torch.float32, "cpu") else "auto")
-    assert Engine(tiny_models.get("llama", "llama"), dtype="bfloat16").runner.decode_form == "auto"
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = Engine(tiny_models.get("llama", "llama"), dtype=str(dtype).removeprefix("torch.")).runner
+        assert runner.decode_form == ("kernel" if cpu_attention.serves(dtype, "cpu") else "auto")
+    assert Engine(tiny_models.get("llama", "llama"), dtype="float16").runner.decode_form == "auto"
 
 
 def test_auto_pads_small_batches_and_attends_large_ones_per_sequence(tiny_models):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lora_serving.handler.cpu_dtype import native_bf16
 from lora_serving.handler.models.projection import (
     ONEDNN_MAX_ROWS,
     ONEDNN_MIN_WEIGHT_ELEMENTS,
@@ -69,3 +70,30 @@ def test_onednn_never_sees_more_than_its_row_cap():
     projection._onednn = spy
     torch.testing.assert_close(projection(x), F.linear(x, weight), rtol=1e-4, atol=1e-3)
     assert seen == [ONEDNN_MAX_ROWS] * 4 + [300 - 4 * ONEDNN_MAX_ROWS]
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32, 300])
+def test_bf16_weights_go_to_onednn_where_the_cpu_multiplies_bf16(rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(512, 256, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(512, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, 256, generator=generator).to(torch.bfloat16)
+    projection = Projection(weight, bias)
+    assert projection.backend == ("onednn" if native_bf16() and onednn_usable_for(weight) else "dense")
+    out = projection(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 512) and out.is_contiguous()
+    # The exact product of the bf16 operands, rounded to bf16 once (and the bias added in bf16): about two
+    # units of bf16's 8 bits on sums of magnitude ~16.
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    torch.testing.assert_close(out.double(), expected, rtol=2**-7, atol=0.25)
+
+
+def test_without_native_bf16_the_bf16_weights_stay_plain(monkeypatch):
+    monkeypatch.setenv("LORA_SERVING_CPU_BF16", "off")
+    native_bf16.cache_clear()
+    try:
+        weight = torch.randn(512, 256).to(torch.bfloat16)
+        assert Projection(weight).backend == "dense"
+    finally:
+        monkeypatch.delenv("LORA_SERVING_CPU_BF16")
+        native_bf16.cache_clear()

@@ -28,11 +28,12 @@ def reference(q_row, keys, values, scale):
 @pytest.mark.parametrize("kv_heads,group,head_dim", [(2, 1, 64), (2, 4, 20), (1, 3, 128)])
 @pytest.mark.parametrize("window", [None, 9])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_scattered_blocks_grouped_heads_and_windows(kv_heads, group, head_dim, window, threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scattered_blocks_grouped_heads_and_windows(kv_heads, group, head_dim, window, threads, dtype):
     rng = random.Random(kv_heads * 100 + group * 10 + head_dim)
     gen = torch.Generator().manual_seed(head_dim)
     # Garbage everywhere a sequence does not own: a read past its length or table would show.
-    k_cache = torch.full((kv_heads, NUM_BLOCKS, BLOCK_SIZE, head_dim), 1e4)
+    k_cache = torch.full((kv_heads, NUM_BLOCKS, BLOCK_SIZE, head_dim), 1e4, dtype=dtype)
     v_cache = torch.full_like(k_cache, -1e4)
     lengths = [1, 4, 5, 17, 33, 60]
     free = list(range(NUM_BLOCKS))
@@ -40,8 +41,8 @@ def test_scattered_blocks_grouped_heads_and_windows(kv_heads, group, head_dim, w
     tables, history = [], []
     for length in lengths:
         table = [free.pop() for _ in range(-(-length // BLOCK_SIZE))]
-        keys = torch.randn(kv_heads, length, head_dim, generator=gen)
-        values = torch.randn(kv_heads, length, head_dim, generator=gen)
+        keys = torch.randn(kv_heads, length, head_dim, generator=gen).to(dtype)
+        values = torch.randn(kv_heads, length, head_dim, generator=gen).to(dtype)
         for position in range(length):
             k_cache[:, table[position // BLOCK_SIZE], position % BLOCK_SIZE] = keys[:, position]
             v_cache[:, table[position // BLOCK_SIZE], position % BLOCK_SIZE] = values[:, position]
@@ -50,7 +51,7 @@ def test_scattered_blocks_grouped_heads_and_windows(kv_heads, group, head_dim, w
     width = max(map(len, tables))
     block_tables = torch.tensor([table + [0] * (width - len(table)) for table in tables])
     # q as the engine has it: the query heads of rows that also hold the key heads (a strided view).
-    q_and_k = torch.randn(len(lengths), kv_heads * group + kv_heads, head_dim, generator=gen)
+    q_and_k = torch.randn(len(lengths), kv_heads * group + kv_heads, head_dim, generator=gen).to(dtype)
     q = q_and_k[:, : kv_heads * group]
     starts = None if window is None else torch.tensor([max(0, n - window) for n in lengths])
     scale = head_dim**-0.5
@@ -63,7 +64,11 @@ def test_scattered_blocks_grouped_heads_and_windows(kv_heads, group, head_dim, w
     for row, ((keys, values), length) in enumerate(zip(history, lengths)):
         first = 0 if window is None else max(0, length - window)
         expected = reference(q[row], keys[:, first:], values[:, first:], scale)
-        torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
+        assert out.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
+        else:  # the exact result of the bf16 inputs, rounded once to bf16 (8 bits): within half a unit of it
+            torch.testing.assert_close(out[row].float(), expected, rtol=2**-8, atol=1e-5)
 
 
 def test_non_contiguous_tables_are_refused():

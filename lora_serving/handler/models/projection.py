@@ -11,6 +11,10 @@ bench_engine's model. One to four rows (decodes at small batch sizes, where the 
 reading the weights) go instead to a C kernel that reads the packed weight in place
 (kernels/cpu_matvec.py): oneDNN's fixed cost per call made it 1.3-1.7x slower at one row.
 
+bf16 weights are packed for oneDNN too where the CPU multiplies bf16 itself (AMX, AVX-512 bf16:
+handler/cpu_dtype.py): there oneDNN's bf16 inner product runs on those units, at every row count (the
+C kernel is fp32-only); on SmolLM2's shapes it was 2-4x torch's plain bf16 matmul on an AMX Xeon.
+
 Without oneDNN (or for other dtypes, or on GPUs, where cuBLAS picks its own kernels) the plain weight
 is used. There MKL is markedly slower for a few activation rows against a wide weight when called as
 `linear(x, W)` than as `W @ x.T` (1.4-3.5x for the LM head at 2..64 rows), so that order is taken for
@@ -25,6 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from lora_serving.handler.cpu_dtype import native_bf16
 from lora_serving.kernels import PackedMatvec
 
 # Up to this many rows the weight-major call is used on CPU: the decode regime (one row per sequence).
@@ -78,21 +83,28 @@ class Projection:
 
 
 def onednn_usable_for(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and weight.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS and _onednn_works())
+    if weight.device.type != "cpu" or weight.numel() < ONEDNN_MIN_WEIGHT_ELEMENTS:
+        return False
+    if weight.dtype == torch.bfloat16:
+        # Only where the CPU multiplies bf16 itself (AMX tiles, AVX-512 bf16 dot products): elsewhere oneDNN
+        # would convert every weight to fp32 on each call.
+        return native_bf16() and _onednn_works(torch.bfloat16)
+    return weight.dtype == torch.float32 and _onednn_works(torch.float32)
 
 
 @functools.cache
-def _onednn_works() -> bool:
+def _onednn_works(dtype: torch.dtype) -> bool:
     """Whether this torch build has oneDNN's prepacked linear and it computes x @ W.T correctly here."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
         generator = torch.Generator().manual_seed(0)
-        weight = torch.randn(24, 16, generator=generator)
-        x = torch.randn(3, 16, generator=generator)
+        weight = torch.randn(24, 16, generator=generator).to(dtype)
+        x = torch.randn(3, 16, generator=generator).to(dtype)
         out = torch.ops.mkldnn._linear_pointwise(x, _pack_for_onednn(weight), None, "none", [], "")
-        return bool(torch.allclose(out, F.linear(x, weight), rtol=1e-4, atol=1e-4))
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding (8 bits)
+        expected = F.linear(x.float(), weight.float())
+        return bool(out.dtype == dtype and torch.allclose(out.float(), expected, rtol=tolerance, atol=tolerance))
     except (AttributeError, RuntimeError):  # an op missing from this build, or refused on this CPU
         return False
 

@@ -76,7 +76,7 @@ class ModelRunner:
         self.block_manager: BlockManager | None = None  # rank 0: the block tables that steps refer to
         self.sampler = Sampler(device)
         # How decodes read their K/V (handler/forward_context.py): "padded" (always, on GPUs), "kernel" (CPU
-        # fp32 where the C kernel builds), "per_sequence", or "auto" (CPU otherwise): padded while the padded
+        # fp32 or bf16 where the C kernel builds), "per_sequence", or "auto" (CPU otherwise): padded while the padded
         # tensor is small. Tests force each.
         if device.type == "cuda":
             self.decode_form = "padded"
