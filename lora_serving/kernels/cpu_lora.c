@@ -24,12 +24,47 @@
  * 1.3-1.7x from it; at two threads and in the engine, where reading the adapter rows is the cost, no difference
  * was shown: docs/BENCHMARKS.md, Kernels). Summed in memory, each step would wait on the last one's store
  * (store-to-load latency), which once made the kernel ~2x slower than its arithmetic and bytes.
+ *
+ * Two entry points share one body: lora_add_f32 for fp32 buffers, x and y; lora_add_bf16 for bf16 ones. The bf16
+ * form widens each weight row to fp32 as it loads it (bf16 is fp32's upper half: a shift), each token's x row and
+ * y row into fp32 scratch first, sums in fp32 as above and rounds y to bf16 once at the end (to nearest even).
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cpu_vec.h"
+
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+/* Eight weights from fp32 or (is_bf16) bf16 elements, element offset `at`, as fp32. */
+static inline __attribute__((always_inline)) vec8 load8_any(const void *base, int64_t at, int is_bf16)
+{
+    if (!is_bf16) return load8((const float *)base + at);
+    u16x8 half;
+    memcpy(&half, (const uint16_t *)base + at, sizeof half);
+    return (vec8)(__builtin_convertvector(half, u32x8) << 16);
+}
+
+static inline __attribute__((always_inline)) float load1_any(const void *base, int64_t at, int is_bf16)
+{
+    if (!is_bf16) return ((const float *)base)[at];
+    const uint32_t widened = (uint32_t)((const uint16_t *)base)[at] << 16;
+    float value;
+    memcpy(&value, &widened, sizeof value);
+    return value;
+}
+
+static inline uint16_t to_bf16(float value)
+{
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);  /* round to nearest, ties to even */
+    return (uint16_t)(bits >> 16);
+}
 
 #define TOKEN_BLOCK 4
 #define MAX_SLICES 8
@@ -45,20 +80,20 @@ int lora_token_block(void) { return TOKEN_BLOCK; }
  * broadcast scales). */
 #define MAX_SUMS 12
 
-/* For tokens k < K: out[k][i] (+)= sum_{r < count} scales[k][r] * rows[r * stride + i], i < 8 * V. Each row is
- * read once for all K tokens. */
+/* For tokens k < K: out[k][i] (+)= sum_{r < count} scales[k][r] * rows[first + r * stride + i], i < 8 * V
+ * (rows: fp32 or, is_bf16, bf16 elements). Each row is read once for all K tokens. */
 static inline __attribute__((always_inline)) void scaled_row_sums(
-    const float *rows, int64_t stride, int64_t count, const float *const *scales, const int V, const int K,
-    const int add_to_out, float *const *out)
+    const void *rows, int64_t first, int64_t stride, int64_t count, const float *const *scales, const int V,
+    const int K, const int add_to_out, const int is_bf16, float *const *out)
 {
     vec8 sums[MAX_SUMS];
     for (int k = 0; k < K; k++)
         for (int v = 0; v < V; v++) sums[k * V + v] = add_to_out ? load8(out[k] + 8 * v) : (vec8){0};
     for (int64_t r = 0; r < count; r++) {
-        const float *row = rows + r * stride;
+        const int64_t row = first + r * stride;
         #pragma GCC unroll 12
         for (int v = 0; v < V; v++) {
-            const vec8 value = load8(row + 8 * v);
+            const vec8 value = load8_any(rows, row + 8 * v, is_bf16);
             #pragma GCC unroll 4
             for (int k = 0; k < K; k++) sums[k * V + v] += value * scales[k][r];
         }
@@ -69,9 +104,13 @@ static inline __attribute__((always_inline)) void scaled_row_sums(
 
 /* Every (vectors, tokens) pair that vectors_for allows, each compiled with constant bounds so that its sums are
  * registers. */
-#define CASE(V, K) case (V) * 8 + (K): scaled_row_sums(rows, stride, count, scales, V, K, add_to_out, out); break;
-static void scaled_row_sums_any(const float *rows, int64_t stride, int64_t count, const float *const *scales,
-                                int vectors, int tokens, int add_to_out, float *const *out)
+#define CASE(V, K) case (V) * 8 + (K):                                                                      \
+    if (is_bf16) scaled_row_sums(rows, first, stride, count, scales, V, K, add_to_out, 1, out);               \
+    else scaled_row_sums(rows, first, stride, count, scales, V, K, add_to_out, 0, out);                       \
+    break;
+static void scaled_row_sums_any(const void *rows, int64_t first, int64_t stride, int64_t count,
+                                const float *const *scales, int vectors, int tokens, int add_to_out, int is_bf16,
+                                float *const *out)
 {
     switch (vectors * 8 + tokens) {
     CASE(1, 1) CASE(2, 1) CASE(3, 1) CASE(4, 1) CASE(5, 1) CASE(6, 1) CASE(7, 1) CASE(8, 1)
@@ -86,9 +125,10 @@ static void scaled_row_sums_any(const float *rows, int64_t stride, int64_t count
 /* The most vectors of columns a pass takes for `tokens` tokens: tokens x vectors <= MAX_SUMS. */
 static int vectors_for(int tokens) { return tokens == 1 ? 8 : tokens == 2 ? 6 : tokens == 3 ? 4 : 3; }
 
-/* shrunk[k][j] for j < columns, k < count: the slot's A rows (a) against each token's features. */
-static void shrink(const float *a, int64_t a_width, int64_t hidden, const float *const *xs, int count,
-                   int64_t columns, float *const *shrunk)
+/* shrunk[k][j] for j < columns, k < count: the slot's A rows (a, from element a_first) against each token's
+ * features. */
+static void shrink(const void *a, int64_t a_first, int64_t a_width, int64_t hidden, const float *const *xs,
+                   int count, int64_t columns, int is_bf16, float *const *shrunk)
 {
     const int max_vectors = vectors_for(count);
     int64_t j = 0;
@@ -98,20 +138,20 @@ static void shrink(const float *a, int64_t a_width, int64_t hidden, const float 
         if (j + 8 * vectors > a_width) vectors = (a_width - j) / 8;
         float *outs[TOKEN_BLOCK];
         for (int k = 0; k < count; k++) outs[k] = shrunk[k] + j;
-        scaled_row_sums_any(a + j, a_width, hidden, xs, (int)vectors, count, 0, outs);
+        scaled_row_sums_any(a, a_first + j, a_width, hidden, xs, (int)vectors, count, 0, is_bf16, outs);
         j += 8 * vectors;
     }
     for (; j < columns; j++) {  /* a row narrower than a vector's reach: one column at a time */
         for (int k = 0; k < count; k++) {
             float sum = 0.0f;
-            for (int64_t h = 0; h < hidden; h++) sum += xs[k][h] * a[h * a_width + j];
+            for (int64_t h = 0; h < hidden; h++) sum += xs[k][h] * load1_any(a, a_first + h * a_width + j, is_bf16);
             shrunk[k][j] = sum;
         }
     }
 }
 
-static void expand(const float *b, int64_t width, int64_t rank, const float *const *weights, int count,
-                   float *const *out)
+static void expand(const void *b, int64_t b_first, int64_t width, int64_t rank, const float *const *weights,
+                   int count, int is_bf16, float *const *out)
 {
     const int max_vectors = vectors_for(count);
     int64_t o = 0;
@@ -120,13 +160,13 @@ static void expand(const float *b, int64_t width, int64_t rank, const float *con
         int64_t vectors = (width - o) / 8;
         if (vectors > max_vectors) vectors = max_vectors;
         for (int k = 0; k < count; k++) outs[k] = out[k] + o;
-        scaled_row_sums_any(b + o, width, rank, weights, (int)vectors, count, 1, outs);
+        scaled_row_sums_any(b, b_first + o, width, rank, weights, (int)vectors, count, 1, is_bf16, outs);
         o += 8 * vectors;
     }
     for (; o < width; o++) {
         for (int k = 0; k < count; k++) {
             float sum = out[k][o];
-            for (int64_t j = 0; j < rank; j++) sum += weights[k][j] * b[j * width + o];
+            for (int64_t j = 0; j < rank; j++) sum += weights[k][j] * load1_any(b, b_first + j * width + o, is_bf16);
             out[k][o] = sum;
         }
     }
@@ -141,14 +181,15 @@ struct lora_items {
 
 /* One fused projection's buffers and slot ranks (the layouts above), fixed while the engine runs. */
 struct lora_buffers {
-    const float *a_rows;
+    const void *a_rows;        /* fp32, or bf16 when is_bf16 (as b_rows and a_compact) */
     int64_t a_width, max_rank, num_slices;
-    const float *const *b_rows;
+    const void *const *b_rows;
     const int64_t *out_widths, *out_offsets;
     const void *const *slice_ranks;
     int64_t ranks_are_int64;
-    float *a_compact;          /* NULL: none */
+    void *a_compact;           /* NULL: none */
     int64_t *compact_ranks;
+    int64_t is_bf16;
 };
 
 int lora_max_slices(void) { return MAX_SLICES; }
@@ -163,35 +204,46 @@ void lora_compact_slot(const struct lora_buffers *buffers, int64_t hidden, int64
         ranks[i] = rank_of(buffers->slice_ranks[i], (int)buffers->ranks_are_int64, slot);
         width += ranks[i];
     }
-    const float *rows = buffers->a_rows + slot * hidden * a_width;
-    float *block = buffers->a_compact + slot * hidden * a_width;
+    const int64_t element = buffers->is_bf16 ? 2 : 4;
+    const char *rows = (const char *)buffers->a_rows + element * slot * hidden * a_width;
+    char *block = (char *)buffers->a_compact + element * slot * hidden * a_width;
     for (int64_t h = 0; h < hidden; h++) {
-        float *out = block + h * width;
+        char *out = block + element * h * width;
         for (int64_t i = 0; i < num_slices; i++) {
-            memcpy(out, rows + h * a_width + i * max_rank, ranks[i] * sizeof(float));
-            out += ranks[i];
+            memcpy(out, rows + element * (h * a_width + i * max_rank), ranks[i] * element);
+            out += element * ranks[i];
         }
     }
     for (int64_t i = 0; i < num_slices; i++) buffers->compact_ranks[slot * num_slices + i] = ranks[i];
 }
 
-/* Called through ctypes with two struct pointers made once (per step, per module) instead of twenty scalars:
- * ctypes converts each argument at every call, 32 calls a decode step. */
-void lora_add_f32(const struct lora_items *items, const struct lora_buffers *buffers, const float *x,
-                  int64_t x_stride, int64_t hidden, float *y, int64_t y_stride, int num_threads)
+/* The body of both entry points: x, y and the buffers fp32, or bf16 when is_bf16 (buffers->is_bf16 agrees).
+ * Returns 0, or -1 when the bf16 scratch memory could not be had (nothing is written then). */
+static inline __attribute__((always_inline)) int lora_add(
+    const int is_bf16, const struct lora_items *items, const struct lora_buffers *buffers, const void *x,
+    int64_t x_stride, int64_t hidden, void *y, int64_t y_stride, int num_threads)
 {
     const int64_t num_items = items->num_items;
     const int64_t *item_slots = items->item_slots, *item_starts = items->item_starts;
     const int64_t *item_counts = items->item_counts, *token_ids = items->token_ids;
-    const float *a_rows = buffers->a_rows;
+    const void *a_rows = buffers->a_rows;
     const int64_t a_width = buffers->a_width, max_rank = buffers->max_rank, num_slices = buffers->num_slices;
-    const float *const *b_rows = buffers->b_rows;
+    const void *const *b_rows = buffers->b_rows;
     const int64_t *out_widths = buffers->out_widths, *out_offsets = buffers->out_offsets;
     const void *const *slice_ranks = buffers->slice_ranks;
     const int ranks_are_int64 = (int)buffers->ranks_are_int64;
+    /* bf16: the y columns the slices write, widened per token into scratch (x's row too). */
+    int64_t out_span = 0;
+    for (int64_t i = 0; i < num_slices; i++)
+        if (out_offsets[i] + out_widths[i] > out_span) out_span = out_offsets[i] + out_widths[i];
+    const int64_t scratch_floats = TOKEN_BLOCK * (hidden + out_span);
+    float *scratches = NULL;
+    if (is_bf16 && (scratches = malloc(sizeof(float) * scratch_floats * (num_threads > 1 ? num_threads : 1))) == NULL)
+        return -1;
     #pragma omp parallel num_threads(num_threads) if (num_items > 1 && num_threads > 1)
     {
         float acc[TOKEN_BLOCK * a_width];
+        float *scratch = is_bf16 ? scratches + scratch_floats * omp_get_thread_num() : NULL;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < num_items; item++) {
             const int64_t slot = item_slots[item];
@@ -209,38 +261,74 @@ void lora_add_f32(const struct lora_items *items, const struct lora_buffers *buf
              * many columns to shrink: in a_rows up to the last targeted slice's rank (the columns in between are
              * computed, not used). */
             int64_t first_column[MAX_SLICES], stride, columns = 0;
-            const float *a;
+            const void *a;
             if (compact) {
                 for (int64_t i = 0; i < num_slices; i++) first_column[i] = columns, columns += ranks[i];
-                a = buffers->a_compact + slot * hidden * a_width;
+                a = buffers->a_compact;
                 stride = columns;
             } else {
                 for (int64_t i = 0; i < num_slices; i++) {
                     first_column[i] = i * max_rank;
                     if (ranks[i]) columns = i * max_rank + ranks[i];
                 }
-                a = a_rows + slot * hidden * a_width;
+                a = a_rows;
                 stride = a_width;
             }
             const float *xs[TOKEN_BLOCK];
-            float *shrunk[TOKEN_BLOCK];
+            float *shrunk[TOKEN_BLOCK], *ys[TOKEN_BLOCK];
             for (int64_t k = 0; k < count; k++) {
-                xs[k] = x + tokens[k] * x_stride;
+                if (is_bf16) {
+                    float *x_row = scratch + k * hidden, *y_row = scratch + TOKEN_BLOCK * hidden + k * out_span;
+                    const uint16_t *x_words = (const uint16_t *)x + tokens[k] * x_stride;
+                    const uint16_t *y_words = (const uint16_t *)y + tokens[k] * y_stride;
+                    for (int64_t h = 0; h < hidden; h++) x_row[h] = load1_any(x_words, h, 1);
+                    for (int64_t o = 0; o < out_span; o++) y_row[o] = load1_any(y_words, o, 1);
+                    xs[k] = x_row;
+                    ys[k] = y_row;
+                } else {
+                    xs[k] = (const float *)x + tokens[k] * x_stride;
+                    ys[k] = (float *)y + tokens[k] * y_stride;
+                }
                 shrunk[k] = acc + k * a_width;
             }
-            shrink(a, stride, hidden, xs, (int)count, columns, shrunk);
+            shrink(a, slot * hidden * a_width, stride, hidden, xs, (int)count, columns, is_bf16, shrunk);
             for (int64_t i = 0; i < num_slices; i++) {
                 const int64_t rank = ranks[i];
                 if (!rank) continue;
-                const float *b = b_rows[i] + slot * max_rank * out_widths[i];
                 const float *weights[TOKEN_BLOCK];
                 float *outs[TOKEN_BLOCK];
                 for (int64_t k = 0; k < count; k++) {
                     weights[k] = acc + k * a_width + first_column[i];
-                    outs[k] = y + tokens[k] * y_stride + out_offsets[i];
+                    outs[k] = ys[k] + out_offsets[i];
                 }
-                expand(b, out_widths[i], rank, weights, (int)count, outs);
+                expand(b_rows[i], slot * max_rank * out_widths[i], out_widths[i], rank, weights, (int)count, is_bf16,
+                       outs);
+            }
+            if (is_bf16) {
+                for (int64_t k = 0; k < count; k++) {
+                    uint16_t *y_words = (uint16_t *)y + tokens[k] * y_stride;
+                    for (int64_t i = 0; i < num_slices; i++)
+                        if (ranks[i])
+                            for (int64_t o = out_offsets[i]; o < out_offsets[i] + out_widths[i]; o++)
+                                y_words[o] = to_bf16(ys[k][o]);
+                }
             }
         }
     }
+    free(scratches);
+    return 0;
+}
+
+/* Called through ctypes with two struct pointers made once (per step, per module) instead of twenty scalars:
+ * ctypes converts each argument at every call, 32 calls a decode step. */
+void lora_add_f32(const struct lora_items *items, const struct lora_buffers *buffers, const float *x,
+                  int64_t x_stride, int64_t hidden, float *y, int64_t y_stride, int num_threads)
+{
+    lora_add(0, items, buffers, x, x_stride, hidden, y, y_stride, num_threads);
+}
+
+int lora_add_bf16(const struct lora_items *items, const struct lora_buffers *buffers, const uint16_t *x,
+                   int64_t x_stride, int64_t hidden, uint16_t *y, int64_t y_stride, int num_threads)
+{
+    return lora_add(1, items, buffers, x, x_stride, hidden, y, y_stride, num_threads);
 }

@@ -33,6 +33,8 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_m
 HEADERS = (Path(__file__).with_name("cpu_vec.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+# The element types the kernels take (for bf16 they widen to fp32 as they read and sum in fp32).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def enabled() -> bool:
@@ -67,7 +69,7 @@ class _Items(ctypes.Structure):
 class _Buffers(ctypes.Structure):
     _fields_ = [("a_rows", _PTR), ("a_width", _I64), ("max_rank", _I64), ("num_slices", _I64), ("b_rows", _PTR),
                 ("out_widths", _PTR), ("out_offsets", _PTR), ("slice_ranks", _PTR), ("ranks_are_int64", _I64),
-                ("a_compact", _PTR), ("compact_ranks", _PTR)]
+                ("a_compact", _PTR), ("compact_ranks", _PTR), ("is_bf16", _I64)]
 
 
 class Call:
@@ -88,7 +90,11 @@ class Weights:
     def __init__(self, a_rows: torch.Tensor, b_rows: tuple, max_rank: int, hidden: int) -> None:
         if len(b_rows) > max_slices():
             raise ValueError(f"the kernel takes up to {max_slices()} slices, got {len(b_rows)}")
+        if a_rows.dtype not in KERNEL_DTYPES or any(b.dtype != a_rows.dtype for b in b_rows):
+            raise ValueError(f"the kernel takes fp32 or bf16 buffers of one dtype, got {a_rows.dtype} and "
+                             f"{[b.dtype for b in b_rows]}")
         self.hidden = hidden
+        self.dtype = a_rows.dtype
         self.num_slots = a_rows.shape[0] // hidden
         widths = torch.tensor([b.shape[1] for b in b_rows], dtype=torch.int64)
         offsets = torch.cumsum(widths, 0) - widths
@@ -126,7 +132,8 @@ class Buffers:
         self._struct = _Buffers(*weights._fields, ctypes.addressof(pointers),
                                 int(slot_ranks_slices[0].dtype == torch.int64),
                                 compact.a_compact.data_ptr() if compact else None,
-                                compact.compact_ranks.data_ptr() if compact else None)
+                                compact.compact_ranks.data_ptr() if compact else None,
+                                int(weights.dtype == torch.bfloat16))
         self.address = ctypes.addressof(self._struct)
 
     def compact_slot(self, slot: int) -> None:
@@ -145,9 +152,17 @@ def ranks_supported(slot_ranks_slices) -> bool:
 
 
 def add(y: torch.Tensor, x: torch.Tensor, call: Call, buffers: Buffers) -> None:
-    """y[t] += the LoRA delta of each token in call's items; x [T, H] and y [T, O] fp32 with unit column stride."""
-    library().lora_add_f32(call.address, buffers.address, x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(),
-                           y.stride(0), torch.get_num_threads())
+    """y[t] += the LoRA delta of each token in call's items; x [T, H] and y [T, O] with unit column stride, of the
+    buffers' dtype (fp32 or bf16)."""
+    dtype = buffers.weights.dtype
+    if x.dtype != dtype or y.dtype != dtype:
+        raise ValueError(f"x and y must be {dtype} as the adapter buffers are, got {x.dtype} and {y.dtype}")
+    arguments = (call.address, buffers.address, x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(), y.stride(0),
+                 torch.get_num_threads())
+    if dtype == torch.float32:
+        library().lora_add_f32(*arguments)
+    elif library().lora_add_bf16(*arguments) != 0:
+        raise MemoryError("LoRA kernel: no memory for its bf16 scratch rows")
 
 
 @functools.cache
@@ -188,7 +203,9 @@ def _load(path: Path):
     torch.get_num_threads()  # torch (and its libgomp) is loaded: the kernel binds to the same OpenMP runtime
     lib = ctypes.CDLL(str(path))
     lib.lora_add_f32.restype = None
-    lib.lora_add_f32.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int]
+    lib.lora_add_bf16.restype = ctypes.c_int
+    for lora_add in (lib.lora_add_f32, lib.lora_add_bf16):
+        lora_add.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int]
     lib.lora_token_block.restype = ctypes.c_int
     lib.lora_max_slices.restype = ctypes.c_int
     lib.lora_compact_slot.restype = None

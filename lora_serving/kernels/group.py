@@ -50,7 +50,7 @@ class LoraGroup:
 
     def add(self, y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor, meta: LoraBatchMeta) -> None:
         native = self._native
-        if (native is not None and x.dtype == torch.float32 and y.dtype == torch.float32 and x.device.type == "cpu"
+        if (native is not None and x.dtype == y.dtype == native.dtype and x.device.type == "cpu"
                 and x.shape == (meta.num_tokens, self.hidden) and y.shape == (meta.num_tokens, self.out_features)
                 and x.stride(1) == 1 and y.stride(1) == 1 and meta.device.type == "cpu"):
             native.add(y, x, meta)

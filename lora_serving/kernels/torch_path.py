@@ -10,8 +10,8 @@ Each segment (the tokens of one slot) takes one of these routes, decided once pe
   for the expand; when its tokens are consecutive in the batch (a prefill, or any segment once the engine
   orders sequences by slot) its rows are slices of x and y: no gather, no scatter;
 - all other tokens (decode: one or a few tokens per slot) go to the C kernel (kernels/cpu_native.py) in
-  one call, when the buffers are rank-major fp32 on the CPU and the kernel builds here: one pass per slot
-  over its contiguous weight rows;
+  one call, when the buffers are rank-major fp32 or bf16 on the CPU and the kernel builds here: one pass per
+  slot over its contiguous weight rows;
 - failing that (no compiler, LORA_CPU_KERNEL=off, another dtype) they share one embedding_bag call for the
   shrink and one per slice for the expand, which read only each token's own weight rows. A Python loop
   over ~32 slots spends more on op dispatch than on math, and gathering per-token [T, R, H] weight copies
@@ -58,7 +58,7 @@ class _GroupViews:
     # slice's lora_a[s, :, h]; and per slice [S * R_max, O], row (s, j) holding lora_b[s, :, j].
     a_rows: torch.Tensor | None
     b_rows: tuple | None
-    native: cpu_native.Weights | None  # the same rows for the C kernel: fp32 CPU buffers, when it builds here
+    native: cpu_native.Weights | None  # the same rows for the C kernel: fp32/bf16 CPU buffers, when it builds here
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,7 @@ class NativeGroup:
         self._slot_ranks_slices = tuple(slot_ranks_slices)
         self._buffers = views.native.bind(slot_ranks_slices, cpu_native.CompactA(views.native))
         self._max_rank = max_rank
+        self.dtype = views.native.dtype
 
     @classmethod
     def for_buffers(cls, lora_a_slices, lora_b_slices, slot_ranks_slices) -> "NativeGroup | None":
@@ -269,7 +270,7 @@ def _views(lora_a_slices, lora_b_slices) -> _GroupViews:
     else:
         b_rows = tuple(lora_b.transpose(1, 2).view(num_slots * max_rank, lora_b.shape[1]) for lora_b in lora_b_slices)
     native = None
-    if (a_rows is not None and a_rows.dtype == torch.float32 and a_rows.device.type == "cpu"
+    if (a_rows is not None and a_rows.dtype in cpu_native.KERNEL_DTYPES and a_rows.device.type == "cpu"
             and cpu_native.enabled() and len(b_rows) <= cpu_native.max_slices()):
         native = cpu_native.Weights(a_rows, b_rows, max_rank, hidden)
     views = _GroupViews(

@@ -18,8 +18,9 @@ from lora_serving.kernels.reference import add_lora_packed_reference
 from tests.kernels.lora_checks import torch_cases
 from tests.kernels.lora_kernel_cases import Case, make_batch, tolerance
 
-# The kernel reads rank-major buffers (lora_serving/kernels/layout.py), in fp32.
+# The kernel reads rank-major buffers (lora_serving/kernels/layout.py), in fp32 or bf16.
 FP32_CASES = [case for case in torch_cases() if case.dtype == torch.float32 and case.rank_major]
+BF16_CASES = [case for case in torch_cases() if case.dtype == torch.bfloat16 and case.rank_major]
 
 
 @pytest.fixture
@@ -57,6 +58,28 @@ def test_the_kernel_serves_fp32_rank_major_buffers_and_matches_the_reference(cas
     long_segment = (case.popularity in ("same", "huge_segment")
                     and case.tokens * case.hidden >= torch_path.C_KERNEL_GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE)
     assert kernel_calls or not has_lora or long_segment, "the fp32 case did not reach the C kernel"
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=str)
+def test_the_kernel_serves_bf16_buffers_summing_in_fp32_and_rounding_once(case, kernel_calls):
+    batch = make_batch(case)
+    expected = add_lora_packed_reference(batch.y, batch.x, batch.lora_a, batch.lora_b, batch.token_slots,
+                                         batch.slot_ranks)
+    y_before = batch.y.clone()
+    kernels.add_lora_packed(batch.y, batch.x, batch.lora_a, batch.lora_b, batch.token_slots, batch.slot_ranks)
+    assert batch.y.dtype == torch.bfloat16
+    has_lora = bool((batch.token_slots >= 0).any())
+    long_segment = (case.popularity in ("same", "huge_segment")
+                    and case.tokens * case.hidden >= torch_path.C_KERNEL_GEMM_MIN_TOKEN_FEATURES_CONSECUTIVE)
+    assert kernel_calls or not has_lora or long_segment, "the bf16 case did not reach the C kernel"
+    no_adapter = batch.token_slots < 0
+    assert torch.equal(batch.y[no_adapter], y_before[no_adapter])
+    if kernel_calls and not long_segment:
+        # The fp32 reference of the same bf16 operands rounded once to bf16: within half a unit (2^-9 relative),
+        # far inside the bf16 tolerance of the torch routes, which round each partial product.
+        torch.testing.assert_close(batch.y.float(), expected, rtol=2**-8, atol=1e-3)
+    else:
+        torch.testing.assert_close(batch.y.float(), expected, **tolerance(torch.bfloat16))
 
 
 def test_one_slots_tokens_split_into_work_items_on_several_threads(kernel_calls):

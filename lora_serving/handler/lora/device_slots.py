@@ -68,7 +68,7 @@ class DeviceSlots:
         # The projection groups each slot's adapter targets (in some layer), kept at writes: planning a step
         # takes their union instead of reducing host_ranks over the step's slots (~0.1 ms a step).
         self._targeted_groups: list[frozenset[str]] = [frozenset()] * num_slots
-        if torch.device(device).type == "cpu" and dtype == torch.float32:
+        if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             # Build (or find cached) the CPU LoRA kernel now, not in the first adapter request's step.
             kernels.cpu_kernel_enabled()
         # The same buffers checked and resolved once, for the layers' calls of every step.
