@@ -312,7 +312,7 @@ def compare(args) -> None:
             side.close()
 
     print(f"\n# bench_vs_vllm: {model_dir.name}, {args.dtype}; {machine_description()}; vLLM {VLLM_SPEC}; "
-          f"{'another process busy on one core' if args.contention else 'quiet'}; best of {args.rounds} rounds; "
+          f"{'another process busy on one core' if args.contention else 'no busy process added'}; best of {args.rounds} rounds; "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     print_table(*result_table(workers, workloads, best, floor))
 

@@ -8,6 +8,7 @@ import torch
 
 from lora_serving import handler
 from lora_serving.handler.config import Config
+from lora_serving.handler.cpu_dtype import auto_cpu_dtype
 from lora_serving.handler.cpu_threads import CpuThreads
 from lora_serving.handler.errors import ConfigError
 from lora_serving.handler.models import LlamaModel
@@ -32,7 +33,7 @@ def resolve_device(config: Config) -> torch.device:
 def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
     name = config.torch_dtype_name
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else auto_cpu_dtype()
     return TORCH_DTYPES[name]
 
 
