@@ -50,12 +50,12 @@ class Sampler:
         if rows is not None:
             logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
         log_probs = torch.log_softmax(logits, dim=-1)
-        chosen = logits.argmax(dim=-1)
+        chosen = greedy_choices(logits)
         changed = [row for row, seq in enumerate(seqs) if seq.params.processes_logits or seq.grammar is not None]
         changed_logits = self._process(logits, changed, seqs) if changed else None
         position = {row: index for index, row in enumerate(changed)}
         if changed:
-            chosen[torch.tensor(changed, device=chosen.device)] = changed_logits.argmax(dim=-1)
+            chosen[torch.tensor(changed, device=chosen.device)] = greedy_choices(changed_logits)
         sampled = [(row, seq) for row, seq in enumerate(seqs) if not seq.params.greedy]
         if sampled:
             index = torch.tensor([row for row, _ in sampled], dtype=torch.long, device=chosen.device)
@@ -145,3 +145,10 @@ class Sampler:
             generator.manual_seed(seed)
             self._generators[seq] = generator
         return generator
+
+
+def greedy_choices(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the first of equal maxima; NaN counts as the maximum, as in argmax), through max's
+    indices: on CPU torch's argmax over vocabulary-wide rows runs several times slower than max, a few percent
+    of a decode step at batch 32 (docs/BENCHMARKS.md, "bf16 on CPU")."""
+    return logits.max(dim=-1).indices

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lora_serving.handler import Engine, SamplingParams
+from lora_serving.handler.sampler import greedy_choices
 from tests.engine.test_parity import random_prompts
 from tests.models import reference_greedy, reference_model
 
@@ -125,3 +126,13 @@ def test_streamed_pieces_add_up_to_the_final_text(llama):
             finished = output.finished
     [again] = engine.generate(["hello world 中文 🚀"], SamplingParams(max_new_tokens=30, stop=["\n\n"]))
     assert "".join(pieces) == again.text
+
+
+def test_greedy_choices_are_argmax_with_its_ties_and_nan():
+    logits = torch.randn(6, 49152, generator=torch.Generator().manual_seed(0))
+    logits[0, 7] = logits[0, 40000] = 100.0  # a tie: the first
+    logits[1, 30000:] = 100.0
+    logits[2, 5] = float("nan")  # NaN wins, as in argmax
+    logits[3] = 0.0
+    assert torch.equal(greedy_choices(logits), logits.argmax(dim=-1))
+    assert greedy_choices(logits)[:4].tolist() == [7, 30000, 5, 0]
