@@ -311,9 +311,9 @@ def compare(args) -> None:
         for side, _ in workers.values():
             side.close()
 
-    print(f"\n# bench_vs_vllm: {model_dir.name}, {args.dtype}; {machine_description()}; vLLM {VLLM_SPEC}; "
-          f"{'another process busy on one core' if args.contention else 'no busy process added'}; best of {args.rounds} rounds; "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
+    load = "another process busy on one core" if args.contention else "no busy process added"
+    print(f"\n# bench_vs_vllm: {model_dir.name}, {args.dtype}; {machine_description()}; vLLM {VLLM_SPEC}; {load}; "
+          f"best of {args.rounds} rounds; load average {os.getloadavg()[0]:.1f} at the end")
     print_table(*result_table(workers, workloads, best, floor))
 
 
@@ -359,7 +359,7 @@ def result_table(workers: dict, workloads: dict, best: dict, floor: float) -> tu
         figures = {name: figure(name) for name in workers}
         cells = ["-" if figures[n] is None else (f"{figures[n]:.2f} ms/token" if single else f"{figures[n]:.0f} tok/s")
                  for n in workers]
-        speed = ["-" if figures[n] is None else (figures[n] / figures["ours"] if single else figures["ours"] / figures[n])
+        speed = ["-" if figures[n] is None else figures[n] / figures["ours"] if single else figures["ours"] / figures[n]
                  for n in others]
         equal = ["-" if (n, label) not in best else
                  f"{sum(a == b for a, b in zip(ours['outputs'], best[(n, label)]['outputs']))}/{len(ours['outputs'])}"
