@@ -29,8 +29,8 @@ LoRA through PEFT with every adapter loaded, one adapter per row (`adapter_names
 BASE lora_serving | tar -x -C DIR`) as the side "ours before", for before/after figures from one run.
 
 `--dtype float32|bfloat16` (default float32) is every side's dtype. vLLM runs as two engines in two processes:
-"vLLM" without LoRA, its fastest path for base requests (on CPU it compiles the model's forward with
-torch.compile unless LoRA is enabled), for the base and batch-1 workloads; "vLLM+LoRA" with LoRA enabled,
+"vLLM" without LoRA, its fastest path for base requests (its worker compiles the model's forward with
+torch.compile; docs/BENCHMARKS.md), for the base and batch-1 workloads; "vLLM+LoRA" with LoRA enabled,
 for the LoRA workload and, beside it, the base requests such an engine serves. The batch-1 row's floor is
 every weight read once at the dtype's size over the measured memory copy bandwidth.
 
