@@ -7,7 +7,7 @@ import torch
 
 from lora_serving.handler import Engine, cpu_dtype
 from lora_serving.handler.config import Config
-from lora_serving.handler.engine import resolve_dtype
+from lora_serving.handler.runner.device import resolve_dtype
 
 
 @pytest.fixture
