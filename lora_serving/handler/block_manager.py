@@ -50,6 +50,9 @@ class BlockManager:
         # (source, destination) block copies owed before the next forward pass.
         self._copies: list[tuple[int, int]] = []
         self._prefix = PrefixIndex(num_blocks) if enable_prefix_caching else None
+        # Prompt tokens looked up in the prefix cache at admission, and those found there (K/V reused), since start.
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -95,6 +98,8 @@ class BlockManager:
                 self._holders[block] = self._holders.get(block, 1) + 1
         seq.block_table = list(cached)
         seq.num_cached_tokens = len(cached) * self.block_size
+        self.prefix_queried_tokens += seq.num_tokens
+        self.prefix_hit_tokens += seq.num_cached_tokens
         self.allocate(seq, seq.num_tokens - seq.num_cached_tokens)
 
     def commit(self, seq: Sequence, num_computed: int) -> None:

@@ -36,16 +36,12 @@ class StepCounters:
     generated_tokens: int = 0
     prompt_tokens: int = 0  # computed, not those whose K/V came from the prefix cache
     preemptions: int = 0
-    cache_queried_tokens: int = 0
-    cache_hit_tokens: int = 0
     chunked_steps: int = 0
 
     def count(self, step: ScheduledStep) -> None:
         """A step about to run its forward pass."""
         self.steps += 1
         self.chunked_steps += step.is_chunked
-        self.cache_queried_tokens += step.cache_queried_tokens
-        self.cache_hit_tokens += step.cache_hit_tokens
         self.prompt_tokens += sum(max(0, min(seq.num_cached_tokens + length, len(seq.prompt_token_ids))
                                       - seq.num_cached_tokens)
                                   for seq, length in zip(step.prefill_seqs, step.prefill_lengths))

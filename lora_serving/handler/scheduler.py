@@ -57,9 +57,6 @@ class ScheduledStep:
     preempted: list[Sequence] = field(default_factory=list)
     # Prefilled sequence -> the sequences forked from it this step, which sample from its logits too.
     forks: dict[Sequence, list[Sequence]] = field(default_factory=dict)
-    # Prefix-cache tokens looked up and found by the sequences admitted this step.
-    cache_queried_tokens: int = 0
-    cache_hit_tokens: int = 0
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -197,8 +194,6 @@ class Scheduler:
             self.block_manager.admit(seq, cached)
             self.running.append(seq)
             used += 1 + len(seq.forks)
-            step.cache_queried_tokens += seq.num_tokens
-            step.cache_hit_tokens += seq.num_cached_tokens
             self._add_prefill(seq, length, step)
         # Held sequences keep their place at the head of the queue, in arrival order.
         self.waiting.extendleft(reversed(held))
