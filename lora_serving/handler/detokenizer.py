@@ -3,7 +3,8 @@
 Decoding one token alone is wrong in two ways: a multi-byte character split across byte-level tokens
 decodes to U+FFFD until its last byte arrives, and SentencePiece tokenizers drop a word's leading space
 when it starts the decoded text. So we decode a short window that starts a few tokens back and emit only
-what the window gained, holding text back while it ends in an incomplete character.
+what the window gained, holding text back while it ends in an incomplete character. Special tokens are left
+out unless the request keeps them (`skip_special_tokens`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._ids = list(prompt_token_ids[-CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -39,4 +41,4 @@ class IncrementalDetokenizer:
         return full_text[len(prefix_text) :]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False)

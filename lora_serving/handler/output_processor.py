@@ -17,7 +17,7 @@ from lora_serving.handler.sequence import FinishReason, Sequence, TokenOutput, T
 class RequestTextState:
     def __init__(self, tokenizer, seq: Sequence, eos_token_ids: frozenset[int]) -> None:
         self._tokenizer = tokenizer
-        self._detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids)
+        self._detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
         self._eos_token_ids = eos_token_ids
         self._stops = seq.params.stop
         self._hold_back = max((len(stop) for stop in self._stops), default=1) - 1

@@ -66,6 +66,9 @@ class SamplingParams:
     # Score the prompt: each prompt token's log-probability given the tokens before it.
     prompt_log_probs: bool = False
     structured: StructuredOutput | None = None
+    # Leave special tokens (`<|eot_id|>`, an added `[TOOL_CALLS]`) out of the text, as vLLM does by default.
+    # A tool-call parser whose marker a tokenizer may hold as a special token turns it off (tool_schema.py).
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -109,6 +112,8 @@ class SamplingParams:
             for token, bias in self.logit_bias.items()
         ):
             raise InvalidRequestError("logit_bias must map token ids to numbers in [-100, 100]")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise InvalidRequestError(f"skip_special_tokens must be true or false, got {self.skip_special_tokens!r}")
         if not _is_int(self.top_n_tokens) or not 0 <= self.top_n_tokens <= MAX_TOP_LOG_PROBS:
             raise InvalidRequestError(f"the number of top log-probabilities per token must be in "
                                       f"[0, {MAX_TOP_LOG_PROBS}], got {self.top_n_tokens!r}")

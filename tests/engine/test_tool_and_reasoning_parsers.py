@@ -71,7 +71,7 @@ def test_each_format_finds_its_calls_whole_and_streamed(parser, text, content, e
 
 @pytest.mark.parametrize("parser, text", [
     ("hermes", "no call here, only < and <tool_ and text"),
-    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>'),
+    ("hermes", '<tool_call>\n{"arguments": {"city": \n</tool_call>'),  # no name: nothing streamed
     ("llama3_json", "The weather is {mild} today"),
     ("llama3_json", '{"city": "Oslo"}'),  # JSON, but no call
     ("mistral", "[TOOL_CALLS] not json"),
@@ -82,6 +82,73 @@ def test_text_without_well_formed_calls_is_the_content(parser, text):
         assert "tool_calls" not in message
 
 
+def test_a_call_that_turns_out_malformed_after_it_began_streaming_stays_as_far_as_it_went():
+    # A stream cannot take back the name and arguments it sent (nor can vLLM's); the whole answer is content.
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>'
+    assert "tool_calls" not in whole(auto("hermes"), text)
+    message, _ = streamed(auto("hermes"), text)
+    assert message["content"] == text
+    # The arguments stopped where they stopped being JSON, not at the end of the text.
+    assert [call["function"] for call in message["tool_calls"]] == [{"name": "get_weather",
+                                                                      "arguments": '{"city": \n'}]
+
+
+STREAMED_CASES = [
+    ("hermes", 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo, \\"Norway\\" {}"}}'
+               '\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": ["utc", {"a": 1}]}}\n</tool_call>'),
+    ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Lima"}}; '
+                    '{"name": "get_time", "parameters": {"zone":"cet"}}'),
+    ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Kyiv"}}, '
+                '{"name": "get_time", "arguments": {"zone": "utc"}}]'),
+]
+
+
+@pytest.mark.parametrize("parser, text", STREAMED_CASES)
+@pytest.mark.parametrize("piece", [1, 4])
+def test_auto_calls_stream_their_name_then_their_arguments_in_pieces(parser, text, piece):
+    message, deltas = streamed(auto(parser), text, piece)
+    call_deltas = [call for delta in deltas for call in delta.get("tool_calls", [])]
+    for index, expected in enumerate(whole(auto(parser), text)["tool_calls"]):
+        mine = [call for call in call_deltas if call["index"] == index]
+        # The first carries the id, type and name; the rest only pieces of the arguments.
+        assert mine[0]["id"].startswith("call_") and mine[0]["type"] == "function"
+        assert mine[0]["function"]["name"] == expected["function"]["name"]
+        assert all(set(call) == {"index", "function"} and set(call["function"]) == {"arguments"}
+                   for call in mine[1:])
+        assert len(mine) > 3  # the arguments came as they were written
+        streamed_arguments = "".join(call["function"]["arguments"] for call in mine)
+        # The pieces add up to the whole answer's arguments, which are the object as the model wrote it.
+        assert streamed_arguments == expected["function"]["arguments"]
+        assert streamed_arguments == message["tool_calls"][index]["function"]["arguments"]
+        assert streamed_arguments in text
+
+
+def test_arguments_written_as_json_text_stream_as_one_piece_after_the_name():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}\n</tool_call>'
+    message, deltas = streamed(auto("hermes"), text)
+    call_deltas = [delta["tool_calls"][0] for delta in deltas if "tool_calls" in delta]
+    assert [call["function"] for call in call_deltas] == [{"name": "get_weather", "arguments": ""},
+                                                          {"arguments": '{"city": "Rome"}'}]
+
+
+def test_without_parallel_tool_calls_a_stream_stops_after_the_first_call():
+    message, deltas = streamed(auto("hermes", parallel=False), STREAMED_CASES[0][1])
+    assert {call["index"] for delta in deltas for call in delta.get("tool_calls", [])} == {0}
+    assert calls(message) == [("get_weather", {"city": 'Oslo, "Norway" {}'})]
+
+
+def test_auto_keeps_special_tokens_in_the_text_so_that_the_marker_reaches_the_parser():
+    from lora_serving.handler.sequence import SamplingParams
+    for parser in TOOL_CALL_PARSERS:
+        params = SamplingParams()
+        assert params.skip_special_tokens
+        plan_for([WEATHER], None).adjust_request(params)
+        assert not params.skip_special_tokens
+    params = SamplingParams()
+    plan_for([WEATHER], "none").adjust_request(params)
+    assert params.skip_special_tokens
+
+
 def test_a_stream_sends_content_before_the_call_and_holds_back_only_what_may_begin_one():
     text = 'Checking <tool now.<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
     _, deltas = streamed(auto("hermes"), text)
@@ -90,8 +157,10 @@ def test_a_stream_sends_content_before_the_call_and_holds_back_only_what_may_beg
     # "<tool" was held while it could begin "<tool_call>", and let go when " " showed it does not.
     assert content[:9] == list("Checking ") and "<tool " in content
     call_deltas = [delta["tool_calls"] for delta in deltas if "tool_calls" in delta]
-    assert len(call_deltas) == 1 and call_deltas[0][0]["index"] == 0
-    assert call_deltas[0][0]["function"] == {"name": "get_time", "arguments": "{}"}
+    assert all(len(call) == 1 and call[0]["index"] == 0 for call in call_deltas)
+    # The name once the head is written, then the arguments as they are.
+    assert [call[0]["function"] for call in call_deltas] == [{"name": "get_time", "arguments": ""},
+                                                             {"arguments": "{"}, {"arguments": "}"}]
 
 
 def test_without_parallel_tool_calls_only_the_first_call_is_answered():

@@ -165,24 +165,51 @@ def test_required_calls_at_least_one_function_with_valid_arguments(openai_client
         arguments_of(call)
 
 
+# Some content first, then a call: both parts written by the model, under the regular expression.
+AUTO_REQUEST = dict(model="a1", messages=MESSAGES, tools=TOOLS, tool_choice="auto", max_tokens=150, temperature=0,
+                    extra_body={"structured_outputs": {"regex": "[a-z]{2,6}\\n" + HERMES_CALL}})
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_auto_finds_the_calls_the_model_writes_in_the_parsers_form(openai_client, stream):
-    # Some content first, then a call: both parts written by the model, under the regular expression.
-    request = dict(model="a1", messages=MESSAGES, tools=TOOLS, tool_choice="auto", max_tokens=150, temperature=0,
-                   extra_body={"structured_outputs": {"regex": "[a-z]{2,6}\\n" + HERMES_CALL}})
     if stream:
-        with openai_client.chat.completions.stream(**request) as events:
-            chunks = [event.chunk for event in events if event.type == "chunk"]
+        with openai_client.chat.completions.stream(**AUTO_REQUEST) as events:
             chat = events.get_final_completion()
-        assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.tool_calls) == 1
     else:
-        chat = openai_client.chat.completions.create(**request)
+        chat = openai_client.chat.completions.create(**AUTO_REQUEST)
     choice = chat.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert 2 <= len(choice.message.content.strip()) <= 6 and "<tool_call>" not in choice.message.content
     [call] = choice.message.tool_calls
     assert call.function.name == "get_weather"
     assert arguments_of(call)["city"].isalpha()
+
+
+def test_auto_calls_stream_name_first_then_arguments_in_pieces_that_the_sdk_assembles(openai_client):
+    whole = openai_client.chat.completions.create(**AUTO_REQUEST).choices[0].message
+    chunks = list(openai_client.chat.completions.create(**AUTO_REQUEST, stream=True))
+    call_deltas = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or ()]
+    first, rest = call_deltas[0], call_deltas[1:]
+    # vLLM's order: index, id, type and name first; then only pieces of the arguments.
+    assert first.index == 0 and first.id.startswith("call_") and first.type == "function"
+    assert first.function.name == "get_weather"
+    assert len(rest) > 3 and all(delta.id is None and delta.function.name is None and delta.function.arguments
+                                 for delta in rest)
+    assert len(chunks[-1].choices[0].delta.tool_calls or ()) <= 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The SDK's own accumulation (its stream helper, and the state class under it) rebuilds the whole call.
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    state = ChatCompletionStreamState()
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    with openai_client.beta.chat.completions.stream(**AUTO_REQUEST) as events:
+        helper = events.get_final_completion().choices[0].message
+    for assembled in (state.get_final_completion().choices[0].message, helper):
+        [call] = assembled.tool_calls
+        assert (call.function.name, call.function.arguments) == (whole.tool_calls[0].function.name,
+                                                                 whole.tool_calls[0].function.arguments)
+        assert call.id == first.id if assembled is not helper else call.id.startswith("call_")
+        assert assembled.content == whole.content
+    assert "".join(delta.function.arguments or "" for delta in call_deltas) == whole.tool_calls[0].function.arguments
 
 
 def test_auto_passes_plain_text_through_as_content(openai_client, lmi):

@@ -4,8 +4,9 @@ split into OpenAI message deltas (`reasoning_content`, `content`, `tool_calls`),
 The text goes through the reasoning parser (when the server has one), then what is left of it through the
 request's tool plan: with `named`, the text is the function's arguments and streams as they are
 generated; with `required`, it is the list of calls, each sent once whole; with `auto`, the tool-call parser
-finds where calls begin, content before streams at once (less what may yet begin a call), and each call is
-sent whole once it is complete (and so is each item of a `required` list). The streamed deltas and the whole message come from the same steps.
+finds where calls begin, content before streams at once (less what may yet begin a call), and each call
+streams as vLLM streams it: its index, id, type and name once the name is written, then its arguments piece
+by piece (tool_parsers/base.py). The streamed deltas and the whole message come from the same steps.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ class ChoiceInterpreter:
         self._text = ""
         self._reasoning_sent = 0
         self._content_sent = 0
-        self._calls_sent = 0
         self._arguments_sent = 0  # `named`: characters of the arguments streamed
         self.reasoning = ""
         self.content = ""
@@ -87,7 +87,7 @@ class ChoiceInterpreter:
         if self._tool_mode == "named":
             return "", self._named_call_delta(text, final)
         if self._tool_mode == "required":
-            return "", self._new_calls(_required_calls(text))
+            return "", self._call_deltas(_required_calls(text))
         if self._tool_mode == "auto":
             return self._auto(text, final)
         return self._new_content(text, len(text)), []
@@ -104,20 +104,30 @@ class ChoiceInterpreter:
             return content + self._new_content(text, len(text)), []
         if not self._plan.tools.parallel:
             calls = calls[:1]
-        return content, self._new_calls(calls)
+        writing = None
+        if not final and (self._plan.tools.parallel or not calls):
+            writing = parser.call_in_progress(text[start:])
+        return content, self._call_deltas(calls + ([writing] if writing is not None else []))
 
     def _new_content(self, text: str, end: int) -> str:
         new = text[self._content_sent:end] if end > self._content_sent else ""
         self._content_sent = max(self._content_sent, end)
         return new
 
-    def _new_calls(self, calls: list[ParsedToolCall]) -> list[dict]:
+    def _call_deltas(self, calls: list[ParsedToolCall]) -> list[dict]:
+        """What `calls` (complete ones, the last perhaps still being written) add to the calls sent: a new
+        call whole with its id, and to a call sent before, the end of its arguments that is new."""
         deltas = []
-        for call in calls[self._calls_sent:]:
-            entry = _tool_call(call.name, call.arguments)
-            deltas.append({"index": len(self.tool_calls), **entry})
-            self.tool_calls.append(entry)
-        self._calls_sent = len(calls)
+        for index, call in enumerate(calls):
+            if index == len(self.tool_calls):
+                entry = _tool_call(call.name, call.arguments)
+                self.tool_calls.append(entry)
+                deltas.append({"index": index, **entry, "function": dict(entry["function"])})
+                continue
+            sent = self.tool_calls[index]["function"]
+            if len(call.arguments) > len(sent["arguments"]) and call.arguments.startswith(sent["arguments"]):
+                deltas.append({"index": index, "function": {"arguments": call.arguments[len(sent["arguments"]):]}})
+                sent["arguments"] = call.arguments
         return deltas
 
     def _named_call_delta(self, arguments: str, final: bool) -> list[dict]:

@@ -105,5 +105,7 @@ def prepare_chat(chat: ChatCompletionRequest, tokenizer, config: Config) -> Prep
     prompt = render_chat_prompt(tokenizer, chat.messages,
                                 [tool.model_dump(exclude_none=True) for tool in chat.tools] if chat.tools else None)
     reasoning = REASONING_PARSERS[config.reasoning_parser] if config.reasoning_parser else None
-    return PreparedChat(prompt, chat.sampling_params(tool_grammar=tools.grammar if tools else None),
-                        AnswerPlan(tools, reasoning))
+    params = chat.sampling_params(tool_grammar=tools.grammar if tools else None)
+    if tools is not None:
+        tools.adjust_request(params)
+    return PreparedChat(prompt, params, AnswerPlan(tools, reasoning))

@@ -33,6 +33,7 @@ class SamplingFields(GuidedDecodingFields):
     stop: list[str] = []
     stop_token_ids: list[int] = []
     logit_bias: dict[str, float] = {}
+    skip_special_tokens: bool = True  # vLLM's (LMI passes it on); auto tool choice turns it off
 
     @model_validator(mode="before")
     @classmethod
@@ -62,6 +63,7 @@ class SamplingFields(GuidedDecodingFields):
             "stop": self.stop,
             "stop_token_ids": self.stop_token_ids,
             "logit_bias": token_id_keys(self.logit_bias, f"{where}logit_bias"),
+            "skip_special_tokens": self.skip_special_tokens,
         }
         fields.update(format_fields)
         return SamplingParams(**fields)

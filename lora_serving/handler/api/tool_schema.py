@@ -19,8 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from lora_serving.handler.errors import InvalidRequestError
-from lora_serving.handler.sequence import StructuredOutput
 from lora_serving.handler.api.structured_fields import json_schema
+from lora_serving.handler.sequence import SamplingParams, StructuredOutput
 from lora_serving.handler.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser
 
 ToolMode = Literal["none", "auto", "required", "named"]
@@ -51,6 +51,11 @@ class ToolPlan:
     function: str | None = None  # the one `named` calls
     parser: ToolCallParser | None = None  # how `auto` finds calls
     grammar: StructuredOutput | None = None  # what `required` and `named` generate under
+
+    def adjust_request(self, params: SamplingParams) -> None:
+        """What the plan needs of generation beyond its grammar: `auto`'s parser sees the format's marker."""
+        if self.parser is not None:
+            self.parser.adjust_request(params)
 
 
 def tool_plan(tools: list[ToolDefinition] | None, tool_choice: Any, parallel_tool_calls: bool, *,

@@ -3,9 +3,12 @@ the tokenizer keeps it), several calls separated by `;`; an answer that starts o
 
 from __future__ import annotations
 
-from lora_serving.handler.tool_parsers.base import ParsedToolCall, ToolCallParser, json_values, tool_call_from_object
+from lora_serving.handler.tool_parsers.base import (
+    ParsedToolCall, ToolCallParser, call_in_progress, calls_in_values, json_values,
+)
 
 PYTHON_TAG = "<|python_tag|>"
+ARGUMENTS_KEYS = ("parameters", "arguments")
 
 
 class Llama3JsonToolParser(ToolCallParser):
@@ -19,13 +22,19 @@ class Llama3JsonToolParser(ToolCallParser):
         return len(text) if PYTHON_TAG.startswith(stripped) else 0
 
     def calls(self, tool_text: str, final: bool) -> list[ParsedToolCall] | None:
-        if not final:  # a JSON object is known whole only at the end
-            return []
-        tool_text = tool_text.lstrip()
-        if tool_text.startswith(PYTHON_TAG):
-            tool_text = tool_text[len(PYTHON_TAG):]
-        values = json_values(tool_text, separator=";")
-        if not values:
+        values, rest = json_values(_body(tool_text), separator=";")
+        if final and (not values or rest != len(_body(tool_text))):
             return None
-        calls = [tool_call_from_object(value, ("parameters", "arguments")) for value in values]
-        return None if None in calls else calls
+        return calls_in_values(values, final, ARGUMENTS_KEYS)
+
+    def call_in_progress(self, tool_text: str) -> ParsedToolCall | None:
+        body = _body(tool_text)
+        values, rest = json_values(body, separator=";")
+        if len(calls_in_values(values, False, ARGUMENTS_KEYS)) != len(values):
+            return None
+        return call_in_progress(body, rest, ARGUMENTS_KEYS)
+
+
+def _body(tool_text: str) -> str:
+    tool_text = tool_text.lstrip()
+    return tool_text[len(PYTHON_TAG):] if tool_text.startswith(PYTHON_TAG) else tool_text
