@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_serving.py [--adapters 16] [--num-prompts 64] [--rounds 1] [--sides ours,vllm]
         [--before DIR]   # DIR: `git archive <commit> lora_serving | tar -x -C DIR`: its server runs beside ours
+        [--max-num-batched-tokens N]   # our servers' and the engine alone's step budget
 
 Needs .venv-vllm (scripts/bench_vs_vllm.py --setup): vLLM's server and its client `vllm.benchmarks.serve`
 (what `vllm bench serve` runs) come from there. Model: SmolLM2-135M-Instruct (tests/real_model.py builds it
@@ -13,9 +14,10 @@ request's `model` is one of `--adapters` PEFT adapters (ranks 8/16, all projecti
 
 Phases: base (both servers without LoRA), then LoRA (both with it). In each phase both servers are up,
 idle while the other runs; each round runs the client against one then the other, the side going first
-alternating between rounds, and each side keeps its best round. Beside them, the engine alone (this
-package's Engine.generate, no HTTP) on the same number of prompts of the same lengths: the serving path's
-cost is the gap between it and our server.
+alternating between rounds, and each side keeps its best round. In the base phase's rounds the engine alone
+takes its turn too (this package's Engine, no HTTP, the servers idle): the same number of prompts of the
+same lengths, all added at once, with its own TTFT (adding them to each one's first token). The serving
+path's cost is the gap between it and our server.
 """
 
 from __future__ import annotations
@@ -90,14 +92,15 @@ class Server:
 
 
 def our_server(model_dir: Path, adapter_dirs: list[Path], work: Path, batch: int, source: Path | None = None,
-               name: str = "ours") -> Server:
-    """Our server; `source`: a checkout of another commit whose lora_serving it runs instead."""
+               name: str = "ours", options: dict | None = None) -> Server:
+    """Our server; `source`: a checkout of another commit whose lora_serving it runs instead; `options`: Config
+    fields it sets (as `option.<name>`)."""
     serving = work / f"{name}-{len(adapter_dirs)}" / SERVED_NAME
     serving.mkdir(parents=True)
     for path in model_dir.iterdir():
         (serving / path.name).symlink_to(path.resolve())
     properties = {"option.dtype": "fp32", "option.max_model_len": MAX_MODEL_LEN, "option.max_rolling_batch_size": batch,
-                  "option.cpu_kv_cache_mb": 1024}
+                  "option.cpu_kv_cache_mb": 1024, **{f"option.{key}": value for key, value in (options or {}).items()}}
     if adapter_dirs:
         properties.update({"option.enable_lora": "true", "option.max_loras": len(adapter_dirs),
                            "option.max_lora_rank": MAX_LORA_RANK})
@@ -157,14 +160,15 @@ def client_main(result_file: str, client_args: list[str]) -> None:
                                              if isinstance(value, (int, float, str))}))
 
 
-def engine_only(model_dir: Path, args, batch: int, source: Path | None = None) -> float:
-    """Output tokens per second of Engine.generate on the same number and lengths of prompts (no HTTP), sampled
-    at temperature 1 as both servers sample what the client sends (it names no temperature)."""
+def engine_only(model_dir: Path, args, batch: int, source: Path | None = None) -> tuple[float, float]:
+    """Output tokens per second of the engine alone on the same number and lengths of prompts (no HTTP), all
+    added at once and stepped to the end, sampled at temperature 1 as both servers sample what the client sends
+    (it names no temperature); and the median time from adding them to each one's first token."""
     code = f"""
-import random, time
+import random, statistics, time
 from lora_serving.handler import Engine, SamplingParams
 engine = Engine({str(model_dir)!r}, dtype="float32", max_rolling_batch_size={batch}, max_model_len={MAX_MODEL_LEN},
-                cpu_kv_cache_mb=1024)
+                cpu_kv_cache_mb=1024, **{engine_options(args)!r})
 rng = random.Random(0)
 vocab = engine.tokenizer.vocab_size
 prompts = [[rng.randrange(100, vocab) for _ in range({args.input_len})] for _ in range({args.num_prompts})]
@@ -173,13 +177,26 @@ def params(count):
             for _ in prompts]
 engine.generate(prompts[:2], params(4)[:2])
 started = time.perf_counter()
-results = engine.generate(prompts, params({args.output_len}))
-print(sum(len(r.token_ids) for r in results) / (time.perf_counter() - started))
+for index, (prompt, sampling) in enumerate(zip(prompts, params({args.output_len}))):
+    engine.add_request(str(index), prompt, sampling)
+first_token, generated = {{}}, 0
+while engine.has_unfinished_requests():
+    for output in engine.step():
+        generated += len(output.tokens)
+        if output.tokens:
+            first_token.setdefault(output.request_id, time.perf_counter() - started)
+print(generated / (time.perf_counter() - started), statistics.median(first_token.values()))
 """
     env = {**os.environ, "PYTHONPATH": str(source)} if source else dict(os.environ)
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=source or REPO_ROOT,
                                env=env, check=True)
-    return float(completed.stdout.strip().splitlines()[-1])
+    rate, ttft = completed.stdout.strip().splitlines()[-1].split()
+    return float(rate), float(ttft)
+
+
+def engine_options(args) -> dict:
+    """The engine settings the command line changes from their defaults, for our server and the engine alone."""
+    return {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
 
 
 def compare(args) -> None:
@@ -194,32 +211,40 @@ def compare(args) -> None:
     phases = {"base": []}
     if args.adapters:
         phases[f"LoRA, {args.adapters} adapters"] = make_adapters(model_dir, args.adapters)
-    makers = {"ours": our_server, "vllm": vllm_server}
+    makers = {"ours": lambda *common: our_server(*common, options=engine_options(args)), "vllm": vllm_server}
     if args.before:
-        makers["before"] = lambda *common: our_server(*common, source=Path(args.before).resolve(), name="before")
+        makers["before"] = lambda *common: our_server(*common, source=Path(args.before).resolve(), name="before",
+                                                      options=engine_options(args))
         args.sides = ["before", *args.sides]
-    rows, engine_rates = [], {}
+    rows, engine_rates, engine_ttfts = [], {}, {}
+    engine_sides = [side for side in args.sides if side != "vllm"]
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as scratch:
         work = Path(scratch)
         for label, adapter_dirs in phases.items():
-            if label == "base":
-                for side in [side for side in args.sides if side != "vllm"]:
-                    source = Path(args.before).resolve() if side == "before" else None
-                    engine_rates[side] = engine_only(model_dir, args, batch, source)
-                    print(f"engine alone ({side}): {engine_rates[side]:.0f} tok/s", flush=True)
             servers = {side: makers[side](model_dir, adapter_dirs, work, batch) for side in args.sides}
+            # In the base phase the engine alone takes its turn in each round beside the servers (they idle
+            # meanwhile), so that the server / engine ratio compares runs made under the same load.
+            runs = [*servers, *(f"engine:{side}" for side in engine_sides if label == "base")]
             best: dict[str, dict] = {}
             try:
                 for server in servers.values():
                     server.wait_ready()
                 for round_index in range(args.rounds):
-                    order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
-                    for side in order:
-                        result = run_client(servers[side], model_dir, args, len(adapter_dirs), work)
-                        print(f"round {round_index + 1} {side} {label}: {result['output_throughput']:.0f} tok/s, "
+                    for run in runs if round_index % 2 == 0 else list(reversed(runs)):
+                        if run.startswith("engine:"):
+                            side = run.split(":")[1]
+                            source = Path(args.before).resolve() if side == "before" else None
+                            rate, ttft = engine_only(model_dir, args, batch, source)
+                            print(f"round {round_index + 1} engine alone ({side}): {rate:.0f} tok/s, TTFT p50 "
+                                  f"{ttft:.2f} s", flush=True)
+                            if rate > engine_rates.get(side, 0):
+                                engine_rates[side], engine_ttfts[side] = rate, ttft
+                            continue
+                        result = run_client(servers[run], model_dir, args, len(adapter_dirs), work)
+                        print(f"round {round_index + 1} {run} {label}: {result['output_throughput']:.0f} tok/s, "
                               f"TTFT p50 {result['median_ttft_ms'] / 1e3:.2f} s", flush=True)
-                        if side not in best or result["output_throughput"] > best[side]["output_throughput"]:
-                            best[side] = result
+                        if run not in best or result["output_throughput"] > best[run]["output_throughput"]:
+                            best[run] = result
             finally:
                 for server in servers.values():
                     server.stop()
@@ -227,11 +252,14 @@ def compare(args) -> None:
                 rows.append([label, side, f"{result['output_throughput']:.0f}",
                              f"{result['median_ttft_ms'] / 1e3:.2f}", f"{result['median_tpot_ms']:.0f}",
                              f"{result['completed']}/{args.num_prompts}",
-                             f"{result['output_throughput'] / engine_rates[side]:.2f}" if side in engine_rates else ""])
+                             f"{result['output_throughput'] / engine_rates[side]:.2f}"
+                             if side in engine_rates and label == "base" else ""])
     print(f"\n# bench_serving: {machine_description()}; {model_dir.name}, fp32; {args.num_prompts} prompts of "
           f"{args.input_len} random tokens, {args.output_len} out, all at once; vLLM's client, /v1/completions "
           f"streamed; best of {args.rounds} round(s); engine alone (same prompts, sampled, no HTTP): "
-          + ", ".join(f"{side} {rate:.0f} tok/s" for side, rate in engine_rates.items()))
+          + ", ".join(f"{side} {rate:.0f} tok/s, TTFT p50 {engine_ttfts[side]:.2f} s"
+                      for side, rate in engine_rates.items())
+          + (f"; max_num_batched_tokens {args.max_num_batched_tokens}" if args.max_num_batched_tokens else ""))
     print_table(["workload", "server", "output tok/s", "TTFT p50 s", "TPOT p50 ms", "completed",
                  "server / engine alone"], rows)
 
@@ -244,6 +272,8 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--max-num-batched-tokens", type=int,
+                        help="our server's and the engine alone's step budget (default: the Config's)")
     parser.add_argument("--sides", type=lambda text: text.split(","), default=["ours", "vllm"])
     parser.add_argument("--before", help="lora_serving of an earlier commit under DIR: its server (and engine) run "
                         "as a third side, before")
