@@ -1,6 +1,7 @@
 """Where a decode step's time goes at N concurrent streams, engine and serving path, in one process.
 
     .venv/bin/python scripts/bench_serving_path.py [--model DIR] [--streams 64] [--repeats 5]
+    .venv/bin/python scripts/bench_serving_path.py --budgets 1024,2048,4096 [--output-len 64] [--repeats 1]
 
 For one decode step of N streams (each a token): the engine's step (model, sampling at temperature 1, text),
 the same with the sampler drawing row by row as it did before (the two alternate, step by step), and apart
@@ -9,6 +10,11 @@ the sampler did before), the sampler's whole work for N sampled rows now, detoke
 OpenAI completion chunks as server-sent events, and handing N outputs from a thread to N coroutines waiting
 on their queues (what handler/engine_loop.py does each step). The measures take turns, `--repeats` times,
 and each keeps its median. Model: as scripts/bench_serving.py picks it.
+
+With `--budgets`: how the step budget (`max_num_batched_tokens`, which decides how many waiting prompts
+each step starts prefilling) trades first tokens against throughput when N prompts arrive at once, the
+engine alone: per budget, the median and 90th percentile time from adding the prompts to each one's first
+token, and output tokens/s; the budgets take turns, `--repeats` times, each keeping its best run.
 """
 
 from __future__ import annotations
@@ -144,16 +150,61 @@ def hand_off(streams: int, steps: int = 20) -> float:
     return asyncio.run(run())
 
 
+def arrival_at_once(engine: Engine, streams: int, output_len: int, rng: random.Random) -> tuple[float, float, float]:
+    """(TTFT p50 s, TTFT p90 s, output tok/s) of `streams` sampled prompts added at once and stepped to the end."""
+    vocab = engine.tokenizer.vocab_size
+    started = time.perf_counter()
+    for index in range(streams):
+        engine.add_request(f"a{time.monotonic_ns()}-{index}", [rng.randrange(100, vocab) for _ in range(PROMPT_LEN)],
+                           SamplingParams(max_new_tokens=output_len, **SAMPLED))
+    first_token: dict[str, float] = {}
+    generated = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            generated += len(output.tokens)
+            if output.tokens:
+                first_token.setdefault(output.request_id, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    ttfts = sorted(first_token.values())
+    return statistics.median(ttfts), ttfts[int(0.9 * (len(ttfts) - 1))], generated / elapsed
+
+
+def compare_budgets(model_dir: Path, args) -> None:
+    from benchlib import machine_description, print_table
+
+    budgets = [int(budget) for budget in args.budgets.split(",")]
+    engines = {budget: Engine(model_dir, dtype="float32", max_rolling_batch_size=args.streams, max_model_len=512,
+                              cpu_kv_cache_mb=1024, max_num_batched_tokens=budget) for budget in budgets}
+    rng = random.Random(0)
+    best: dict[int, tuple[float, float, float]] = {}
+    for round_index in range(args.repeats):
+        for budget in budgets if round_index % 2 == 0 else list(reversed(budgets)):
+            result = arrival_at_once(engines[budget], args.streams, args.output_len, rng)
+            print(f"round {round_index + 1} budget {budget}: TTFT p50 {result[0]:.2f} s, p90 {result[1]:.2f} s, "
+                  f"{result[2]:.0f} tok/s", flush=True)
+            if budget not in best or result[2] > best[budget][2]:
+                best[budget] = result
+    print(f"\n# bench_serving_path --budgets: {machine_description()}; {model_dir.name}, fp32; {args.streams} prompts "
+          f"of {PROMPT_LEN} tokens added at once, {args.output_len} out, sampled; engine alone; best of {args.repeats}")
+    print_table(["max_num_batched_tokens", "TTFT p50 s", "TTFT p90 s", "output tok/s"],
+                [[budget, f"{p50:.2f}", f"{p90:.2f}", f"{rate:.0f}"] for budget, (p50, p90, rate) in best.items()])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budgets", help="step budgets to compare with N prompts arriving at once, e.g. 1024,2048")
+    parser.add_argument("--output-len", type=int, default=64)
     args = parser.parse_args()
     from bench_serving import bench_model
     from benchlib import machine_description, print_table
 
     model_dir = bench_model(args)
+    if args.budgets:
+        compare_budgets(model_dir, args)
+        return
     engine = Engine(model_dir, dtype="float32", max_rolling_batch_size=args.streams, max_model_len=512,
                     cpu_kv_cache_mb=1024)
     rng = random.Random(0)
