@@ -128,14 +128,16 @@ def vllm_server(model_dir: Path, adapter_dirs: list[Path], work: Path, batch: in
     return Server("vLLM", command, env, port, work / f"vllm-{len(adapter_dirs)}.log")
 
 
-def run_client(server: Server, model_dir: Path, args, adapters: int, work: Path) -> dict:
-    """vLLM's benchmark client against `server`, in the vLLM venv; its result dict."""
+def run_client(server: Server, model_dir: Path, args, adapters: int, work: Path, seed: int = 0) -> dict:
+    """vLLM's benchmark client against `server`, in the vLLM venv; its result dict. Each round draws its own
+    prompts (`seed`): a server's prefix cache would otherwise answer a later round's prompts from an earlier
+    round's blocks."""
     result_file = work / f"result-{server.name}-{adapters}-{time.monotonic_ns()}.json"
     client_args = ["--backend", "openai", "--base-url", server.url, "--endpoint", "/v1/completions",
                    "--model", SERVED_NAME, "--tokenizer", str(model_dir), "--dataset-name", "random",
                    "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
                    "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.num_prompts),
-                   "--ignore-eos", "--seed", "0", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el"]
+                   "--ignore-eos", "--seed", str(seed), "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el"]
     if adapters:
         client_args += ["--lora-modules", *[f"a{index}" for index in range(adapters)]]
     completed = subprocess.run([str(VLLM_VENV / "bin" / "python"), __file__, "--client", str(result_file), "--",
@@ -240,7 +242,7 @@ def compare(args) -> None:
                             if rate > engine_rates.get(side, 0):
                                 engine_rates[side], engine_ttfts[side] = rate, ttft
                             continue
-                        result = run_client(servers[run], model_dir, args, len(adapter_dirs), work)
+                        result = run_client(servers[run], model_dir, args, len(adapter_dirs), work, seed=round_index)
                         print(f"round {round_index + 1} {run} {label}: {result['output_throughput']:.0f} tok/s, "
                               f"TTFT p50 {result['median_ttft_ms'] / 1e3:.2f} s", flush=True)
                         if run not in best or result["output_throughput"] > best[run]["output_throughput"]:
