@@ -31,10 +31,11 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS.parent))
 
-import torch  # noqa: E402  (after the path: lora_serving is imported below, which sets torch's threads up)
+# The handler first: it sets OpenMP's wait policy up, which must happen before torch is imported.
+from lora_serving.handler import Engine, SamplingParams  # noqa: E402  isort: skip
+import torch  # noqa: E402  isort: skip
 
 from lora_serving.handler.api.openai_completions import CompletionChunks  # noqa: E402
-from lora_serving.handler import Engine, SamplingParams  # noqa: E402
 from lora_serving.handler.detokenizer import IncrementalDetokenizer  # noqa: E402
 from lora_serving.handler.api.generation import Generation  # noqa: E402
 from lora_serving.handler.api.lmi_answer import encode_stream_record  # noqa: E402
