@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM
 from lora_serving.container.demo.build_cache import build_once
 from lora_serving.container.demo.random_model import save_random_model
 from lora_serving.container.demo.tokenizer import build_tokenizer
-from lora_serving.handler.chat_prompt import render_chat_prompt
-from lora_serving.handler.chat_schema import ChatMessage
+from lora_serving.handler.api.chat_prompt import render_chat_prompt
+from lora_serving.handler.api.openai_chat_request import ChatMessage
 from tests.real_model import TEST_CACHE_DIR, _digest
 from tests.server.conftest import BASE_PROPERTIES, lmi_model_dir, start_server
 
