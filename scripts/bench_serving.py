@@ -3,10 +3,11 @@
     .venv/bin/python scripts/bench_serving.py [--adapters 16] [--num-prompts 64] [--rounds 1] [--sides ours,vllm]
         [--before DIR]   # DIR: `git archive <commit> lora_serving | tar -x -C DIR`: its server runs beside ours
         [--max-num-batched-tokens N]   # our servers' and the engine alone's step budget
+        [--dtype float32|bfloat16]     # every side's (default float32)
 
 Needs .venv-vllm (scripts/bench_vs_vllm.py --setup): vLLM's server and its client `vllm.benchmarks.serve`
 (what `vllm bench serve` runs) come from there. Model: SmolLM2-135M-Instruct (tests/real_model.py builds it
-offline, when its requirements are installed), else benchlib's 50M Llama, or `--model DIR`; fp32. Workload:
+offline, when its requirements are installed), else benchlib's 50M Llama, or `--model DIR`; `--dtype`. Workload:
 vLLM's random dataset, `--num-prompts` prompts of `--input-len` tokens, `--output-len` tokens each (eos
 ignored), all sent at once (`--max-concurrency` = prompts), streamed from /v1/completions with
 `stream_options.include_usage`, as the client's default `openai` backend sends them; with adapters, each
@@ -91,7 +92,12 @@ class Server:
         self._log.close()
 
 
-def our_server(model_dir: Path, adapter_dirs: list[Path], work: Path, batch: int, source: Path | None = None,
+# --dtype as each side names it.
+OPTION_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def our_server(model_dir: Path, adapter_dirs: list[Path], work: Path, batch: int, dtype: str,
+               source: Path | None = None,
                name: str = "ours", options: dict | None = None) -> Server:
     """Our server; `source`: a checkout of another commit whose lora_serving it runs instead; `options`: Config
     fields it sets (as `option.<name>`)."""
@@ -99,7 +105,7 @@ def our_server(model_dir: Path, adapter_dirs: list[Path], work: Path, batch: int
     serving.mkdir(parents=True)
     for path in model_dir.iterdir():
         (serving / path.name).symlink_to(path.resolve())
-    properties = {"option.dtype": "fp32", "option.max_model_len": MAX_MODEL_LEN, "option.max_rolling_batch_size": batch,
+    properties = {"option.dtype": OPTION_DTYPES[dtype], "option.max_model_len": MAX_MODEL_LEN, "option.max_rolling_batch_size": batch,
                   "option.cpu_kv_cache_mb": 1024, **{f"option.{key}": value for key, value in (options or {}).items()}}
     if adapter_dirs:
         properties.update({"option.enable_lora": "true", "option.max_loras": len(adapter_dirs),
@@ -114,10 +120,10 @@ def our_server(model_dir: Path, adapter_dirs: list[Path], work: Path, batch: int
                          "--port", str(port)], env, port, work / f"{name}-{len(adapter_dirs)}.log")
 
 
-def vllm_server(model_dir: Path, adapter_dirs: list[Path], work: Path, batch: int) -> Server:
+def vllm_server(model_dir: Path, adapter_dirs: list[Path], work: Path, batch: int, dtype: str) -> Server:
     port = free_port()
     command = [str(VLLM_VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+               "--served-model-name", SERVED_NAME, "--dtype", dtype, "--max-model-len", str(MAX_MODEL_LEN),
                "--max-num-seqs", str(batch), "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
                "--disable-log-stats"]
     if adapter_dirs:
@@ -169,7 +175,7 @@ def engine_only(model_dir: Path, args, batch: int, source: Path | None = None) -
     code = f"""
 import random, statistics, time
 from lora_serving.handler import Engine, SamplingParams
-engine = Engine({str(model_dir)!r}, dtype="float32", max_rolling_batch_size={batch}, max_model_len={MAX_MODEL_LEN},
+engine = Engine({str(model_dir)!r}, dtype={args.dtype!r}, max_rolling_batch_size={batch}, max_model_len={MAX_MODEL_LEN},
                 cpu_kv_cache_mb=1024, **{engine_options(args)!r})
 rng = random.Random(0)
 vocab = engine.tokenizer.vocab_size
@@ -223,7 +229,7 @@ def compare(args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as scratch:
         work = Path(scratch)
         for label, adapter_dirs in phases.items():
-            servers = {side: makers[side](model_dir, adapter_dirs, work, batch) for side in args.sides}
+            servers = {side: makers[side](model_dir, adapter_dirs, work, batch, args.dtype) for side in args.sides}
             # In the base phase the engine alone takes its turn in each round beside the servers (they idle
             # meanwhile), so that the server / engine ratio compares runs made under the same load.
             runs = [*servers, *(f"engine:{side}" for side in engine_sides if label == "base")]
@@ -256,7 +262,7 @@ def compare(args) -> None:
                              f"{result['completed']}/{args.num_prompts}",
                              f"{result['output_throughput'] / engine_rates[side]:.2f}"
                              if side in engine_rates and label == "base" else ""])
-    print(f"\n# bench_serving: {machine_description()}; {model_dir.name}, fp32; {args.num_prompts} prompts of "
+    print(f"\n# bench_serving: {machine_description()}; {model_dir.name}, {args.dtype}; {args.num_prompts} prompts of "
           f"{args.input_len} random tokens, {args.output_len} out, all at once; vLLM's client, /v1/completions "
           f"streamed; best of {args.rounds} round(s); engine alone (same prompts, sampled, no HTTP): "
           + ", ".join(f"{side} {rate:.0f} tok/s, TTFT p50 {engine_ttfts[side]:.2f} s"
@@ -276,6 +282,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--max-num-batched-tokens", type=int,
                         help="our server's and the engine alone's step budget (default: the Config's)")
+    parser.add_argument("--dtype", choices=sorted(OPTION_DTYPES), default="float32", help="every side's dtype")
     parser.add_argument("--sides", type=lambda text: text.split(","), default=["ours", "vllm"])
     parser.add_argument("--before", help="lora_serving of an earlier commit under DIR: its server (and engine) run "
                         "as a third side, before")
