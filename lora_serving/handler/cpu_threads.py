@@ -12,6 +12,12 @@ count torch started with. Hysteresis keeps it from flapping: a thread is given u
 than 0.6 of a core beyond what the current count leaves them, and taken back when they use less than 0.4.
 Where /proc is not readable (not Linux) the thread count is left as it is.
 
+The check runs at the start of a step, so after the engine sat idle its window spans the idle time, when
+nothing of ours competed for the cores: a client starting up, or a cron job that has since finished, would
+cost the first steps of the next burst a thread (a burst's prefill is the longest step there is). A window
+whose start is more than IDLE_GAP_SECONDS before the step, and in which this process used less than
+IDLE_SHARE of a core, is taken as idle: it starts a new window instead of deciding.
+
 The process's own other Python threads count as busy too (an application's worker thread beside an
 Engine used as a library, a server's event loop): they are not part of torch's team, and a thread that
 keeps a core busy takes it from the team just as another process would. What this cannot see is many
@@ -39,6 +45,8 @@ logger = logging.getLogger(__name__)
 CHECK_INTERVAL_SECONDS = 1.0
 GIVE_UP_ABOVE = 0.6  # of a core used by others beyond the cores we leave free
 TAKE_BACK_BELOW = 0.4
+IDLE_GAP_SECONDS = 1.0
+IDLE_SHARE = 0.25  # of a core
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -49,10 +57,18 @@ class CpuThreads:
         self.threads = torch.get_num_threads()
         self._last = _sample()
         self._next_check = time.monotonic() + CHECK_INTERVAL_SECONDS
+        self._last_call, self._last_call_cpu = time.monotonic(), time.process_time()
 
     def maybe_adjust(self) -> None:
         """Cheap unless a check is due; call it once per engine step."""
-        now = time.monotonic()
+        now, own_cpu = time.monotonic(), time.process_time()
+        since_last_call = now - self._last_call
+        was_idle = since_last_call > IDLE_GAP_SECONDS and own_cpu - self._last_call_cpu < IDLE_SHARE * since_last_call
+        self._last_call, self._last_call_cpu = now, own_cpu
+        if was_idle:
+            self._last = _sample()
+            self._next_check = now + CHECK_INTERVAL_SECONDS
+            return
         if now < self._next_check or self._last is None:
             return
         self._next_check = now + CHECK_INTERVAL_SECONDS

@@ -59,6 +59,41 @@ def test_the_engine_step_sets_torch_threads_from_what_others_used(monkeypatch):
     assert set_to == [2, 1, 2]
 
 
+class FakeClock:
+    """time.monotonic and time.process_time, moved by the test."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = 100.0, 10.0
+
+    def monotonic(self) -> float:
+        return self.wall
+
+    def process_time(self) -> float:
+        return self.cpu
+
+
+def test_what_others_did_while_the_engine_sat_idle_does_not_cost_the_next_burst_a_thread(monkeypatch):
+    # Over the 8 s the engine sat idle another process kept a core busy (a client starting up), then stopped.
+    samples = iter([(0.0, 10.0, 5.0, {}), (8.0, 18.0, 5.0, {}), (9.0, 20.0, 6.9, {}), (10.0, 22.0, 7.0, {})])
+    monkeypatch.setattr(cpu_threads, "_sample", lambda: next(samples))
+    clock = FakeClock()
+    monkeypatch.setattr(cpu_threads, "time", clock)
+    set_to = [2]
+    monkeypatch.setattr(cpu_threads.torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(cpu_threads.torch, "get_num_threads", lambda: set_to[-1])
+    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    threads = CpuThreads()
+    clock.wall += 8.0  # idle: this process used no CPU
+    threads.maybe_adjust()  # the burst's first step: a new window, no decision
+    assert set_to == [2]
+    clock.wall, clock.cpu = clock.wall + 1.0, clock.cpu + 1.9  # stepping on both cores; others used 0.1 core
+    threads.maybe_adjust()
+    assert set_to == [2]
+    clock.wall, clock.cpu = clock.wall + 1.0, clock.cpu + 0.5  # still stepping, while another process takes a core
+    threads.maybe_adjust()  # others used 1.9 core-seconds: a thread is given up, as without the idle rule
+    assert set_to == [2, 1]
+
+
 # /proc/stat's cpu line: user, nice, system, idle, iowait, irq, softirq, steal, guest, guest_nice.
 CPU_LINE = [100, 40, 20, 500, 5, 1, 2, 3, 0, 0]
 
