@@ -4,6 +4,7 @@
         [--before DIR]   # DIR: `git archive <commit> lora_serving | tar -x -C DIR`: its server runs beside ours
         [--max-num-batched-tokens N]   # our servers' and the engine alone's step budget
         [--dtype float32|bfloat16]     # every side's (default float32)
+        [--cpu-threads N]              # our servers' and the engine alone's (default auto)
 
 Needs .venv-vllm (scripts/bench_vs_vllm.py --setup): vLLM's server and its client `vllm.benchmarks.serve`
 (what `vllm bench serve` runs) come from there. Model: SmolLM2-135M-Instruct (tests/real_model.py builds it
@@ -204,7 +205,8 @@ print(generated / (time.perf_counter() - started), statistics.median(first_token
 
 def engine_options(args) -> dict:
     """The engine settings the command line changes from their defaults, for our server and the engine alone."""
-    return {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
+    options = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
+    return options if args.cpu_threads is None else {**options, "cpu_threads": args.cpu_threads}
 
 
 def compare(args) -> None:
@@ -282,6 +284,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--max-num-batched-tokens", type=int,
                         help="our server's and the engine alone's step budget (default: the Config's)")
+    parser.add_argument("--cpu-threads", help="our servers' and the engine alone's cpu_threads (default: auto)")
     parser.add_argument("--dtype", choices=sorted(OPTION_DTYPES), default="float32", help="every side's dtype")
     parser.add_argument("--sides", type=lambda text: text.split(","), default=["ours", "vllm"])
     parser.add_argument("--before", help="lora_serving of an earlier commit under DIR: its server (and engine) run "
