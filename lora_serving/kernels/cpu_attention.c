@@ -36,23 +36,6 @@ static inline float dot(const float *a, const float *b, int64_t n)
     return sum;
 }
 
-static inline float bf16_to_f32(uint16_t bits)
-{
-    const uint32_t widened = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &widened, sizeof value);
-    return value;
-}
-
-static inline uint16_t f32_to_bf16(float value)
-{
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);  /* round to nearest, ties to even */
-    return (uint16_t)(bits >> 16);
-}
-
 /* n elements from `source` (fp32 or bf16 words, by `is_bf16`) as fp32 into `row`. */
 static inline __attribute__((always_inline)) void widen_row(const void *source, int is_bf16, int64_t n, float *row)
 {

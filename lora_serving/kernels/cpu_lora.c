@@ -50,20 +50,7 @@ static inline __attribute__((always_inline)) vec8 load8_any(const void *base, in
 
 static inline __attribute__((always_inline)) float load1_any(const void *base, int64_t at, int is_bf16)
 {
-    if (!is_bf16) return ((const float *)base)[at];
-    const uint32_t widened = (uint32_t)((const uint16_t *)base)[at] << 16;
-    float value;
-    memcpy(&value, &widened, sizeof value);
-    return value;
-}
-
-static inline uint16_t to_bf16(float value)
-{
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);  /* round to nearest, ties to even */
-    return (uint16_t)(bits >> 16);
+    return is_bf16 ? bf16_to_f32(((const uint16_t *)base)[at]) : ((const float *)base)[at];
 }
 
 #define TOKEN_BLOCK 4
@@ -310,7 +297,7 @@ static inline __attribute__((always_inline)) int lora_add(
                     for (int64_t i = 0; i < num_slices; i++)
                         if (ranks[i])
                             for (int64_t o = out_offsets[i]; o < out_offsets[i] + out_widths[i]; o++)
-                                y_words[o] = to_bf16(ys[k][o]);
+                                y_words[o] = f32_to_bf16(ys[k][o]);
                 }
             }
         }
