@@ -15,25 +15,14 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import torch
+
+from lora_serving.kernels.cpu_native import cpu_flags
 
 # Either is enough: AMX tiles multiply bf16 matrices, AVX-512 bf16 has the dot-product instruction
 # (vdpbf16ps) that bf16 matrix-vector products use.
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them; empty where /proc/cpuinfo is not there to read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 @functools.cache

@@ -240,10 +240,16 @@ def _writable_cache_dir() -> Path:
     raise RuntimeError(f"no writable directory to build the kernel in ({_cache_dir()} and the temporary directory)")
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them; empty where /proc/cpuinfo is not there to read."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
+
+
 def _cpu_identity() -> bytes:
     """-march=native builds for this CPU: a cache shared by machines must not hand one's build to another."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return (platform.machine() + flags).encode()
+    return (platform.machine() + (" ".join(sorted(cpu_flags())) or platform.processor())).encode()
