@@ -8,8 +8,10 @@ from lora_serving.handler.cpu_dtype import native_bf16
 from lora_serving.handler.models.projection import (
     ONEDNN_MAX_ROWS,
     ONEDNN_MIN_WEIGHT_ELEMENTS,
+    ONEDNN_SMALL_ROWS,
     WEIGHT_MAJOR_MAX_ROWS,
     Projection,
+    onednn_pieces,
     onednn_usable_for,
 )
 
@@ -69,7 +71,18 @@ def test_onednn_never_sees_more_than_its_row_cap():
 
     projection._onednn = spy
     torch.testing.assert_close(projection(x), F.linear(x, weight), rtol=1e-4, atol=1e-3)
-    assert seen == [ONEDNN_MAX_ROWS] * 4 + [300 - 4 * ONEDNN_MAX_ROWS]
+    assert seen == [256, 300 - 256]
+
+
+def test_onednn_sees_a_bounded_set_of_row_counts():
+    seen = set()
+    for rows in range(1, 3 * ONEDNN_MAX_ROWS + 100):
+        pieces = onednn_pieces(rows) if rows > ONEDNN_SMALL_ROWS else [rows]
+        assert sum(pieces) == rows and max(pieces) <= ONEDNN_MAX_ROWS
+        seen.update(pieces)
+    powers = {ONEDNN_SMALL_ROWS << k for k in range((ONEDNN_MAX_ROWS // ONEDNN_SMALL_ROWS).bit_length())}
+    assert seen == set(range(1, ONEDNN_SMALL_ROWS)) | powers
+    assert onednn_pieces(4096 + 1000) == [4096, 512, 256, 128, 64, 40]
 
 
 @pytest.mark.parametrize("rows", [1, 5, 32, 300])

@@ -4,10 +4,9 @@ On CPU with fp32 weights, each weight is repacked once at load into oneDNN's blo
 multiplied with oneDNN's inner product (the prepacked linear that torch's own CPU compiler emits).
 Measured on a 2-core AVX2 VM with torch 2.13, against MKL's sgemm on the plain weight: at 32 rows
 (a decode batch) 1.3x faster for the q/k/v projection and 1.6x for the 32000-wide LM head, at 1 row
-1.8x for the LM head; prefills go through in 64-row pieces, about as fast as MKL. The packed copy
-replaces the plain weight, the same size (an LM head tied to the embedding table needs both), but
-oneDNN keeps some state per input shape: bounded by the 64-row cap, about 100-180 MB on
-bench_engine's model. One to four rows (decodes at small batch sizes, where the step is bound by
+1.8x for the LM head; prefills go through in pieces of a bounded set of sizes (onednn_pieces). The packed
+copy replaces the plain weight, the same size (an LM head tied to the embedding table needs both), but
+oneDNN keeps some state per input shape, which those sizes bound. One to four rows (decodes at small batch sizes, where the step is bound by
 reading the weights) go instead to a C kernel that reads the packed weight in place
 (kernels/cpu_matvec.py): oneDNN's fixed cost per call made it 1.3-1.7x slower at one row.
 
@@ -29,16 +28,19 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from lora_serving.handler import compiled_ops
 from lora_serving.handler.cpu_dtype import native_bf16
 from lora_serving.kernels import PackedMatvec
 
 # Up to this many rows the weight-major call is used on CPU: the decode regime (one row per sequence).
 WEIGHT_MAJOR_MAX_ROWS = 64
 # oneDNN (through torch's ideep) keeps state per input shape that it does not give back: 1..64 rows on
-# the five projection shapes of bench_engine's model held ~180 MB for good, while ~2000 distinct row
-# counts held several GB. So it never sees more than 64 rows: longer inputs (prefills) go through in
-# 64-row pieces, which were as fast as whole (64 rows already keep the cores busy).
-ONEDNN_MAX_ROWS = 64
+# the five projection shapes of bench_engine's model held ~180 MB for good, while ~2000 distinct row counts
+# held several GB. So it only ever sees a bounded set of row counts: up to 64 rows (decodes) as they come, and
+# more (prefills) in pieces of 64 * 2^k rows, the largest that fit, up to ONEDNN_MAX_ROWS, with the last
+# remainder under 64 in one piece. Pieces of 64 rows alone cost 1.5-3x whole GEMMs at a 4096-token prefill step.
+ONEDNN_SMALL_ROWS = 64
+ONEDNN_MAX_ROWS = 4096
 # A oneDNN call costs ~45 us however small the product (MKL's ~15 us): weights below this many elements
 # (a toy model's) multiplied as fast or faster through MKL on 2 cores, so they are not packed.
 ONEDNN_MIN_WEIGHT_ELEMENTS = 2**17
@@ -55,6 +57,7 @@ class Projection:
         self._packed = _pack_for_onednn(weight) if use_onednn and onednn_usable_for(weight) else None
         self._matvec = None if self._packed is None else PackedMatvec.for_weight(weight, self._packed, bias)
         self.weight = weight if self._packed is None else None
+        self.key = compiled_ops.register_projection(self)
 
     @property
     def backend(self) -> str:
@@ -66,20 +69,39 @@ class Projection:
         return 0 if self._matvec is None else self._matvec.max_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None and torch.compiler.is_compiling():
+            # Traced by the compiled decode step (handler/runner/compiled_decode.py): one opaque op in its graph.
+            return torch.ops.lora_serving.project(x, self.key)
+        return self.eager(x)
+
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
             return _dense_project(x, self.weight, self.bias)
         rows = x.shape[0]
         if self._matvec is not None and rows <= self._matvec.max_rows:
             return self._matvec(x)
-        if rows <= ONEDNN_MAX_ROWS:
+        if rows <= ONEDNN_SMALL_ROWS:
             return self._onednn(x)
         out = torch.empty(rows, self.out_features, dtype=x.dtype, device=x.device)
-        for start in range(0, rows, ONEDNN_MAX_ROWS):
-            out[start : start + ONEDNN_MAX_ROWS] = self._onednn(x[start : start + ONEDNN_MAX_ROWS])
+        start = 0
+        for piece in onednn_pieces(rows):
+            out[start : start + piece] = self._onednn(x[start : start + piece])
+            start += piece
         return out
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+
+def onednn_pieces(rows: int) -> list[int]:
+    """The row counts oneDNN multiplies `rows` rows in: 64 * 2^k each (the largest that fits, at most
+    ONEDNN_MAX_ROWS), then what is left under 64 in one."""
+    pieces = []
+    while rows >= ONEDNN_SMALL_ROWS:
+        piece = min(ONEDNN_MAX_ROWS, ONEDNN_SMALL_ROWS << ((rows // ONEDNN_SMALL_ROWS).bit_length() - 1))
+        pieces.append(piece)
+        rows -= piece
+    return pieces + [rows] if rows else pieces
 
 
 def onednn_usable_for(weight: torch.Tensor) -> bool:
