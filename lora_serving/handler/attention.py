@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora_serving.handler.forward_context import CachedKV, ForwardContext, PaddedDecodes, PrefillSpan
+from lora_serving.handler import compiled_ops  # noqa: F401  (registers torch.ops.lora_serving)
+from lora_serving.handler.forward_context import CachedKV, CompiledDecodes, ForwardContext, PaddedDecodes, PrefillSpan
 from lora_serving.kernels import cpu_attention
 
 
@@ -39,6 +40,11 @@ def paged_attention(
     scale: float,
     softcap: float | None = None,
 ) -> torch.Tensor:  # [T, q_heads, head_dim]
+    if isinstance(ctx.decode_kv, CompiledDecodes):  # the compiled decode step: write and attend in one opaque op
+        decodes = ctx.decode_kv
+        return torch.ops.lora_serving.decode_attention(q, k, v, k_cache, v_cache, ctx.slot_mapping,
+                                                       decodes.block_tables, decodes.context_lens,
+                                                       sliding_window or 0, scale)
     kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(kv_heads, -1, head_dim).index_copy_(1, ctx.slot_mapping, k.transpose(0, 1))
     v_cache.view(kv_heads, -1, head_dim).index_copy_(1, ctx.slot_mapping, v.transpose(0, 1))

@@ -118,6 +118,12 @@ class Config:
     # torch's threads on a CPU: "auto" follows the cores other processes leave free, up to torch's own count
     # (handler/cpu_threads.py); a number fixes it.
     cpu_threads: str = "auto"
+    # LMI's and vLLM's name: "true" runs every step eagerly; "false" compiles the decode step with torch.compile
+    # wherever it can (handler/runner/compiled_decode.py); "auto" does so for models large enough that their
+    # decode steps pay back the compile at start (tiny models start at once and stay eager).
+    enforce_eager: str = "auto"
+    # Decode steps of up to this many sequences run compiled (default: max_rolling_batch_size).
+    max_compiled_batch_size: int | None = None
     # Seconds a tensor-parallel collective may wait for a peer before the engine gives up on it (a hung rank).
     tensor_parallel_timeout: int = 120
 
@@ -210,7 +216,10 @@ class Config:
         if self.tensor_parallel_degree <= 0 and self.tensor_parallel_degree != TENSOR_PARALLEL_MAX:
             raise ConfigError("tensor_parallel_degree", self.tensor_parallel_degree,
                               "must be a positive integer or max")
-        for name in ("max_cpu_loras", "max_model_len", "num_kv_blocks"):
+        self.enforce_eager = str(self.enforce_eager).strip().lower()
+        if self.enforce_eager not in ("auto", "true", "false"):
+            raise ConfigError("enforce_eager", self.enforce_eager, "expected auto, true or false")
+        for name in ("max_cpu_loras", "max_model_len", "num_kv_blocks", "max_compiled_batch_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(name, value, "must be a positive integer")

@@ -58,6 +58,16 @@ class PaddedDecodes:
 
 
 @dataclass(slots=True)
+class CompiledDecodes:
+    """The decodes of a decode-only step run by the compiled decode step (handler/runner/compiled_decode.py): the
+    same tables as PaddedDecodes in the C kernel, with nothing known on the host, so that the traced graph does not
+    depend on the lengths."""
+
+    block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
+    context_lens: torch.Tensor  # [B]
+
+
+@dataclass(slots=True)
 class PrefillSpan:
     """One prefilling sequence's tokens in the step: [start, end) in the token order, at positions
     context_len .. context_len + (end - start) - 1 of the sequence."""
@@ -79,6 +89,6 @@ class ForwardContext:
     num_decode_tokens: int
     # The decodes' cached K/V in one of two forms (see each): one per decode token in the same order,
     # or all in padded block tables.
-    decode_kv: list[CachedKV] | PaddedDecodes
+    decode_kv: list[CachedKV] | PaddedDecodes | CompiledDecodes
     prefills: list[PrefillSpan]
     lora: LoraApplier | None = None

@@ -188,6 +188,8 @@ class LlamaModel:
     fused_checkpoint_modules: dict[str, str] = {}
     # What a PEFT adapter may target on this family, and which of the engine's modules each feeds.
     peft_modules: PeftModules = DEFAULT_PEFT_MODULES
+    # Whether torch.compile can trace a decode step through the layers (handler/runner/compiled_decode.py).
+    traceable_decode = True
 
     def __init__(self, hf_config, model_dir, dtype: torch.dtype, device: torch.device,
                  plan: ShardingPlan | None = None, comm: TensorParallelComm | None = None) -> None:
@@ -326,6 +328,10 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, H]; kv_cache [layers, 2, kv_heads, blocks, block_size, d]."""
+        return self.forward_layers(input_ids, ctx, kv_cache)
+
+    def forward_layers(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: torch.Tensor) -> torch.Tensor:
+        """`forward` without its inference-mode wrapper: what the compiled decode step traces."""
         hidden = F.embedding(input_ids, self.embed_tokens)
         if self.embed_scale is not None:  # Gemma: sqrt(hidden_size), rounded to the model's dtype first
             hidden = hidden * torch.tensor(self.embed_scale).to(hidden.dtype)

@@ -89,6 +89,8 @@ class MixtralModel(MistralModel):
     top-k weights always renormalised and kept in fp32 until they multiply the experts' outputs."""
 
     layer_class = MoeDecoderLayer
+    # Routing reads the expert counts on the host (`.tolist()`), which a traced graph cannot.
+    traceable_decode = False
     peft_modules = ATTENTION_PEFT_MODULES
     moe_parent = "block_sparse_moe"
     expert_projections = ("w1", "w3", "w2")

@@ -68,10 +68,15 @@ class RotaryTable:
         self._rows_for: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the compiler fuses the lookup into the rotation; no state to keep
+            return self._rotate_part(x, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
         rows = self._rows_for
         if rows is None or rows[0] is not positions:
             rows = self._rows_for = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
         _, cos, sin = rows
+        return self._rotate_part(x, cos, sin)
+
+    def _rotate_part(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.partial:
             rotary, passed = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
             return torch.cat((self._rotate(rotary, cos, sin), passed), dim=-1)

@@ -22,6 +22,7 @@ from lora_serving.handler.lora.peft_adapter import BaseModelShapes
 from lora_serving.handler.lora.step_applier import LoraStepApplier
 from lora_serving.handler.lora.step_plan import LoraStepPlan
 from lora_serving.handler.models import load_hf_config, load_model
+from lora_serving.handler.runner.compiled_decode import CompiledDecode, compile_wanted
 from lora_serving.handler.runner.device import auto_num_kv_blocks, cpu_thread_policy, resolve_dtype
 from lora_serving.handler.runner.slot_sync import receive_slot_write, take_slot_writes
 from lora_serving.handler.sampler import SampledTokens, Sampler
@@ -73,6 +74,8 @@ class ModelRunner:
                 self.row_parallel = RowParallelLora(comm, self.plan.hidden_columns, config.max_loras,
                                                     config.max_lora_rank, self.dtype, device)
         self.kv_cache: torch.Tensor | None = None
+        self.compiled_decode: CompiledDecode | None = None  # made with the KV cache, where wanted
+        self._compile = compile_wanted(config, self.model, device, world_size)
         self.block_manager: BlockManager | None = None  # rank 0: the block tables that steps refer to
         self.sampler = Sampler(device)
         # How decodes read their K/V (handler/forward_context.py): "padded" (always, on GPUs), "kernel" (CPU
@@ -106,6 +109,11 @@ class ModelRunner:
             dtype=model.dtype,
             device=self.device,
         )
+        if self._compile:
+            config = self.config
+            max_batch = config.max_compiled_batch_size or config.max_rolling_batch_size
+            self.compiled_decode = CompiledDecode(self.model, self.kv_cache, max_batch, config.enable_lora)
+            self.compiled_decode.warm_up()
 
     def use_block_manager(self, block_manager: BlockManager) -> None:
         """Rank 0: the host's block tables, from which `execute` describes each step."""
@@ -145,7 +153,11 @@ class ModelRunner:
         ctx, input_ids, last_token_index = build_forward_inputs(message.inputs, self.device)
         if message.lora is not None:
             ctx.lora = LoraStepApplier(self.lora_slots, message.lora, self.device, self.row_parallel)
-        hidden = self.model.forward(input_ids, ctx, self.kv_cache)
+        compiled = self.compiled_decode
+        if compiled is not None and compiled.serves(message.inputs):
+            hidden = compiled.run(ctx, input_ids)
+        else:
+            hidden = self.model.forward(input_ids, ctx, self.kv_cache)
         return ctx, hidden, last_token_index
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:

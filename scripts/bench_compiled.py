@@ -1,0 +1,102 @@
+"""The compiled decode step against the eager forward (handler/runner/compiled_decode.py), in one process.
+
+Two engines on the same model and dtype, `enforce_eager=true` and `enforce_eager=false`, take turns round by round
+(the order alternating), each keeping its best round: throughput over 32 requests decoding at once (one prompt each,
+64 new tokens, eos ignored, so that almost every step is a decode of the whole batch), and one request alone
+(batch-1 decode, ms per step after its prefill). Beside them: the start (the compiled engine's includes compiling
+both graphs; less when inductor's cache has them) and whether the greedy outputs agree token for token (expected
+in fp32; in bf16 the rounding differences of two summation orders can flip a near-tie).
+
+    .venv/bin/python scripts/bench_compiled.py [--model smollm2|llama-50m|DIR] [--dtype float32|bfloat16]
+                                               [--rounds 3] [--cpu-threads auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from lora_serving import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+
+# isort: split
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    REPO_ROOT,
+    bench_model_dir,
+    engine_decode_step_seconds,
+    machine_description,
+    print_table,
+)
+
+from lora_serving.handler import Engine, SamplingParams  # noqa: E402
+
+BATCH, NEW_TOKENS, PROMPT_LEN = 32, 64, 120
+
+
+def model_dir_for(name: str) -> Path:
+    if name == "llama-50m":
+        return bench_model_dir()
+    if name == "smollm2":
+        sys.path.insert(0, str(REPO_ROOT))
+        from tests.real_model import TEST_CACHE_DIR, build_smollm2, missing_requirements
+
+        if missing_requirements():
+            sys.exit(missing_requirements())
+        return build_smollm2(TEST_CACHE_DIR)
+    return Path(name)
+
+
+def prompts(vocab_size: int, round_index: int) -> list[list[int]]:
+    """BATCH different prompts of PROMPT_LEN tokens, new each round (no prefix-cache hits between rounds)."""
+    base = [(7919 * i) % (vocab_size - 200) + 100 for i in range(PROMPT_LEN)]
+    shift = round_index * BATCH
+    return [base[(i + shift) % PROMPT_LEN:] + base[: (i + shift) % PROMPT_LEN] for i in range(BATCH)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cpu-threads", default="auto")
+    args = parser.parse_args()
+
+    model_dir = model_dir_for(args.model)
+    engines, starts = {}, {}
+    for side, eager in (("eager", "true"), ("compiled", "false")):
+        started = time.perf_counter()
+        engines[side] = Engine(model_dir, dtype=args.dtype, max_rolling_batch_size=BATCH, enforce_eager=eager,
+                               cpu_threads=args.cpu_threads, enable_prefix_caching=False)
+        starts[side] = time.perf_counter() - started
+    if not (engines["compiled"].runner.compiled_decode and engines["compiled"].runner.compiled_decode.ready):
+        sys.exit("the decode step did not compile on this engine (see the log)")
+    vocab = engines["eager"].model.vocab_size
+    sides = list(engines)
+    throughput = {side: 0.0 for side in sides}
+    step = {side: float("inf") for side in sides}
+    outputs: dict[str, list] = {side: [] for side in sides}
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    for round_index in range(args.rounds):
+        batch = prompts(vocab, round_index)
+        for side in sides[round_index % 2:] + sides[: round_index % 2]:
+            engine = engines[side]
+            started = time.perf_counter()
+            results = engine.generate(batch, params)
+            throughput[side] = max(throughput[side], BATCH * NEW_TOKENS / (time.perf_counter() - started))
+            outputs[side].append([result.token_ids for result in results])
+            step[side] = min(step[side], engine_decode_step_seconds(engine, batch[0], 128, f"probe-{round_index}"))
+    equal = sum(a == b for runs in zip(outputs["eager"], outputs["compiled"]) for a, b in zip(*runs))
+    print(f"# bench_compiled: {machine_description()}; model {model_dir.name}, {args.dtype}, cpu_threads "
+          f"{args.cpu_threads}; {BATCH} requests x {NEW_TOKENS} tokens; best of {args.rounds} alternating rounds")
+    print_table(
+        ["side", "start (s)", f"tok/s at batch {BATCH}", "vs eager", "batch-1 step (ms)", "vs eager"],
+        [[side, starts[side], throughput[side], throughput[side] / throughput["eager"], step[side] * 1e3,
+          step[side] / step["eager"]] for side in sides],
+    )
+    print(f"greedy outputs equal to eager's: {equal}/{BATCH * args.rounds}")
+
+
+if __name__ == "__main__":
+    main()
