@@ -102,9 +102,10 @@ class CompiledDecode:
         self._globals = method.__globals__
         self._compiling_batch = 0
         forward = types.FunctionType(self._code, self._globals, method.__name__)
-        # The generated loops read the thread count when they run (the policy's), not the one at compile time.
+        # The generated loops read the thread count when they run (the policy's), not the one at compile time,
+        # and round every bf16 intermediate as the eager ops (and transformers) do, rather than keep it in fp32.
         self._compiled = torch.compile(types.MethodType(forward, self), dynamic=False, fullgraph=True,
-                                       options={"cpp.dynamic_threads": True})
+                                       options={"cpp.dynamic_threads": True, "emulate_precision_casts": True})
 
     @property
     def ready(self) -> bool:
