@@ -17,6 +17,15 @@
  * The bf16 form widens each query, key and value row to fp32 as it reads it (a shift: bf16 is fp32's upper
  * half), so everything after the read is the fp32 arithmetic, and rounds the output to bf16 (to nearest even)
  * as torch's bf16 attention does.
+ *
+ * The keys go by tiles of VEC_LANES (cpu_vec.h: 16 with AVX-512, else 8): one tile's dot products with a query
+ * are VEC_LANES running vector sums whose lanes are summed all together at the end (lane_sums), so that a
+ * tile's scores come out as one vector with no horizontal sum per key; the softmax's exp is a vector one
+ * (exp_w); and the weighted sum of values adds a tile's rows into the result, scaled by 1/sum of the weights
+ * once at the end. A tile is read in place when it is VEC_LANES fp32 rows of one block with head_dim a multiple
+ * of VEC_LANES; otherwise (bf16, a ragged head_dim, a tile across blocks: small blocks, a sliding window's
+ * start, a sequence's last keys) its rows are first gathered into a scratch tile, widened to fp32 and padded
+ * with zeros to a whole number of vectors, which the loops then read as they read the cache.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,15 +34,31 @@
 
 #include "cpu_vec.h"
 
-static inline float dot(const float *a, const float *b, int64_t n)
+static inline int64_t whole_vectors(int64_t n) { return (n + VEC_LANES - 1) / VEC_LANES * VEC_LANES; }
+
+/* Lane k of the result: q . row k, for the VEC_LANES rows at base + k * stride, `width` floats each (a multiple of
+ * VEC_LANES). */
+static inline vecw tile_dots(const float *q, const float *base, int64_t stride, int64_t width)
 {
-    vec8 partial = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) partial += load8(a + i) * load8(b + i);
-    float sum = 0.0f;
-    for (int j = 0; j < 8; j++) sum += partial[j];
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum;
+    vecw sums[VEC_LANES];
+    for (int k = 0; k < VEC_LANES; k++) sums[k] = (vecw){0};
+    for (int64_t c = 0; c < width; c += VEC_LANES) {
+        const vecw query = loadw(q + c);
+        for (int k = 0; k < VEC_LANES; k++) sums[k] += query * loadw(base + k * stride + c);
+    }
+    return lane_sums(sums);
+}
+
+/* out[0 .. width) += the sum over k of weights[k] * row k, for the same rows as tile_dots. Four running sums per
+ * vector of out, so that the additions do not wait on each other. */
+static inline void tile_accumulate(float *out, const float *weights, const float *base, int64_t stride,
+                                   int64_t width)
+{
+    for (int64_t c = 0; c < width; c += VEC_LANES) {
+        vecw sums[4] = {loadw(out + c), {0}, {0}, {0}};
+        for (int k = 0; k < VEC_LANES; k++) sums[k % 4] += weights[k] * loadw(base + k * stride + c);
+        storew(out + c, (sums[0] + sums[1]) + (sums[2] + sums[3]));
+    }
 }
 
 /* n elements from `source` (fp32 or bf16 words, by `is_bf16`) as fp32 into `row`. */
@@ -44,7 +69,71 @@ static inline __attribute__((always_inline)) void widen_row(const void *source, 
         return;
     }
     const uint16_t *words = source;
-    for (int64_t i = 0; i < n; i++) row[i] = bf16_to_f32(words[i]);
+    int64_t i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES) storew(row + i, load_bf16w(words + i));
+    for (; i < n; i++) row[i] = bf16_to_f32(words[i]);
+}
+
+/* Where a sequence's keys (or values) are: position -> element offset in the cache. */
+struct Sequence {
+    const char *cache;
+    int64_t element, head_offset, block_size, head_dim;
+    const int64_t *table;
+};
+
+static inline int64_t row_at(const struct Sequence *s, int64_t position)
+{
+    return s->head_offset + (s->table[position / s->block_size] * s->block_size + position % s->block_size)
+                                * s->head_dim;
+}
+
+/* The tile of positions first .. first + n - 1 (n <= VEC_LANES) as rows of `*stride` floats from the returned
+ * pointer: the cache itself when it holds them so, else `scratch` (VEC_LANES rows of whole_vectors(head_dim),
+ * whose columns past head_dim are zero), gathered and widened there, rows past n zeroed. */
+static inline __attribute__((always_inline)) const float *tile_rows(const struct Sequence *s, int is_bf16,
+                                                                    int64_t first, int64_t n, float *scratch,
+                                                                    int64_t *stride)
+{
+    if (!is_bf16 && n == VEC_LANES && s->head_dim % VEC_LANES == 0
+        && first % s->block_size + VEC_LANES <= s->block_size) {
+        *stride = s->head_dim;
+        return (const float *)(s->cache + s->element * row_at(s, first));
+    }
+    const int64_t width = whole_vectors(s->head_dim);
+    for (int64_t k = 0; k < n; k++)
+        widen_row(s->cache + s->element * row_at(s, first + k), is_bf16, s->head_dim, scratch + k * width);
+    if (n < VEC_LANES) memset(scratch + n * width, 0, sizeof(float) * (VEC_LANES - n) * width);
+    *stride = width;
+    return scratch;
+}
+
+/* The largest lane of v. */
+static inline float lane_max(vecw v)
+{
+    float top = v[0];
+    for (int k = 1; k < VEC_LANES; k++) top = v[k] > top ? v[k] : top;
+    return top;
+}
+
+/* row[0 .. padded) = e^(row - max(row[0 .. count))), 0 past count; returns their sum. */
+static inline float softmax_weights(float *row, int64_t count, int64_t padded)
+{
+    for (int64_t p = count; p < padded; p++) row[p] = -INFINITY;
+    vecw top = (vecw){0} - INFINITY;
+    for (int64_t p = 0; p < padded; p += VEC_LANES) {
+        const vecw scores = loadw(row + p);
+        top = select_w((veciw)(scores > top), scores, top);
+    }
+    const float highest = lane_max(top);
+    vecw sums = {0};
+    for (int64_t p = 0; p < padded; p += VEC_LANES) {
+        const vecw weights = exp_w(loadw(row + p) - highest);
+        storew(row + p, weights);
+        sums += weights;
+    }
+    float total = 0.0f;
+    for (int k = 0; k < VEC_LANES; k++) total += sums[k];
+    return total;
 }
 
 /* Returns 0, or -1 when scratch memory could not be had (nothing is written then). Pointers are to fp32 or, with
@@ -56,68 +145,75 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     const int64_t *starts, float scale, void *out, int num_threads)
 {
     const int64_t element = is_bf16 ? 2 : 4;
-    const char *q_bytes = q, *k_bytes = k_cache, *v_bytes = v_cache;
+    const char *q_bytes = q;
     const int64_t group = q_heads / kv_heads;
     const int64_t head_span = num_blocks * block_size * head_dim;
+    const int64_t width = whole_vectors(head_dim);
     int64_t longest = 1;
     for (int64_t t = 0; t < num_tokens; t++) {
         const int64_t count = lengths[t] - (starts ? starts[t] : 0);
         if (count > longest) longest = count;
     }
     const int64_t num_items = num_tokens * kv_heads;
+    /* Per thread: the scores, the group's queries and results in fp32 (rows of `width`), one tile, one row of
+     * bf16 output words. Zeroed: the columns past head_dim must read as 0. */
+    const int64_t scratch_floats = group * whole_vectors(longest) + 2 * group * width + VEC_LANES * width + width;
     int failed = 0;
     #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_items > 1)
     {
-        /* Per thread: the scores, the group's queries and results in fp32, one widened key or value row. */
-        float *scores = malloc(sizeof(float) * (group * longest + 2 * group * head_dim + head_dim));
+        float *scores = NULL;
+        if (posix_memalign((void **)&scores, 64, sizeof(float) * scratch_floats) == 0)
+            memset(scores, 0, sizeof(float) * scratch_floats);
+        else
+            scores = NULL;
         #pragma omp atomic
         failed += scores == NULL;
         #pragma omp barrier
         if (!failed) {
-            float *queries = scores + group * longest, *result = queries + group * head_dim;
-            float *row_buffer = result + group * head_dim;
+            float *queries = scores + group * whole_vectors(longest), *result = queries + group * width;
+            float *tile = result + group * width;
+            uint16_t *words = (uint16_t *)(tile + VEC_LANES * width);
             #pragma omp for schedule(dynamic, 1)
             for (int64_t item = 0; item < num_items; item++) {
                 const int64_t t = item / kv_heads, h = item % kv_heads;
                 const int64_t first = starts ? starts[t] : 0, count = lengths[t] - first;
+                const int64_t padded = whole_vectors(count);
                 const int64_t *table = block_tables + t * table_width;
+                const struct Sequence keys = {k_cache, element, h * head_span, block_size, head_dim, table};
+                const struct Sequence values = {v_cache, element, h * head_span, block_size, head_dim, table};
                 for (int64_t g = 0; g < group; g++)
                     widen_row(q_bytes + element * (t * q_token_stride + (h * group + g) * q_head_stride), is_bf16,
-                              head_dim, queries + g * head_dim);
-                for (int64_t p = 0; p < count; p++) {
-                    const int64_t position = first + p;
-                    const int64_t at = h * head_span + (table[position / block_size] * block_size
-                                                        + position % block_size) * head_dim;
-                    const float *key = is_bf16 ? row_buffer : (const float *)(k_bytes + element * at);
-                    if (is_bf16) widen_row(k_bytes + element * at, 1, head_dim, row_buffer);
+                              head_dim, queries + g * width);
+                for (int64_t p = 0; p < count; p += VEC_LANES) {
+                    const int64_t n = count - p < VEC_LANES ? count - p : VEC_LANES;
+                    int64_t stride;
+                    const float *rows = tile_rows(&keys, is_bf16, first + p, n, tile, &stride);
                     for (int64_t g = 0; g < group; g++)
-                        scores[g * count + p] = scale * dot(queries + g * head_dim, key, head_dim);
+                        storew(scores + g * padded + p, scale * tile_dots(queries + g * width, rows, stride, width));
+                }
+                float inverse[group];
+                for (int64_t g = 0; g < group; g++) {
+                    const float total = softmax_weights(scores + g * padded, count, padded);
+                    inverse[g] = total > 0.0f ? 1.0f / total : 0.0f;
+                    memset(result + g * width, 0, sizeof(float) * width);
+                }
+                for (int64_t p = 0; p < count; p += VEC_LANES) {
+                    const int64_t n = count - p < VEC_LANES ? count - p : VEC_LANES;
+                    int64_t stride;
+                    const float *rows = tile_rows(&values, is_bf16, first + p, n, tile, &stride);
+                    for (int64_t g = 0; g < group; g++)
+                        tile_accumulate(result + g * width, scores + g * padded + p, rows, stride, width);
                 }
                 for (int64_t g = 0; g < group; g++) {
-                    float *row = scores + g * count, highest = -INFINITY, total = 0.0f;
-                    for (int64_t p = 0; p < count; p++) highest = row[p] > highest ? row[p] : highest;
-                    for (int64_t p = 0; p < count; p++) total += row[p] = expf(row[p] - highest);
-                    for (int64_t p = 0; p < count; p++) row[p] /= total;
-                    for (int64_t i = 0; i < head_dim; i++) result[g * head_dim + i] = 0.0f;
-                }
-                for (int64_t p = 0; p < count; p++) {
-                    const int64_t position = first + p;
-                    const int64_t at = h * head_span + (table[position / block_size] * block_size
-                                                        + position % block_size) * head_dim;
-                    const float *value = is_bf16 ? row_buffer : (const float *)(v_bytes + element * at);
-                    if (is_bf16) widen_row(v_bytes + element * at, 1, head_dim, row_buffer);
-                    for (int64_t g = 0; g < group; g++) {
-                        const float weight = scores[g * count + p];
-                        float *o = result + g * head_dim;
-                        for (int64_t i = 0; i < head_dim; i++) o[i] += weight * value[i];
+                    float *row = result + g * width;
+                    for (int64_t i = 0; i < width; i += VEC_LANES) storew(row + i, loadw(row + i) * inverse[g]);
+                    const int64_t out_at = (t * q_heads + h * group + g) * head_dim;
+                    if (is_bf16) {
+                        for (int64_t i = 0; i < width; i += VEC_LANES) store_bf16w(words + i, loadw(row + i));
+                        memcpy((uint16_t *)out + out_at, words, sizeof(uint16_t) * head_dim);
+                    } else {
+                        memcpy((float *)out + out_at, row, sizeof(float) * head_dim);
                     }
-                }
-                const int64_t out_at = (t * q_heads + h * group) * head_dim;
-                if (is_bf16) {
-                    uint16_t *destination = (uint16_t *)out + out_at;
-                    for (int64_t i = 0; i < group * head_dim; i++) destination[i] = f32_to_bf16(result[i]);
-                } else {
-                    memcpy((float *)out + out_at, result, sizeof(float) * group * head_dim);
                 }
             }
         }
@@ -125,7 +221,6 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     }
     return failed ? -1 : 0;
 }
-
 int paged_decode_attention_f32(
     int64_t num_tokens, const float *q, int64_t q_token_stride, int64_t q_head_stride, int64_t q_heads,
     int64_t kv_heads, int64_t head_dim, const float *k_cache, const float *v_cache, int64_t num_blocks,
@@ -147,3 +242,18 @@ int paged_decode_attention_bf16(
                                   k_cache, v_cache, num_blocks, block_size, block_tables, table_width, lengths,
                                   starts, scale, out, num_threads);
 }
+
+/* exp_w over n floats, for the tests that hold it to expf. */
+void attention_exp_f32(const float *x, float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i += VEC_LANES) {
+        float lanes[VEC_LANES] = {0};
+        const int64_t m = n - i < VEC_LANES ? n - i : VEC_LANES;
+        memcpy(lanes, x + i, sizeof(float) * m);
+        storew(lanes, exp_w(loadw(lanes)));
+        memcpy(y + i, lanes, sizeof(float) * m);
+    }
+}
+
+/* The lanes of the vectors the kernel was built for (16 with AVX-512, else 8). */
+int attention_vector_lanes(void) { return VEC_LANES; }

@@ -28,10 +28,11 @@ def serves(dtype: torch.dtype, device: torch.device | str) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     lengths: torch.Tensor, starts: torch.Tensor | None, scale: float) -> torch.Tensor:
+                     lengths: torch.Tensor, starts: torch.Tensor | None, scale: float, *, library=None) -> torch.Tensor:
     """q [B, q_heads, d] (unit stride along d), one query per sequence; caches [kv_heads, blocks, block_size, d];
     block_tables [B, width] and lengths [B] (keys each attends to, its own included), starts [B] (first key, for a
-    sliding window) or None, all int64 -> out [B, q_heads, d]."""
+    sliding window) or None, all int64 -> out [B, q_heads, d]. `library`: another build of the kernels
+    (cpu_native.library_built_with; tests), else the engine's."""
     batch, q_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _ = k_cache.shape
     if q.stride(2) != 1:
@@ -48,7 +49,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype)
-    library = cpu_native.library()
+    library = library or cpu_native.library()
     attention = library.paged_decode_attention_f32 if q.dtype == torch.float32 else library.paged_decode_attention_bf16
     status = attention(
         _I64(batch), _PTR(q.data_ptr()), _I64(q.stride(0)), _I64(q.stride(1)), _I64(q_heads), _I64(kv_heads),
@@ -59,3 +60,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if status != 0:
         raise MemoryError("decode attention: no memory for the attention scores")
     return out
+
+
+def vector_exp(x: torch.Tensor, *, library=None) -> torch.Tensor:
+    """The kernel's softmax exp (cpu_vec.h's exp_w) over a float32 tensor, for holding it to expf."""
+    x = x.to(torch.float32).contiguous()
+    y = torch.empty_like(x)
+    (library or cpu_native.library()).attention_exp_f32(_PTR(x.data_ptr()), _PTR(y.data_ptr()), _I64(x.numel()))
+    return y

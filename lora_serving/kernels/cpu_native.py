@@ -175,13 +175,19 @@ def max_slices() -> int:
     return library().lora_max_slices()
 
 
-def _build() -> Path:
+def library_built_with(flags: tuple[str, ...]):
+    """The kernels compiled with other flags than the engine's and loaded (cached as the engine's build is): the
+    tests run the forms other CPUs get, AVX2 only or no -march at all, on this one."""
+    return _load(_build(flags))
+
+
+def _build(flags: tuple[str, ...] = FLAGS) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     sources = [path.read_bytes() for path in SOURCES + HEADERS]
-    key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(FLAGS).encode(), _cpu_identity()]))
+    key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(flags).encode(), _cpu_identity()]))
     name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if (_cache_dir() / name).is_file():
         return _cache_dir() / name
@@ -191,7 +197,7 @@ def _build() -> Path:
     # Compile beside the target and rename: processes starting together never load a half-written file.
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        command = [compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), "-lm"]
+        command = [compiler, *flags, "-o", str(built), *map(str, SOURCES), "-lm"]
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {completed.stderr.strip()[-500:]}")
@@ -217,6 +223,9 @@ def _load(path: Path):
         attention.restype = ctypes.c_int
         attention.argtypes = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR,
                               ctypes.c_float, _PTR, ctypes.c_int]
+    lib.attention_exp_f32.restype = None
+    lib.attention_exp_f32.argtypes = [_PTR, _PTR, _I64]
+    lib.attention_vector_lanes.restype = ctypes.c_int
     return lib
 
 

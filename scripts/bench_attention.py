@@ -1,0 +1,138 @@
+"""The C decode attention kernel (lora_serving/kernels/cpu_attention.c) against the same kernel as a git revision
+had it ("before", built here from that revision's source text), in one process; prints a table.
+
+Shape of SmolLM2-135M's attention (9 query heads on 3 KV heads, head_dim 64; blocks of 16), one layer's call:
+every sequence of the batch at one context length, its blocks scattered over the cache. The two builds alternate
+within each round (the order flipping each round) and each keeps its best per-call time; both are called through
+ctypes with the same prepared arguments, so the Python wrapper's cost is in neither.
+
+    .venv/bin/python scripts/bench_attention.py [--before main] [--rounds 5] [--batches 1 8 32]
+        [--contexts 128 512 2048] [--dtypes fp32 bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lora_serving import handler  # noqa: F401  (before torch: it sets how torch's OpenMP threads wait)
+
+# isort: split
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import machine_description, print_table  # noqa: E402
+
+from lora_serving.kernels import cpu_native  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_FILES = ("lora_serving/kernels/cpu_attention.c", "lora_serving/kernels/cpu_vec.h")
+Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def build_revision(revision: str, directory: Path):
+    """The attention kernel as `revision` had it, compiled with the engine's flags and loaded."""
+    for name in KERNEL_FILES:
+        text = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout
+        (directory / Path(name).name).write_text(text)
+    library = directory / "attention_before.so"
+    flags = [flag for flag in cpu_native.FLAGS]
+    subprocess.run(["cc", *flags, "-o", str(library), str(directory / "cpu_attention.c"), "-lm"], check=True)
+    return declare(ctypes.CDLL(str(library)))
+
+
+def declare(library):
+    for attention in (library.paged_decode_attention_f32, library.paged_decode_attention_bf16):
+        attention.restype = ctypes.c_int
+        attention.argtypes = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR,
+                              _PTR, ctypes.c_float, _PTR, ctypes.c_int]
+    return library
+
+
+class Case:
+    """One layer's decode attention inputs: `batch` sequences of `context` keys in scattered blocks."""
+
+    def __init__(self, batch: int, context: int, dtype: torch.dtype, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        per_sequence = -(-context // BLOCK_SIZE)
+        num_blocks = batch * per_sequence
+        self.k_cache = torch.randn(KV_HEADS, num_blocks, BLOCK_SIZE, HEAD_DIM, generator=gen).to(dtype)
+        self.v_cache = torch.randn(KV_HEADS, num_blocks, BLOCK_SIZE, HEAD_DIM, generator=gen).to(dtype)
+        blocks = list(range(num_blocks))
+        random.Random(seed).shuffle(blocks)
+        self.tables = torch.tensor(blocks, dtype=torch.int64).view(batch, per_sequence).contiguous()
+        self.lengths = torch.full((batch,), context, dtype=torch.int64)
+        self.q = torch.randn(batch, Q_HEADS, HEAD_DIM, generator=gen).to(dtype)
+        self.out = torch.empty_like(self.q)
+        self.arguments = (
+            _I64(batch), _PTR(self.q.data_ptr()), _I64(self.q.stride(0)), _I64(self.q.stride(1)), _I64(Q_HEADS),
+            _I64(KV_HEADS), _I64(HEAD_DIM), _PTR(self.k_cache.data_ptr()), _PTR(self.v_cache.data_ptr()),
+            _I64(num_blocks), _I64(BLOCK_SIZE), _PTR(self.tables.data_ptr()), _I64(per_sequence),
+            _PTR(self.lengths.data_ptr()), None, ctypes.c_float(HEAD_DIM**-0.5), _PTR(self.out.data_ptr()),
+            ctypes.c_int(torch.get_num_threads()))
+        self.suffix = "f32" if dtype == torch.float32 else "bf16"
+
+    def run(self, library) -> torch.Tensor:
+        if getattr(library, f"paged_decode_attention_{self.suffix}")(*self.arguments) != 0:
+            raise MemoryError("the kernel had no memory for its scratch")
+        return self.out.clone()
+
+    def seconds(self, library, repeats: int) -> float:
+        function = getattr(library, f"paged_decode_attention_{self.suffix}")
+        start = time.perf_counter()
+        for _ in range(repeats):
+            function(*self.arguments)
+        return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", default="main", help="git revision of the kernel to compare with")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--seconds-per-side", type=float, default=0.02,
+                        help="time each side runs per round (repeats chosen to fill it)")
+    args = parser.parse_args()
+    after = cpu_native.library()
+    if after is None:
+        sys.exit("the C kernels do not build here")
+    lanes = after.attention_vector_lanes()
+    with tempfile.TemporaryDirectory() as scratch:
+        before = build_revision(args.before, Path(scratch))
+        rows = []
+        for dtype_name in args.dtypes:
+            for batch in args.batches:
+                for context in args.contexts:
+                    case = Case(batch, context, DTYPES[dtype_name])
+                    difference = (case.run(before).float() - case.run(after).float()).abs().max().item()
+                    once = min(case.seconds(after, 1) for _ in range(3))
+                    repeats = max(1, int(args.seconds_per_side / max(once, 1e-6)))
+                    best = {"before": float("inf"), "after": float("inf")}
+                    for round_index in range(args.rounds):
+                        order = ("before", "after") if round_index % 2 == 0 else ("after", "before")
+                        for side in order:
+                            library = before if side == "before" else after
+                            best[side] = min(best[side], case.seconds(library, repeats))
+                    flops = 4 * batch * Q_HEADS * context * HEAD_DIM  # q.K and p.V, a multiply-add each
+                    rows.append([dtype_name, batch, context, best["before"] * 1e6, best["after"] * 1e6,
+                                 best["before"] / best["after"], flops / best["after"] / 1e9,
+                                 f"{difference:.2g}"])
+    print(f"{machine_description()}; kernel vectors of {lanes} floats; before = {args.before}; "
+          f"best of {args.rounds} rounds")
+    print_table(["dtype", "batch", "context", "before (us)", "after (us)", "before / after", "after GFLOP/s",
+                 "max |after - before|"], rows)
+
+
+if __name__ == "__main__":
+    main()
