@@ -7,7 +7,7 @@ within each round (the order flipping each round) and each keeps its best per-ca
 ctypes with the same prepared arguments, so the Python wrapper's cost is in neither.
 
     .venv/bin/python scripts/bench_attention.py [--before main] [--rounds 5] [--batches 1 8 32]
-        [--contexts 128 512 2048] [--dtypes fp32 bf16]
+        [--contexts 128 512 2048] [--dtypes fp32 bf16] [--threads N]
 """
 
 from __future__ import annotations
@@ -101,9 +101,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=None, help="threads the kernel may use (torch's default)")
     parser.add_argument("--seconds-per-side", type=float, default=0.02,
                         help="time each side runs per round (repeats chosen to fill it)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     after = cpu_native.library()
     if after is None:
         sys.exit("the C kernels do not build here")

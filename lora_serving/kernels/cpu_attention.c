@@ -49,15 +49,42 @@ static inline vecw tile_dots(const float *q, const float *base, int64_t stride, 
     return lane_sums(sums);
 }
 
-/* out[0 .. width) += the sum over k of weights[k] * row k, for the same rows as tile_dots. Four running sums per
- * vector of out, so that the additions do not wait on each other. */
+/* out[0 .. width) += the sum over k of weights[k] * row k, for the same rows as tile_dots, `vectors` (a constant
+ * once inlined) vectors wide: out's vectors stay in registers through the tile, each weight is read once, and two
+ * running sums per vector (even and odd rows) keep the additions from waiting on each other. */
+static inline __attribute__((always_inline)) void accumulate_vectors(float *out, const float *weights,
+                                                                     const float *base, int64_t stride, int vectors)
+{
+    vecw even[vectors], odd[vectors];
+    for (int c = 0; c < vectors; c++) even[c] = loadw(out + c * VEC_LANES), odd[c] = (vecw){0};
+    for (int k = 0; k < VEC_LANES; k += 2) {
+        const vecw w0 = (vecw){0} + weights[k], w1 = (vecw){0} + weights[k + 1];
+        for (int c = 0; c < vectors; c++) {
+            even[c] += w0 * loadw(base + k * stride + c * VEC_LANES);
+            odd[c] += w1 * loadw(base + (k + 1) * stride + c * VEC_LANES);
+        }
+    }
+    for (int c = 0; c < vectors; c++) storew(out + c * VEC_LANES, even[c] + odd[c]);
+}
+
+/* The same for any width (a multiple of VEC_LANES): head_dims up to 8 vectors by a fixed-width form each. */
 static inline void tile_accumulate(float *out, const float *weights, const float *base, int64_t stride,
                                    int64_t width)
 {
-    for (int64_t c = 0; c < width; c += VEC_LANES) {
-        vecw sums[4] = {loadw(out + c), {0}, {0}, {0}};
-        for (int k = 0; k < VEC_LANES; k++) sums[k % 4] += weights[k] * loadw(base + k * stride + c);
-        storew(out + c, (sums[0] + sums[1]) + (sums[2] + sums[3]));
+    switch (width / VEC_LANES) {
+    case 1: accumulate_vectors(out, weights, base, stride, 1); return;
+    case 2: accumulate_vectors(out, weights, base, stride, 2); return;
+    case 3: accumulate_vectors(out, weights, base, stride, 3); return;
+    case 4: accumulate_vectors(out, weights, base, stride, 4); return;
+    case 5: accumulate_vectors(out, weights, base, stride, 5); return;
+    case 6: accumulate_vectors(out, weights, base, stride, 6); return;
+    case 7: accumulate_vectors(out, weights, base, stride, 7); return;
+    case 8: accumulate_vectors(out, weights, base, stride, 8); return;
+    }
+    for (int64_t c = 0; c < width; c += 8 * VEC_LANES) {
+        const int64_t left = (width - c) / VEC_LANES;
+        if (left >= 8) accumulate_vectors(out + c, weights, base + c, stride, 8);
+        else tile_accumulate(out + c, weights, base + c, stride, left * VEC_LANES);
     }
 }
 
