@@ -127,8 +127,16 @@ static inline __attribute__((always_inline)) const float *tile_rows(const struct
         return (const float *)(s->cache + s->element * row_at(s, first));
     }
     const int64_t width = whole_vectors(s->head_dim);
-    for (int64_t k = 0; k < n; k++)
-        widen_row(s->cache + s->element * row_at(s, first + k), is_bf16, s->head_dim, scratch + k * width);
+    if (width == s->head_dim && first % s->block_size + n <= s->block_size) {  /* n consecutive rows: one run */
+        widen_row(s->cache + s->element * row_at(s, first), is_bf16, n * width, scratch);
+    } else {
+        int64_t block = first / s->block_size, offset = first % s->block_size;
+        for (int64_t k = 0; k < n; k++) {
+            const int64_t at = s->head_offset + (s->table[block] * s->block_size + offset) * s->head_dim;
+            widen_row(s->cache + s->element * at, is_bf16, s->head_dim, scratch + k * width);
+            if (++offset == s->block_size) offset = 0, block++;
+        }
+    }
     if (n < VEC_LANES) memset(scratch + n * width, 0, sizeof(float) * (VEC_LANES - n) * width);
     *stride = width;
     return scratch;

@@ -49,12 +49,19 @@ static inline void storew(float *p, vecw v) { memcpy(p, &v, sizeof v); }
  * ?: on vectors (only C++ does). */
 static inline vecw select_w(veciw mask, vecw a, vecw b) { return (vecw)((mask & (veciw)a) | (~mask & (veciw)b)); }
 
-/* VEC_LANES bf16 words as fp32: bf16 is fp32's upper half, so a widening and a 16-bit shift. */
+/* VEC_LANES bf16 words as fp32: bf16 is fp32's upper half, so each word goes above a zero word. (One shuffle of
+ * 16-bit lanes: GCC makes __builtin_convertvector's widening, then a shift, several instructions.) */
 static inline vecw load_bf16w(const uint16_t *p)
 {
     vechw half;
     memcpy(&half, p, sizeof half);
-    return (vecw)(__builtin_convertvector(half, vecuw) << 16);
+    const vechw zero = {0};
+#if VEC_LANES == 16
+    return (vecw)__builtin_shufflevector(zero, half, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25,
+                                         10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#else
+    return (vecw)__builtin_shufflevector(zero, half, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+#endif
 }
 
 /* VEC_LANES floats to bf16 words, rounded to nearest even as f32_to_bf16 does (NaN stays NaN). */
