@@ -49,6 +49,64 @@ static inline vecw tile_dots(const float *q, const float *base, int64_t stride, 
     return lane_sums(sums);
 }
 
+#if VEC_LANES == 16
+/* The dots of `queries` (1 to 3, a constant once inlined) queries, rows of `width` floats at q, with the 8 rows at
+ * base + j * step, each folded to the 8 keys' partial sums (lane_sums' tree short of its last level): each row's
+ * vector is read once for all the queries, 24 running sums in registers. */
+static inline __attribute__((always_inline)) void half_tile_dots(vecw *folded, const float *q, int queries,
+                                                                 const float *base, int64_t step, int64_t width)
+{
+    vecw sums[3][8];
+    for (int g = 0; g < queries; g++)
+        for (int j = 0; j < 8; j++) sums[g][j] = (vecw){0};
+    for (int64_t c = 0; c < width; c += VEC_LANES) {
+        vecw query[3];
+        for (int g = 0; g < queries; g++) query[g] = loadw(q + g * width + c);
+        for (int j = 0; j < 8; j++) {
+            const vecw key = loadw(base + j * step + c);
+            for (int g = 0; g < queries; g++) sums[g][j] += query[g] * key;
+        }
+    }
+    for (int g = 0; g < queries; g++) {
+        const vecw *s = sums[g];
+        folded[g] = fold2(fold4(fold8(s[0], s[4]), fold8(s[2], s[6])), fold4(fold8(s[1], s[5]), fold8(s[3], s[7])));
+    }
+}
+
+/* scores[g * padded + k] = scale * (query g . row k) for `queries` queries and a tile's 16 rows: the even rows and
+ * the odd ones are the two halves of lane_sums' tree, which its last level joins. */
+static inline __attribute__((always_inline)) void query_tile_scores(float *scores, int64_t padded, const float *q,
+                                                                    int queries, const float *base, int64_t stride,
+                                                                    int64_t width, float scale)
+{
+    vecw even[3], odd[3];
+    half_tile_dots(even, q, queries, base, 2 * stride, width);
+    half_tile_dots(odd, q, queries, base + stride, 2 * stride, width);
+    for (int g = 0; g < queries; g++) storew(scores + g * padded, scale * fold1(even[g], odd[g]));
+}
+#endif
+
+/* scores[g * padded + k] = scale * (query g . row k) for the group's queries (rows of `width` at queries) and a
+ * tile's rows. */
+static inline void tile_scores(float *scores, int64_t padded, const float *queries, int64_t group, const float *base,
+                               int64_t stride, int64_t width, float scale)
+{
+#if VEC_LANES == 16
+    for (int64_t g = 0; g < group; g += 3) {
+        float *at = scores + g * padded;
+        const float *q = queries + g * width;
+        switch (group - g) {
+        case 1: query_tile_scores(at, padded, q, 1, base, stride, width, scale); break;
+        case 2: query_tile_scores(at, padded, q, 2, base, stride, width, scale); break;
+        default: query_tile_scores(at, padded, q, 3, base, stride, width, scale); break;
+        }
+    }
+#else  /* 16 vector registers (AVX2): one query at a time */
+    for (int64_t g = 0; g < group; g++)
+        storew(scores + g * padded, scale * tile_dots(queries + g * width, base, stride, width));
+#endif
+}
+
 /* out[0 .. width) += the sum over k of weights[k] * row k, for the same rows as tile_dots, `vectors` (a constant
  * once inlined) vectors wide: out's vectors stay in registers through the tile, each weight is read once, and two
  * running sums per vector (even and odd rows) keep the additions from waiting on each other. */
@@ -223,8 +281,7 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
                     const int64_t n = count - p < VEC_LANES ? count - p : VEC_LANES;
                     int64_t stride;
                     const float *rows = tile_rows(&keys, is_bf16, first + p, n, tile, &stride);
-                    for (int64_t g = 0; g < group; g++)
-                        storew(scores + g * padded + p, scale * tile_dots(queries + g * width, rows, stride, width));
+                    tile_scores(scores + p, padded, queries, group, rows, stride, width, scale);
                 }
                 float inverse[group];
                 for (int64_t g = 0; g < group; g++) {

@@ -75,9 +75,10 @@ def assert_matches(out, expected, dtype, tolerance=1e-5):
             torch.testing.assert_close(out[row].float(), want, rtol=2**-8, atol=1e-5)
 
 
-# head_dim 20: a vector of 8 twice and a tail of 4; group 4: four query heads read each KV head once. Blocks of 4
-# are smaller than a tile of keys: every tile is gathered across blocks.
-@pytest.mark.parametrize("kv_heads,group,head_dim", [(2, 1, 64), (2, 4, 20), (1, 3, 128)])
+# head_dim 20: a vector of 8 twice and a tail of 4; group 4: four query heads read each KV head once (the kernel
+# takes queries three at a time with 16 lanes: groups 1 to 7 cover its forms). Blocks of 4 are smaller than a tile
+# of keys: every tile is gathered across blocks.
+@pytest.mark.parametrize("kv_heads,group,head_dim", [(2, 1, 64), (2, 4, 20), (1, 3, 128), (2, 2, 48), (1, 7, 64)])
 @pytest.mark.parametrize("window", [None, 9])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
