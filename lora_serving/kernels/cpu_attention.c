@@ -19,10 +19,11 @@
  * as torch's bf16 attention does.
  *
  * The keys go by tiles of VEC_LANES (cpu_vec.h: 16 with AVX-512, else 8): one tile's dot products with a query
- * are VEC_LANES running vector sums whose lanes are summed all together at the end (lane_sums), so that a
- * tile's scores come out as one vector with no horizontal sum per key; the softmax's exp is a vector one
- * (exp_w); and the weighted sum of values adds a tile's rows into the result, scaled by 1/sum of the weights
- * once at the end. A tile is read in place when it is VEC_LANES fp32 rows of one block with head_dim a multiple
+ * are VEC_LANES running vector sums whose lanes are summed all together at the end (lane_sums' tree), so that a
+ * tile's scores come out as one vector with no horizontal sum per key (with AVX-512's 32 registers, for up to
+ * three query heads at once: each key vector read once for them all); the softmax's exp is a vector one
+ * (exp_w); and the weighted sum of values adds a tile's rows into the result, held in registers through the
+ * tile, scaled by 1/sum of the weights once at the end. A tile is read in place when it is VEC_LANES fp32 rows of one block with head_dim a multiple
  * of VEC_LANES; otherwise (bf16, a ragged head_dim, a tile across blocks: small blocks, a sliding window's
  * start, a sequence's last keys) its rows are first gathered into a scratch tile, widened to fp32 and padded
  * with zeros to a whole number of vectors, which the loops then read as they read the cache.
@@ -35,19 +36,6 @@
 #include "cpu_vec.h"
 
 static inline int64_t whole_vectors(int64_t n) { return (n + VEC_LANES - 1) / VEC_LANES * VEC_LANES; }
-
-/* Lane k of the result: q . row k, for the VEC_LANES rows at base + k * stride, `width` floats each (a multiple of
- * VEC_LANES). */
-static inline vecw tile_dots(const float *q, const float *base, int64_t stride, int64_t width)
-{
-    vecw sums[VEC_LANES];
-    for (int k = 0; k < VEC_LANES; k++) sums[k] = (vecw){0};
-    for (int64_t c = 0; c < width; c += VEC_LANES) {
-        const vecw query = loadw(q + c);
-        for (int k = 0; k < VEC_LANES; k++) sums[k] += query * loadw(base + k * stride + c);
-    }
-    return lane_sums(sums);
-}
 
 #if VEC_LANES == 16
 /* The dots of `queries` (1 to 3, a constant once inlined) queries, rows of `width` floats at q, with the 8 rows at
@@ -83,6 +71,19 @@ static inline __attribute__((always_inline)) void query_tile_scores(float *score
     half_tile_dots(even, q, queries, base, 2 * stride, width);
     half_tile_dots(odd, q, queries, base + stride, 2 * stride, width);
     for (int g = 0; g < queries; g++) storew(scores + g * padded, scale * fold1(even[g], odd[g]));
+}
+#else
+/* Lane k of the result: q . row k, for the VEC_LANES rows at base + k * stride, `width` floats each (a multiple of
+ * VEC_LANES). */
+static inline vecw tile_dots(const float *q, const float *base, int64_t stride, int64_t width)
+{
+    vecw sums[VEC_LANES];
+    for (int k = 0; k < VEC_LANES; k++) sums[k] = (vecw){0};
+    for (int64_t c = 0; c < width; c += VEC_LANES) {
+        const vecw query = loadw(q + c);
+        for (int k = 0; k < VEC_LANES; k++) sums[k] += query * loadw(base + k * stride + c);
+    }
+    return lane_sums(sums);
 }
 #endif
 
