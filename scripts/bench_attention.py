@@ -128,13 +128,14 @@ def main() -> None:
                             library = before if side == "before" else after
                             best[side] = min(best[side], case.seconds(library, repeats))
                     flops = 4 * batch * Q_HEADS * context * HEAD_DIM  # q.K and p.V, a multiply-add each
+                    read = 2 * batch * KV_HEADS * context * HEAD_DIM * case.k_cache.element_size()  # K and V
                     rows.append([dtype_name, batch, context, best["before"] * 1e6, best["after"] * 1e6,
                                  best["before"] / best["after"], flops / best["after"] / 1e9,
-                                 f"{difference:.2g}"])
+                                 read / best["after"] / 1e9, f"{difference:.2g}"])
     print(f"{machine_description()}; kernel vectors of {lanes} floats; before = {args.before}; "
           f"best of {args.rounds} rounds")
     print_table(["dtype", "batch", "context", "before (us)", "after (us)", "before / after", "after GFLOP/s",
-                 "max |after - before|"], rows)
+                 "after K+V GB/s", "max |after - before|"], rows)
 
 
 if __name__ == "__main__":
