@@ -8,12 +8,17 @@ ctypes with the same prepared arguments, so the Python wrapper's cost is in neit
 
     .venv/bin/python scripts/bench_attention.py [--before main] [--rounds 5] [--batches 1 8 32]
         [--contexts 128 512 2048] [--dtypes fp32 bf16] [--threads N]
+
+--engine: instead, the engine's throughput on the real SmolLM2-135M-Instruct (tests/real_model.py builds it) at
+batch 32, 32 requests of 16..128 prompt and new tokens (eos ignored), with the engine's decode attention going to
+one build or the other (cpu_attention.decode_attention's `library`), alternating; each side keeps its best.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import random
 import subprocess
 import sys
@@ -94,6 +99,40 @@ class Case:
         return (time.perf_counter() - start) / repeats
 
 
+def engine_comparison(before, dtype_names: list[str], rounds: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchlib import engine_throughput, workload
+    from tests.real_model import TEST_CACHE_DIR, build_smollm2, missing_requirements
+
+    from lora_serving.handler import Engine
+    from lora_serving.kernels import cpu_attention
+
+    if missing_requirements():
+        sys.exit(missing_requirements())
+    model_dir = build_smollm2(TEST_CACHE_DIR)
+    requests = workload(32, seed=1)
+    after_kernel = cpu_attention.decode_attention
+    kernels = {"before": functools.partial(after_kernel, library=before), "after": after_kernel}
+    rows = []
+    try:
+        for dtype_name in dtype_names:
+            engine = Engine(model_dir, dtype=str(DTYPES[dtype_name]).removeprefix("torch."), max_rolling_batch_size=32)
+            if engine.runner.decode_form != "kernel":
+                sys.exit("the C attention kernel does not serve this engine here")
+            engine_throughput(engine, requests[:2])  # warm: first calls, the prefix cache
+            best = {side: 0.0 for side in kernels}
+            for round_index in range(rounds):
+                for side in (("before", "after") if round_index % 2 == 0 else ("after", "before")):
+                    cpu_attention.decode_attention = kernels[side]
+                    best[side] = max(best[side], engine_throughput(engine, requests)[0])
+            rows.append([dtype_name, best["before"], best["after"], best["after"] / best["before"]])
+            del engine
+    finally:
+        cpu_attention.decode_attention = after_kernel
+    print(f"{machine_description()}; SmolLM2-135M-Instruct, 32 requests at batch 32; best of {rounds} rounds")
+    print_table(["dtype", "before tok/s", "after tok/s", "after / before"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="main", help="git revision of the kernel to compare with")
@@ -101,6 +140,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--engine", action="store_true", help="the engine's throughput on SmolLM2 instead")
     parser.add_argument("--threads", type=int, default=None, help="threads the kernel may use (torch's default)")
     parser.add_argument("--seconds-per-side", type=float, default=0.02,
                         help="time each side runs per round (repeats chosen to fill it)")
@@ -113,6 +153,9 @@ def main() -> None:
     lanes = after.attention_vector_lanes()
     with tempfile.TemporaryDirectory() as scratch:
         before = build_revision(args.before, Path(scratch))
+        if args.engine:
+            engine_comparison(before, args.dtypes, args.rounds)
+            return
         rows = []
         for dtype_name in args.dtypes:
             for batch in args.batches:
