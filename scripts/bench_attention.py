@@ -37,7 +37,8 @@ from benchlib import machine_description, print_table  # noqa: E402
 from lora_serving.kernels import cpu_native  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_FILES = ("lora_serving/kernels/cpu_attention.c", "lora_serving/kernels/cpu_vec.h")
+KERNEL_FILES = ("lora_serving/kernels/cpu_attention.c", "lora_serving/kernels/cpu_vec.h",
+                "lora_serving/kernels/cpu_attention_tiles.h")  # the last is not in older revisions
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -46,9 +47,11 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 def build_revision(revision: str, directory: Path):
     """The attention kernel as `revision` had it, compiled with the engine's flags and loaded."""
     for name in KERNEL_FILES:
-        text = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout
-        (directory / Path(name).name).write_text(text)
+        shown = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0:
+            (directory / Path(name).name).write_text(shown.stdout)
+        elif name == KERNEL_FILES[0]:
+            sys.exit(f"--before {revision}: {shown.stderr.strip()}")
     library = directory / "attention_before.so"
     flags = [flag for flag in cpu_native.FLAGS]
     subprocess.run(["cc", *flags, "-o", str(library), str(directory / "cpu_attention.c"), "-lm"], check=True)

@@ -23,129 +23,21 @@
  * tile's scores come out as one vector with no horizontal sum per key (with AVX-512's 32 registers, for up to
  * three query heads at once: each key vector read once for them all); the softmax's exp is a vector one
  * (exp_w); and the weighted sum of values adds a tile's rows into the result, held in registers through the
- * tile, scaled by 1/sum of the weights once at the end. A tile is read in place when it is VEC_LANES fp32 rows of one block with head_dim a multiple
+ * tile, scaled by 1/sum of the weights once at the end (cpu_attention_tiles.h). A tile is read in place when it is VEC_LANES fp32 rows of one block with head_dim a multiple
  * of VEC_LANES; otherwise (bf16, a ragged head_dim, a tile across blocks: small blocks, a sliding window's
  * start, a sequence's last keys) its rows are first gathered into a scratch tile, widened to fp32 and padded
- * with zeros to a whole number of vectors, which the loops then read as they read the cache.
+ * with zeros to a whole number of vectors, which the loops then read as they read the cache. With AVX-512, bf16
+ * keys of a whole tile in one block are read in place too when head_dim is a multiple of 32: 32 words as 16 pairs
+ * of an even and an odd element, against queries split the same way (tile_scores_pairs); the values are still
+ * gathered (in pairs they measured slower: each row would be widened once per query head).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_attention_tiles.h"
 #include "cpu_vec.h"
-
-static inline int64_t whole_vectors(int64_t n) { return (n + VEC_LANES - 1) / VEC_LANES * VEC_LANES; }
-
-#if VEC_LANES == 16
-/* The dots of `queries` (1 to 3, a constant once inlined) queries, rows of `width` floats at q, with the 8 rows at
- * base + j * step, each folded to the 8 keys' partial sums (lane_sums' tree short of its last level): each row's
- * vector is read once for all the queries, 24 running sums in registers. */
-static inline __attribute__((always_inline)) void half_tile_dots(vecw *folded, const float *q, int queries,
-                                                                 const float *base, int64_t step, int64_t width)
-{
-    vecw sums[3][8];
-    for (int g = 0; g < queries; g++)
-        for (int j = 0; j < 8; j++) sums[g][j] = (vecw){0};
-    for (int64_t c = 0; c < width; c += VEC_LANES) {
-        vecw query[3];
-        for (int g = 0; g < queries; g++) query[g] = loadw(q + g * width + c);
-        for (int j = 0; j < 8; j++) {
-            const vecw key = loadw(base + j * step + c);
-            for (int g = 0; g < queries; g++) sums[g][j] += query[g] * key;
-        }
-    }
-    for (int g = 0; g < queries; g++) {
-        const vecw *s = sums[g];
-        folded[g] = fold2(fold4(fold8(s[0], s[4]), fold8(s[2], s[6])), fold4(fold8(s[1], s[5]), fold8(s[3], s[7])));
-    }
-}
-
-/* scores[g * padded + k] = scale * (query g . row k) for `queries` queries and a tile's 16 rows: the even rows and
- * the odd ones are the two halves of lane_sums' tree, which its last level joins. */
-static inline __attribute__((always_inline)) void query_tile_scores(float *scores, int64_t padded, const float *q,
-                                                                    int queries, const float *base, int64_t stride,
-                                                                    int64_t width, float scale)
-{
-    vecw even[3], odd[3];
-    half_tile_dots(even, q, queries, base, 2 * stride, width);
-    half_tile_dots(odd, q, queries, base + stride, 2 * stride, width);
-    for (int g = 0; g < queries; g++) storew(scores + g * padded, scale * fold1(even[g], odd[g]));
-}
-#else
-/* Lane k of the result: q . row k, for the VEC_LANES rows at base + k * stride, `width` floats each (a multiple of
- * VEC_LANES). */
-static inline vecw tile_dots(const float *q, const float *base, int64_t stride, int64_t width)
-{
-    vecw sums[VEC_LANES];
-    for (int k = 0; k < VEC_LANES; k++) sums[k] = (vecw){0};
-    for (int64_t c = 0; c < width; c += VEC_LANES) {
-        const vecw query = loadw(q + c);
-        for (int k = 0; k < VEC_LANES; k++) sums[k] += query * loadw(base + k * stride + c);
-    }
-    return lane_sums(sums);
-}
-#endif
-
-/* scores[g * padded + k] = scale * (query g . row k) for the group's queries (rows of `width` at queries) and a
- * tile's rows. */
-static inline void tile_scores(float *scores, int64_t padded, const float *queries, int64_t group, const float *base,
-                               int64_t stride, int64_t width, float scale)
-{
-#if VEC_LANES == 16
-    for (int64_t g = 0; g < group; g += 3) {
-        float *at = scores + g * padded;
-        const float *q = queries + g * width;
-        switch (group - g) {
-        case 1: query_tile_scores(at, padded, q, 1, base, stride, width, scale); break;
-        case 2: query_tile_scores(at, padded, q, 2, base, stride, width, scale); break;
-        default: query_tile_scores(at, padded, q, 3, base, stride, width, scale); break;
-        }
-    }
-#else  /* 16 vector registers (AVX2): one query at a time */
-    for (int64_t g = 0; g < group; g++)
-        storew(scores + g * padded, scale * tile_dots(queries + g * width, base, stride, width));
-#endif
-}
-
-/* out[0 .. width) += the sum over k of weights[k] * row k, for the same rows as tile_dots, `vectors` (a constant
- * once inlined) vectors wide: out's vectors stay in registers through the tile, each weight is read once, and two
- * running sums per vector (even and odd rows) keep the additions from waiting on each other. */
-static inline __attribute__((always_inline)) void accumulate_vectors(float *out, const float *weights,
-                                                                     const float *base, int64_t stride, int vectors)
-{
-    vecw even[vectors], odd[vectors];
-    for (int c = 0; c < vectors; c++) even[c] = loadw(out + c * VEC_LANES), odd[c] = (vecw){0};
-    for (int k = 0; k < VEC_LANES; k += 2) {
-        const vecw w0 = (vecw){0} + weights[k], w1 = (vecw){0} + weights[k + 1];
-        for (int c = 0; c < vectors; c++) {
-            even[c] += w0 * loadw(base + k * stride + c * VEC_LANES);
-            odd[c] += w1 * loadw(base + (k + 1) * stride + c * VEC_LANES);
-        }
-    }
-    for (int c = 0; c < vectors; c++) storew(out + c * VEC_LANES, even[c] + odd[c]);
-}
-
-/* The same for any width (a multiple of VEC_LANES): head_dims up to 8 vectors by a fixed-width form each. */
-static inline void tile_accumulate(float *out, const float *weights, const float *base, int64_t stride,
-                                   int64_t width)
-{
-    switch (width / VEC_LANES) {
-    case 1: accumulate_vectors(out, weights, base, stride, 1); return;
-    case 2: accumulate_vectors(out, weights, base, stride, 2); return;
-    case 3: accumulate_vectors(out, weights, base, stride, 3); return;
-    case 4: accumulate_vectors(out, weights, base, stride, 4); return;
-    case 5: accumulate_vectors(out, weights, base, stride, 5); return;
-    case 6: accumulate_vectors(out, weights, base, stride, 6); return;
-    case 7: accumulate_vectors(out, weights, base, stride, 7); return;
-    case 8: accumulate_vectors(out, weights, base, stride, 8); return;
-    }
-    for (int64_t c = 0; c < width; c += 8 * VEC_LANES) {
-        const int64_t left = (width - c) / VEC_LANES;
-        if (left >= 8) accumulate_vectors(out + c, weights, base + c, stride, 8);
-        else tile_accumulate(out + c, weights, base + c, stride, left * VEC_LANES);
-    }
-}
 
 /* n elements from `source` (fp32 or bf16 words, by `is_bf16`) as fp32 into `row`. */
 static inline __attribute__((always_inline)) void widen_row(const void *source, int is_bf16, int64_t n, float *row)
@@ -251,7 +143,9 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     const int64_t num_items = num_tokens * kv_heads;
     /* Per thread: the scores, the group's queries and results in fp32 (rows of `width`), one tile, one row of
      * bf16 output words. Zeroed: the columns past head_dim must read as 0. */
-    const int64_t scratch_floats = group * whole_vectors(longest) + 2 * group * width + VEC_LANES * width + width;
+    const int64_t scratch_floats = group * whole_vectors(longest) + 3 * group * width + VEC_LANES * width + width;
+    /* bf16 keys are read in place, in pairs, where head_dim is whole runs of 2 * VEC_LANES (AVX-512 only). */
+    const int in_pairs = VEC_LANES == 16 && is_bf16 && head_dim % (2 * VEC_LANES) == 0;
     int failed = 0;
     #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_items > 1)
     {
@@ -265,7 +159,7 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
         #pragma omp barrier
         if (!failed) {
             float *queries = scores + group * whole_vectors(longest), *result = queries + group * width;
-            float *tile = result + group * width;
+            float *tile = result + group * width, *split = tile + VEC_LANES * width + width;
             uint16_t *words = (uint16_t *)(tile + VEC_LANES * width);
             #pragma omp for schedule(dynamic, 1)
             for (int64_t item = 0; item < num_items; item++) {
@@ -278,8 +172,16 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
                 for (int64_t g = 0; g < group; g++)
                     widen_row(q_bytes + element * (t * q_token_stride + (h * group + g) * q_head_stride), is_bf16,
                               head_dim, queries + g * width);
+                if (in_pairs) split_pairs(queries, group * width, split);
                 for (int64_t p = 0; p < count; p += VEC_LANES) {
                     const int64_t n = count - p < VEC_LANES ? count - p : VEC_LANES;
+#if VEC_LANES == 16
+                    if (in_pairs && n == VEC_LANES && (first + p) % block_size + VEC_LANES <= block_size) {
+                        const uint16_t *rows = (const uint16_t *)k_cache + row_at(&keys, first + p);
+                        tile_scores_pairs(scores + p, padded, split, group, rows, head_dim, width, scale);
+                        continue;
+                    }
+#endif
                     int64_t stride;
                     const float *rows = tile_rows(&keys, is_bf16, first + p, n, tile, &stride);
                     tile_scores(scores + p, padded, queries, group, rows, stride, width, scale);

@@ -30,7 +30,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_matvec.c", "cpu_attention.c"))
-HEADERS = (Path(__file__).with_name("cpu_vec.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_vec.h", "cpu_attention_tiles.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # The element types the kernels take (for bf16 they widen to fp32 as they read and sum in fp32).

@@ -97,6 +97,14 @@ def test_tiles_in_place_and_gathered(head_dim, block_size, window, dtype):
     assert_matches(out, expected, dtype)
 
 
+# Whole tiles read in place for each form of the dots (query heads taken three at a time: 1, 2, 3 and 3 + 1).
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiles_in_place_for_every_group_size(group, dtype):
+    out, expected = attend(2, group, 64, None, 1, dtype, block_size=16, lengths=(16, 40, 130))
+    assert_matches(out, expected, dtype)
+
+
 def test_scores_far_above_and_below_each_other():
     """Scores near +100 overflow exp without the max subtracted, and the smaller ones (50 or more below the top)
     underflow to nothing: the weights still sum to one. fp32 scores of 100 carry a rounding of about 1e-5, which
