@@ -28,7 +28,7 @@
  * start, a sequence's last keys) its rows are first gathered into a scratch tile, widened to fp32 and padded
  * with zeros to a whole number of vectors, which the loops then read as they read the cache. With AVX-512, bf16
  * keys of a whole tile in one block are read in place too when head_dim is a multiple of 32: 32 words as 16 pairs
- * of an even and an odd element, against queries split the same way (tile_scores_pairs); the values are still
+ * of an even and an odd element, against queries split the same way (tile_scores' in_pairs); the values are still
  * gathered (in pairs they measured slower: each row would be widened once per query head).
  */
 #include <math.h>
@@ -178,13 +178,13 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
 #if VEC_LANES == 16
                     if (in_pairs && n == VEC_LANES && (first + p) % block_size + VEC_LANES <= block_size) {
                         const uint16_t *rows = (const uint16_t *)k_cache + row_at(&keys, first + p);
-                        tile_scores_pairs(scores + p, padded, split, group, rows, head_dim, width, scale);
+                        tile_scores(scores + p, padded, split, group, rows, head_dim, width, scale, 1);
                         continue;
                     }
 #endif
                     int64_t stride;
                     const float *rows = tile_rows(&keys, is_bf16, first + p, n, tile, &stride);
-                    tile_scores(scores + p, padded, queries, group, rows, stride, width, scale);
+                    tile_scores(scores + p, padded, queries, group, rows, stride, width, scale, 0);
                 }
                 float inverse[group];
                 for (int64_t g = 0; g < group; g++) {

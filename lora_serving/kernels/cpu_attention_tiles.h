@@ -1,7 +1,7 @@
 /* The arithmetic of one tile of keys or values for cpu_attention.c: a group's scores against VEC_LANES keys, as one
  * vector per query head, and a tile's values added into the results by the softmax weights. Rows come either
  * from the cache itself or from the kernel's scratch tile (widened, zero-padded); bf16 keys also in place, in
- * pairs (tile_scores_pairs). */
+ * pairs (tile_scores' in_pairs). */
 #ifndef CPU_ATTENTION_TILES_H
 #define CPU_ATTENTION_TILES_H
 #include <stdint.h>
@@ -88,24 +88,19 @@ static inline __attribute__((always_inline)) void query_tile_scores_pairs(float 
     for (int g = 0; g < queries; g++) storew(scores + g * padded, scale * fold1(even[g], odd[g]));
 }
 
-/* tile_scores for 16 bf16 rows of one block read in place, the queries split in pairs (split_pairs). */
-static inline void tile_scores_pairs(float *scores, int64_t padded, const float *queries, int64_t group,
-                                     const uint16_t *base, int64_t stride, int64_t width, float scale)
+/* query_tile_scores, or its form for bf16 rows in pairs (a constant once inlined). */
+static inline __attribute__((always_inline)) void query_tile_scores_any(float *scores, int64_t padded,
+                                                                        const float *q, int queries,
+                                                                        const void *base, int64_t stride,
+                                                                        int64_t width, float scale, int in_pairs)
 {
-    for (int64_t g = 0; g < group; g += 3) {
-        float *at = scores + g * padded;
-        const float *q = queries + g * width;
-        switch (group - g) {
-        case 1: query_tile_scores_pairs(at, padded, q, 1, base, stride, width, scale); break;
-        case 2: query_tile_scores_pairs(at, padded, q, 2, base, stride, width, scale); break;
-        default: query_tile_scores_pairs(at, padded, q, 3, base, stride, width, scale); break;
-        }
-    }
+    if (in_pairs) query_tile_scores_pairs(scores, padded, q, queries, base, stride, width, scale);
+    else query_tile_scores(scores, padded, q, queries, base, stride, width, scale);
 }
 #endif
 
 /* `row` (n floats, a multiple of 2 * VEC_LANES) with each run of 2 * VEC_LANES split into its even elements, then
- * its odd ones, into `split`: the order tile_scores_pairs reads bf16 keys in. */
+ * its odd ones, into `split`: the order in which tile_scores reads bf16 keys in pairs. */
 static inline void split_pairs(const float *row, int64_t n, float *split)
 {
     for (int64_t c = 0; c < n; c += 2 * VEC_LANES)
@@ -128,21 +123,23 @@ static inline vecw tile_dots(const float *q, const float *base, int64_t stride, 
 #endif
 
 /* scores[g * padded + k] = scale * (query g . row k) for the group's queries (rows of `width` at queries) and a
- * tile's rows. */
-static inline void tile_scores(float *scores, int64_t padded, const float *queries, int64_t group, const float *base,
-                               int64_t stride, int64_t width, float scale)
+ * tile's rows: fp32 rows, or with `in_pairs` (AVX-512 only) bf16 rows of one block read in place in pairs, the
+ * queries split likewise (split_pairs). */
+static inline void tile_scores(float *scores, int64_t padded, const float *queries, int64_t group, const void *base,
+                               int64_t stride, int64_t width, float scale, int in_pairs)
 {
 #if VEC_LANES == 16
     for (int64_t g = 0; g < group; g += 3) {
         float *at = scores + g * padded;
         const float *q = queries + g * width;
         switch (group - g) {
-        case 1: query_tile_scores(at, padded, q, 1, base, stride, width, scale); break;
-        case 2: query_tile_scores(at, padded, q, 2, base, stride, width, scale); break;
-        default: query_tile_scores(at, padded, q, 3, base, stride, width, scale); break;
+        case 1: query_tile_scores_any(at, padded, q, 1, base, stride, width, scale, in_pairs); break;
+        case 2: query_tile_scores_any(at, padded, q, 2, base, stride, width, scale, in_pairs); break;
+        default: query_tile_scores_any(at, padded, q, 3, base, stride, width, scale, in_pairs); break;
         }
     }
-#else  /* 16 vector registers (AVX2): one query at a time */
+#else  /* 16 vector registers (AVX2): one query at a time, fp32 rows only */
+    (void)in_pairs;
     for (int64_t g = 0; g < group; g++)
         storew(scores + g * padded, scale * tile_dots(queries + g * width, base, stride, width));
 #endif
