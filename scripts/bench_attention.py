@@ -11,7 +11,8 @@ ctypes with the same prepared arguments, so the Python wrapper's cost is in neit
 
 --engine: instead, the engine's throughput on the real SmolLM2-135M-Instruct (tests/real_model.py builds it) at
 batch 32, 32 requests of 16..128 prompt and new tokens (eos ignored), with the engine's decode attention going to
-one build or the other (cpu_attention.decode_attention's `library`), alternating; each side keeps its best.
+one build or the other (cpu_attention.decode_attention's `library`), alternating; each side keeps its best, and
+its best mean time per attention call (the Python wrapper's checks included; one call per layer and step).
 """
 
 from __future__ import annotations
@@ -102,6 +103,21 @@ class Case:
         return (time.perf_counter() - start) / repeats
 
 
+class Timed:
+    """A function that adds up the seconds spent in it and counts its calls."""
+
+    def __init__(self, function) -> None:
+        self.function, self.seconds, self.calls = function, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+
 def engine_comparison(before, dtype_names: list[str], rounds: int) -> None:
     sys.path.insert(0, str(ROOT))
     from benchlib import engine_throughput, workload
@@ -115,7 +131,7 @@ def engine_comparison(before, dtype_names: list[str], rounds: int) -> None:
     model_dir = build_smollm2(TEST_CACHE_DIR)
     requests = workload(32, seed=1)
     after_kernel = cpu_attention.decode_attention
-    kernels = {"before": functools.partial(after_kernel, library=before), "after": after_kernel}
+    kernels = {"before": Timed(functools.partial(after_kernel, library=before)), "after": Timed(after_kernel)}
     rows = []
     try:
         for dtype_name in dtype_names:
@@ -124,16 +140,21 @@ def engine_comparison(before, dtype_names: list[str], rounds: int) -> None:
                 sys.exit("the C attention kernel does not serve this engine here")
             engine_throughput(engine, requests[:2])  # warm: first calls, the prefix cache
             best = {side: 0.0 for side in kernels}
+            per_call = {side: float("inf") for side in kernels}
             for round_index in range(rounds):
                 for side in (("before", "after") if round_index % 2 == 0 else ("after", "before")):
                     cpu_attention.decode_attention = kernels[side]
+                    kernels[side].seconds, kernels[side].calls = 0.0, 0
                     best[side] = max(best[side], engine_throughput(engine, requests)[0])
-            rows.append([dtype_name, best["before"], best["after"], best["after"] / best["before"]])
+                    per_call[side] = min(per_call[side], kernels[side].seconds / kernels[side].calls)
+            rows.append([dtype_name, best["before"], best["after"], best["after"] / best["before"],
+                         per_call["before"] * 1e6, per_call["after"] * 1e6, per_call["before"] / per_call["after"]])
             del engine
     finally:
         cpu_attention.decode_attention = after_kernel
     print(f"{machine_description()}; SmolLM2-135M-Instruct, 32 requests at batch 32; best of {rounds} rounds")
-    print_table(["dtype", "before tok/s", "after tok/s", "after / before"], rows)
+    print_table(["dtype", "before tok/s", "after tok/s", "after / before", "before us/call", "after us/call",
+                 "before / after per call"], rows)
 
 
 def main() -> None:
