@@ -7,7 +7,10 @@ within each round (the order flipping each round) and each keeps its best per-ca
 ctypes with the same prepared arguments, so the Python wrapper's cost is in neither.
 
     .venv/bin/python scripts/bench_attention.py [--before main] [--rounds 5] [--batches 1 8 32]
-        [--contexts 128 512 2048] [--dtypes fp32 bf16] [--threads N]
+        [--contexts 128 512 2048] [--dtypes fp32 bf16] [--threads N] [--cold-mb 1536]
+
+--cold-mb: each case's calls take turns over copies of its K/V cache, that many MB in all, so that they come from
+memory as in an engine step rather than from the caches of the last call.
 
 --engine: instead, the engine's throughput on the real SmolLM2-135M-Instruct (tests/real_model.py builds it) at
 batch 32, 32 requests of 16..128 prompt and new tokens (eos ignored), with the engine's decode attention going to
@@ -70,7 +73,7 @@ def declare(library):
 class Case:
     """One layer's decode attention inputs: `batch` sequences of `context` keys in scattered blocks."""
 
-    def __init__(self, batch: int, context: int, dtype: torch.dtype, seed: int = 0) -> None:
+    def __init__(self, batch: int, context: int, dtype: torch.dtype, seed: int = 0, cold_bytes: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
         per_sequence = -(-context // BLOCK_SIZE)
         num_blocks = batch * per_sequence
@@ -89,6 +92,19 @@ class Case:
             _PTR(self.lengths.data_ptr()), None, ctypes.c_float(HEAD_DIM**-0.5), _PTR(self.out.data_ptr()),
             ctypes.c_int(torch.get_num_threads()))
         self.suffix = "f32" if dtype == torch.float32 else "bf16"
+        # Cold: calls take turns over copies of the caches, cold_bytes in all, so that their K/V come from memory
+        # as a layer's do in an engine step (the weights and the other layers pass through the caches between).
+        copies = max(2, cold_bytes // (2 * self.k_cache.numel() * self.k_cache.element_size())) if cold_bytes else 1
+        self.copies = [(self.k_cache, self.v_cache)]
+        if copies > 1:
+            k_copies = torch.empty((copies, *self.k_cache.shape), dtype=dtype)
+            v_copies = torch.empty_like(k_copies)
+            k_copies.copy_(self.k_cache.expand_as(k_copies))
+            v_copies.copy_(self.v_cache.expand_as(v_copies))
+            self.copies = list(zip(k_copies, v_copies))
+        self.turns = [self.arguments[:7] + (_PTR(k.data_ptr()), _PTR(v.data_ptr())) + self.arguments[9:]
+                      for k, v in self.copies]
+        self.turn = 0
 
     def run(self, library) -> torch.Tensor:
         if getattr(library, f"paged_decode_attention_{self.suffix}")(*self.arguments) != 0:
@@ -97,9 +113,11 @@ class Case:
 
     def seconds(self, library, repeats: int) -> float:
         function = getattr(library, f"paged_decode_attention_{self.suffix}")
+        turns = [self.turns[(self.turn + i) % len(self.turns)] for i in range(repeats)]
+        self.turn += repeats
         start = time.perf_counter()
-        for _ in range(repeats):
-            function(*self.arguments)
+        for arguments in turns:
+            function(*arguments)
         return (time.perf_counter() - start) / repeats
 
 
@@ -165,6 +183,8 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--engine", action="store_true", help="the engine's throughput on SmolLM2 instead")
+    parser.add_argument("--cold-mb", type=int, default=0,
+                        help="cycle each case's calls over copies of its K/V this large in all (0: one copy, warm)")
     parser.add_argument("--threads", type=int, default=None, help="threads the kernel may use (torch's default)")
     parser.add_argument("--seconds-per-side", type=float, default=0.02,
                         help="time each side runs per round (repeats chosen to fill it)")
@@ -184,7 +204,7 @@ def main() -> None:
         for dtype_name in args.dtypes:
             for batch in args.batches:
                 for context in args.contexts:
-                    case = Case(batch, context, DTYPES[dtype_name])
+                    case = Case(batch, context, DTYPES[dtype_name], cold_bytes=args.cold_mb << 20)
                     difference = (case.run(before).float() - case.run(after).float()).abs().max().item()
                     once = min(case.seconds(after, 1) for _ in range(3))
                     repeats = max(1, int(args.seconds_per_side / max(once, 1e-6)))
@@ -199,8 +219,9 @@ def main() -> None:
                     rows.append([dtype_name, batch, context, best["before"] * 1e6, best["after"] * 1e6,
                                  best["before"] / best["after"], flops / best["after"] / 1e9,
                                  read / best["after"] / 1e9, f"{difference:.2g}"])
+    warmth = f"K/V cycled over {args.cold_mb} MB of copies" if args.cold_mb else "K/V warm (one copy)"
     print(f"{machine_description()}; kernel vectors of {lanes} floats; before = {args.before}; "
-          f"best of {args.rounds} rounds")
+          f"best of {args.rounds} rounds; {warmth}")
     print_table(["dtype", "batch", "context", "before (us)", "after (us)", "before / after", "after GFLOP/s",
                  "after K+V GB/s", "max |after - before|"], rows)
 
