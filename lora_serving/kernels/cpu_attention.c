@@ -23,12 +23,14 @@
  * tile's scores come out as one vector with no horizontal sum per key (with AVX-512's 32 registers, for up to
  * three query heads at once: each key vector read once for them all); the softmax's exp is a vector one
  * (exp_w); and the weighted sum of values adds a tile's rows into the result, held in registers through the
- * tile, scaled by 1/sum of the weights once at the end (cpu_attention_tiles.h). A tile is read in place when it is VEC_LANES fp32 rows of one block with head_dim a multiple
- * of VEC_LANES; otherwise (bf16, a ragged head_dim, a tile across blocks: small blocks, a sliding window's
- * start, a sequence's last keys) its rows are first gathered into a scratch tile, widened to fp32 and padded
- * with zeros to a whole number of vectors, which the loops then read as they read the cache. With AVX-512, bf16
- * keys of a whole tile in one block are read in place too when head_dim is a multiple of 32: 32 words as 16 pairs
- * of an even and an odd element, against queries split the same way (tile_scores' in_pairs); the values are still
+ * tile, scaled by 1/sum of the weights once at the end (cpu_attention_tiles.h).
+ *
+ * A tile is read in place when it is VEC_LANES fp32 rows of one block with head_dim a multiple of VEC_LANES;
+ * otherwise (bf16, a ragged head_dim, a tile across blocks: small blocks, a sliding window's start, a
+ * sequence's last keys) its rows are first gathered into a scratch tile, widened to fp32 and padded with zeros
+ * to a whole number of vectors, which the loops then read as they read the cache. With AVX-512, bf16 keys of a
+ * whole tile in one block are read in place too when head_dim is a multiple of 32: 32 words as 16 pairs of an
+ * even and an odd element, against queries split the same way (tile_scores' in_pairs); the values are still
  * gathered (in pairs they measured slower: each row would be widened once per query head).
  */
 #include <math.h>

@@ -104,7 +104,10 @@ static inline __attribute__((always_inline)) void query_tile_scores_any(float *s
 static inline void split_pairs(const float *row, int64_t n, float *split)
 {
     for (int64_t c = 0; c < n; c += 2 * VEC_LANES)
-        for (int i = 0; i < VEC_LANES; i++) split[c + i] = row[c + 2 * i], split[c + VEC_LANES + i] = row[c + 2 * i + 1];
+        for (int i = 0; i < VEC_LANES; i++) {
+            split[c + i] = row[c + 2 * i];
+            split[c + VEC_LANES + i] = row[c + 2 * i + 1];
+        }
 }
 
 #if VEC_LANES != 16

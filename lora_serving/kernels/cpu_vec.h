@@ -57,8 +57,8 @@ static inline vecw load_bf16w(const uint16_t *p)
     memcpy(&half, p, sizeof half);
     const vechw zero = {0};
 #if VEC_LANES == 16
-    return (vecw)__builtin_shufflevector(zero, half, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25,
-                                         10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    return (vecw)__builtin_shufflevector(zero, half, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24,
+                                         9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
 #else
     return (vecw)__builtin_shufflevector(zero, half, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
 #endif
