@@ -11,8 +11,9 @@ reading the weights) go instead to a C kernel that reads the packed weight in pl
 (kernels/cpu_matvec.py): oneDNN's fixed cost per call made it 1.3-1.7x slower at one row.
 
 bf16 weights are packed for oneDNN too where the CPU multiplies bf16 itself (AMX, AVX-512 bf16:
-handler/cpu_dtype.py): there oneDNN's bf16 inner product runs on those units, at every row count (the
-C kernel is fp32-only); on SmolLM2's shapes it was 2-4x torch's plain bf16 matmul on an AMX Xeon.
+handler/cpu_dtype.py): there oneDNN's bf16 inner product runs on those units (on SmolLM2's shapes 2-4x
+torch's plain bf16 matmul on an AMX Xeon), and one to four rows go to the C kernel's bf16 form, which
+reads oneDNN's pair-interleaved layout in place with the CPU's bf16 dot products.
 
 Without oneDNN (or for other dtypes, or on GPUs, where cuBLAS picks its own kernels) the plain weight
 is used. There MKL is markedly slower for a few activation rows against a wide weight when called as
@@ -78,7 +79,7 @@ class Projection:
         if self._packed is None:
             return _dense_project(x, self.weight, self.bias)
         rows = x.shape[0]
-        if self._matvec is not None and rows <= self._matvec.max_rows:
+        if self._matvec is not None and rows <= self._matvec.max_rows and x.dtype == self._matvec.dtype:
             return self._matvec(x)
         if rows <= ONEDNN_SMALL_ROWS:
             return self._onednn(x)
