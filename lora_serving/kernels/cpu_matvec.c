@@ -79,17 +79,20 @@ void packed_matvec_f32(const float *w, int64_t out_features, int64_t in_features
  *   w [num_blocks][padded_in / 2][block][2] bf16: output row o = b * block + j, inputs k = 2 * p + {0, 1} at
  *   w[b][p][j][k % 2]; padded_in is in_features rounded up by oneDNN (its padding holds zeros, and so do the
  *   rows that pad the last block).
- * Pairs of inputs sit side by side in one 32-bit word per output, the operand layout of AVX-512's vdpbf16ps
- * (acc += w[2i] * x[2i] + w[2i+1] * x[2i+1] per fp32 lane): 64 bytes of weight are one instruction against the
- * pair (x[2p], x[2p+1]) broadcast. Elsewhere the word is split into its two bf16 halves by a shift and a mask.
- * Sums are fp32, rounded to bf16 once at the end (to nearest even), bias added before. */
+ * Pairs of inputs sit side by side in one 32-bit word per output: the B operand of an AMX tile multiply as it
+ * stands (used where the CPU and OS allow tiles, below), and the operand layout of AVX-512's vdpbf16ps
+ * (acc += w[2i] * x[2i] + w[2i+1] * x[2i+1] per fp32 lane), where 64 bytes of weight are one instruction per
+ * row against the pair (x[2p], x[2p+1]) broadcast. Without either, the word is split into its two bf16 halves
+ * by a shift and a mask. Sums are fp32, rounded to bf16 once at the end (to nearest even), bias added before.
+ * The weight is read once per step, from memory: each block's bytes are contiguous and each thread takes a
+ * contiguous run of blocks, so the hardware prefetchers see a few long streams. */
 
 typedef float vec16 __attribute__((vector_size(64)));
 typedef uint32_t pairs16 __attribute__((vector_size(64)));  /* 16 outputs x (even input, odd input) */
 
 #define MAX_BF16_BLOCK 64
-/* Bytes ahead of the current pair that each thread asks the memory system for: the weight is read once per
- * step, from DRAM, so the next blocks' lines are requested before they are needed. */
+/* Bytes ahead of the current pair that the dot-product form asks for: a few percent at one row, more at four,
+ * on an AVX-512 Xeon with AMX turned off (the tile form gained nothing from it there). */
 #define PREFETCH_BYTES 1024
 
 #ifdef __AVX512BF16__
@@ -123,8 +126,8 @@ static inline __attribute__((always_inline)) void bf16_block_product(
         for (int v = 0; v < vectors; v++) sums[t][v] = (vec16){0};
     for (int64_t p = 0; p < full_pairs; p++) {
         const uint16_t *wp = w + p * block * 2;
-        __builtin_prefetch((const char *)wp + PREFETCH_BYTES);
-        if (block == 64) __builtin_prefetch((const char *)wp + PREFETCH_BYTES + 128);
+        #pragma GCC unroll 4
+        for (int line = 0; line < block * 4; line += 64) __builtin_prefetch((const char *)wp + PREFETCH_BYTES + line);
         pairs16 weights[MAX_BF16_BLOCK / 16];
         #pragma GCC unroll 4
         for (int v = 0; v < vectors; v++) memcpy(&weights[v], wp + 32 * v, sizeof weights[v]);
@@ -152,6 +155,91 @@ static inline __attribute__((always_inline)) void bf16_block_product(
         for (int v = 0; v < vectors; v++) memcpy(acc + t * block + 16 * v, &sums[t][v], sizeof sums[t][v]);
 }
 
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__)
+/* With AMX the same layout is a tile multiply's B operand as it stands: 16 input pairs x 16 outputs (64 bytes a
+ * row, the block's row pitch apart) against an A tile of up to four x rows x 32 inputs. One tile multiply serves
+ * every row at the cost of one, where vdpbf16ps costs one instruction per row per 64 bytes of weight and limits
+ * three or four rows to less than the memory's speed on a core with one 512-bit unit. */
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define TILE_INPUTS 32
+/* Tiles 0..3 hold the sums of the block's 16-output groups; the intrinsics take tile numbers as literals. */
+#define TILE_A 4
+#define TILE_B0 5
+#define TILE_B1 6
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+};
+
+/* Linux lets a process use tile data only after it asks (once); torch's oneDNN asks too. */
+static int amx_permitted(void)
+{
+    static int state;  /* 0: not asked yet; 1 granted; -1 refused */
+    if (state == 0) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
+    return state > 0;
+}
+
+/* GCC's tile intrinsics do not tell the compiler they read or write memory: without this it may drop stores to a
+ * buffer a tile load reads, or read a buffer before the tile store that fills it. */
+static inline void compiler_memory_barrier(void) { __asm__ volatile("" ::: "memory"); }
+
+static void configure_tiles(int64_t rows)
+{
+    struct tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int tile = 0; tile <= TILE_B1; tile++) {
+        config.bytes_per_row[tile] = 64;
+        config.rows[tile] = tile >= TILE_B0 ? TILE_INPUTS / 2 : (uint8_t)rows;
+    }
+    _tile_loadconfig(&config);
+}
+
+static void amx_block_product(const uint16_t *w, int64_t in_features, int64_t padded_in, int block,
+                              const uint16_t *x, int64_t x_stride, int64_t rows, float *acc)
+{
+    const int64_t pitch = block * 4;  /* bytes from one input pair's row of the block to the next */
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t k0 = 0; k0 < padded_in; k0 += TILE_INPUTS) {
+        const uint16_t *wk = w + k0 * block;
+        uint16_t tail[MAX_ROWS][TILE_INPUTS];
+        if (k0 + TILE_INPUTS <= in_features) {
+            _tile_loadd(TILE_A, x + k0, x_stride * 2);
+        } else {  /* x ends inside this chunk: the rest of its inputs are zeros, as the weight's padding is */
+            memset(tail, 0, sizeof tail);
+            for (int64_t t = 0; t < rows; t++)
+                if (k0 < in_features) memcpy(tail[t], x + t * x_stride + k0, (in_features - k0) * 2);
+            compiler_memory_barrier();
+            _tile_loadd(TILE_A, tail, sizeof tail[0]);
+        }
+        _tile_loadd(TILE_B0, wk, pitch);
+        _tile_dpbf16ps(0, TILE_A, TILE_B0);
+        if (block >= 32) {
+            _tile_loadd(TILE_B1, wk + 32, pitch);
+            _tile_dpbf16ps(1, TILE_A, TILE_B1);
+        }
+        if (block == 64) {
+            _tile_loadd(TILE_B0, wk + 64, pitch);
+            _tile_dpbf16ps(2, TILE_A, TILE_B0);
+            _tile_loadd(TILE_B1, wk + 96, pitch);
+            _tile_dpbf16ps(3, TILE_A, TILE_B1);
+        }
+    }
+    _tile_stored(0, acc, pitch);
+    if (block >= 32) _tile_stored(1, acc + 16, pitch);
+    if (block == 64) { _tile_stored(2, acc + 32, pitch); _tile_stored(3, acc + 48, pitch); }
+    compiler_memory_barrier();
+}
+#else
+#define HAVE_AMX 0
+#endif
+
 #define BF16_ROWS_CASES(block) \
     switch (rows) { \
     case 1: bf16_block_product(wb, in_features, block, x, x_stride, 1, acc); break; \
@@ -161,27 +249,46 @@ static inline __attribute__((always_inline)) void bf16_block_product(
     }
 
 /* block is 16, 32 or 64, padded_in even and >= in_features, 1 <= rows <= MAX_ROWS (the caller checks); x has
- * unit column stride. */
+ * unit column stride. allow_tiles 0 takes the dot-product form even where AMX is there (tests compare the two). */
 void packed_matvec_bf16(const uint16_t *w, int64_t out_features, int64_t in_features, int64_t padded_in,
                         int64_t block, const uint16_t *x, int64_t x_stride, int64_t rows, const float *bias,
-                        uint16_t *y, int64_t y_stride, int num_threads)
+                        uint16_t *y, int64_t y_stride, int num_threads, int allow_tiles)
 {
     const int64_t num_blocks = (out_features + block - 1) / block;
-    #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && num_blocks > 1)
-    for (int64_t b = 0; b < num_blocks; b++) {
-        float acc[MAX_ROWS * MAX_BF16_BLOCK];
-        const uint16_t *wb = w + b * block * padded_in;
-        switch (block) {
-        case 64: BF16_ROWS_CASES(64) break;
-        case 32: BF16_ROWS_CASES(32) break;
-        default: BF16_ROWS_CASES(16) break;
+#if HAVE_AMX
+    const int use_amx = allow_tiles && padded_in % TILE_INPUTS == 0 && amx_permitted();
+#else
+    (void)allow_tiles;
+#endif
+    #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_blocks > 1)
+    {
+#if HAVE_AMX
+        if (use_amx) configure_tiles(rows);
+#endif
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < num_blocks; b++) {
+            float acc[MAX_ROWS * MAX_BF16_BLOCK];
+            const uint16_t *wb = w + b * block * padded_in;
+#if HAVE_AMX
+            if (use_amx) amx_block_product(wb, in_features, padded_in, (int)block, x, x_stride, rows, acc);
+            else
+#endif
+            switch (block) {
+            case 64: BF16_ROWS_CASES(64) break;
+            case 32: BF16_ROWS_CASES(32) break;
+            default: BF16_ROWS_CASES(16) break;
+            }
+            const int64_t first = b * block;
+            const int64_t width = out_features - first < block ? out_features - first : block;
+            for (int64_t t = 0; t < rows; t++) {
+                uint16_t *out = y + t * y_stride + first;
+                for (int64_t j = 0; j < width; j++)
+                    out[j] = f32_to_bf16(acc[t * block + j] + (bias ? bias[first + j] : 0.0f));
+            }
         }
-        const int64_t first = b * block;
-        const int64_t width = out_features - first < block ? out_features - first : block;
-        for (int64_t t = 0; t < rows; t++) {
-            uint16_t *out = y + t * y_stride + first;
-            for (int64_t j = 0; j < width; j++)
-                out[j] = f32_to_bf16(acc[t * block + j] + (bias ? bias[first + j] : 0.0f));
-        }
+#if HAVE_AMX
+        /* Gives the tile state back, so that the thread's context switches stop saving 8 KB of it. */
+        if (use_amx) _tile_release();
+#endif
     }
 }

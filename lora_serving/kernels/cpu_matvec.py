@@ -35,6 +35,10 @@ class PackedMatvec:
     """The kernel's call on one packed weight (and bias): `matvec(x)` for x [rows <= max_rows, in] of the weight's
     dtype (fp32 or bf16), giving that dtype."""
 
+    # bf16: AMX tile multiplies where the CPU and OS allow them, else AVX-512 bf16 dot products (or fp32 FMAs on the
+    # widened words). False takes the second route even where AMX is there; tests check both on such a CPU.
+    allow_tiles = True
+
     def __init__(self, address: int, block: int, out_features: int, in_features: int,
                  bias: torch.Tensor | None, keep_alive: torch.Tensor, *, dtype: torch.dtype = torch.float32,
                  padded_in: int | None = None) -> None:
@@ -72,12 +76,17 @@ class PackedMatvec:
         return None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:  # the kernel would read its bytes as the weight's dtype
+            raise ValueError(f"the projection's weight is {self.dtype}, its input {x.dtype}")
         if x.stride(1) != 1:
             x = x.contiguous()
         rows = x.shape[0]
         y = torch.empty(rows, self.out_features, dtype=self.dtype)
-        self._function(*self._fixed, _PTR(x.data_ptr()), _I64(x.stride(0)), _I64(rows), self._bias,
-                       _PTR(y.data_ptr()), _I64(y.stride(0)), ctypes.c_int(torch.get_num_threads()))
+        arguments = (*self._fixed, _PTR(x.data_ptr()), _I64(x.stride(0)), _I64(rows), self._bias, _PTR(y.data_ptr()),
+                     _I64(y.stride(0)), ctypes.c_int(torch.get_num_threads()))
+        if self.dtype == torch.bfloat16:
+            arguments += (ctypes.c_int(self.allow_tiles),)
+        self._function(*arguments)
         return y
 
 

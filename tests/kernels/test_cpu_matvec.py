@@ -86,3 +86,101 @@ def test_the_switch_keeps_onednn(monkeypatch, kernel_calls):
     assert projection.backend == "onednn" and projection.matvec_rows == 0
     torch.testing.assert_close(projection(x), reference(x, weight, None), rtol=1e-4, atol=1e-3)
     assert kernel_calls == []
+
+
+# bf16: the kernel's bf16 form reads oneDNN's pair-interleaved packing (where the CPU multiplies bf16 natively).
+# 960x576 and 3072x576 are SmolLM2's q/k/v and gate/up; 300x513 pads the last block of 32 rows and an odd input
+# width (oneDNN pads it to 544); 64x2304 is one block.
+BF16_SHAPES = [(960, 576), (300, 513), (64, 2304), (3072, 576)]
+
+
+def bf16_weight(out_features, in_features, generator):
+    return (torch.randn(out_features, in_features, generator=generator) * 0.05).to(torch.bfloat16)
+
+
+def assert_bf16_product(out, x, weight, bias):
+    """out is the exact product (fp64) rounded once to bf16: within half a bf16 step (at most 2^-8 of it) plus what fp32
+    sums lose against the magnitudes summed."""
+    assert out.dtype == torch.bfloat16
+    exact = x.double() @ weight.double().T + (0.0 if bias is None else bias.double())
+    magnitudes = x.double().abs() @ weight.double().abs().T
+    error = (out.double() - exact).abs()
+    assert (error <= exact.abs() * 2**-8 + magnitudes * 1e-5).all(), (error - exact.abs() * 2**-8).max()
+
+
+@pytest.fixture(params=[True, False], ids=["tiles", "dot-products"])
+def allow_tiles(request, monkeypatch):
+    """Both routes of the bf16 form (the flag only matters on a CPU with AMX; elsewhere both are the second)."""
+    monkeypatch.setattr(cpu_matvec.PackedMatvec, "allow_tiles", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("out_features,in_features", BF16_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_one_to_max_rows_equal_the_product_rounded_once(out_features, in_features, with_bias, allow_tiles,
+                                                               kernel_calls):
+    generator = torch.Generator().manual_seed(out_features * 7 + in_features)
+    weight = bf16_weight(out_features, in_features, generator)
+    bias = torch.randn(out_features, generator=generator).to(torch.bfloat16) if with_bias else None
+    projection = packed_projection(weight, bias)
+    assert projection._matvec.dtype == torch.bfloat16
+    for rows in range(1, projection.matvec_rows + 1):
+        x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+        out = projection(x)
+        assert out.shape == (rows, out_features) and out.is_contiguous()
+        assert_bf16_product(out, x, weight, bias)
+    assert kernel_calls == list(range(1, projection.matvec_rows + 1))
+
+
+def test_bf16_rows_of_a_wider_tensor_are_read_in_place(allow_tiles, kernel_calls):
+    generator = torch.Generator().manual_seed(3)
+    weight = bf16_weight(300, 513, generator)
+    wide = torch.randn(4, 700, generator=generator).to(torch.bfloat16)
+    for rows in (1, 4):
+        x = wide[:rows, 101:614]  # a row stride of 700 and an odd start: pairs of x are not 4-byte aligned
+        assert_bf16_product(packed_projection(weight)(x), x, weight, None)
+    assert kernel_calls == [1, 4]
+
+
+def test_bf16_agrees_with_onednn_and_more_rows_go_to_onednn(kernel_calls):
+    generator = torch.Generator().manual_seed(5)
+    weight = bf16_weight(960, 576, generator)
+    projection = packed_projection(weight)
+    x = torch.randn(1, 576, generator=generator).to(torch.bfloat16)
+    # Both sum in fp32 and round once: all but the odd output whose sum lands near a rounding boundary agree.
+    assert (projection(x) == projection._onednn(x)).float().mean() > 0.99
+    for rows in (projection.matvec_rows + 1, 40):
+        x = torch.randn(rows, 576, generator=generator).to(torch.bfloat16)
+        assert_bf16_product(projection(x), x, weight, None)
+    assert kernel_calls == [1]
+
+
+def test_bf16_layout_is_accepted_only_when_the_packed_bytes_hold_the_weight():
+    weight = bf16_weight(300, 513, torch.Generator().manual_seed(9))
+    projection = packed_projection(weight)
+    block, padded_in = cpu_matvec.packed_pair_layout(weight, projection._packed)
+    assert block in cpu_matvec.BF16_BLOCK_ROWS and padded_in % 2 == 0 and padded_in >= 513
+    other = weight.clone()
+    other[299, 512] = 1.0  # the last row's last input, beside the padding
+    assert cpu_matvec.packed_pair_layout(other, projection._packed) is None
+    assert cpu_matvec.packed_pair_layout(weight, weight) is None
+    # oneDNN's fp32 packing of the same values is not read as bf16 pairs.
+    assert cpu_matvec.packed_pair_layout(weight, Projection(weight.float())._packed) is None
+
+
+def test_bf16_input_of_another_dtype_is_refused():
+    weight = bf16_weight(960, 576, torch.Generator().manual_seed(1))
+    projection = packed_projection(weight)
+    with pytest.raises(ValueError, match="float32"):
+        projection._matvec(torch.randn(1, 576))
+
+
+def test_the_switch_keeps_onednn_for_bf16(monkeypatch, kernel_calls):
+    weight = bf16_weight(960, 576, torch.Generator().manual_seed(2))
+    packed_projection(weight)
+    monkeypatch.setenv("LORA_SERVING_CPU_MATVEC", "off")
+    projection = Projection(weight)
+    assert projection.backend == "onednn" and projection.matvec_rows == 0
+    x = torch.randn(2, 576).to(torch.bfloat16)
+    assert_bf16_product(projection(x), x, weight, None)
+    assert kernel_calls == []

@@ -79,7 +79,7 @@ class Projection:
         if self._packed is None:
             return _dense_project(x, self.weight, self.bias)
         rows = x.shape[0]
-        if self._matvec is not None and rows <= self._matvec.max_rows and x.dtype == self._matvec.dtype:
+        if self._matvec is not None and rows <= self._matvec.max_rows:
             return self._matvec(x)
         if rows <= ONEDNN_SMALL_ROWS:
             return self._onednn(x)
