@@ -9,7 +9,7 @@ alternate, best of a few rounds each. GB/s is the weight's bytes over the time, 
 (read + write) and a large read (a sum) reach on this machine.
 
 --decode-step MODEL_DIR adds an engine's batch-1 decode step on that model in --dtype with the kernel on and off
-(alternating, best of --rounds each), e.g. the tests' SmolLM2-135M-Instruct in bf16.
+(rotating, best of --rounds each), e.g. the tests' SmolLM2-135M-Instruct in bf16.
 
     .venv/bin/python scripts/bench_projection.py [--rows 1 2 4 8] [--rounds 5] [--shapes bench|smollm2]
         [--dtype float32|bfloat16] [--decode-step MODEL_DIR]
@@ -37,6 +37,7 @@ from benchlib import (  # noqa: E402
 
 from lora_serving.handler import Engine  # noqa: E402
 from lora_serving.handler.models.projection import Projection  # noqa: E402
+from lora_serving.kernels import PackedMatvec  # noqa: E402
 
 SHAPES = {
     "bench": {"q/k/v": (1536, 512), "o": (512, 512), "gate/up": (2752, 512), "down": (512, 1376),
@@ -45,6 +46,8 @@ SHAPES = {
     "smollm2": {"q/k/v": (960, 576), "o": (576, 576), "gate/up": (3072, 576), "down": (576, 1536),
                 "LM head": (49152, 576)},
 }
+# bf16 also times the kernel's AVX-512 dot-product route where AMX tiles serve (other CPUs' only route).
+SIDES_BF16 = ["oneDNN", "kernel", "kernel, no tiles"]
 # Distinct weights per shape: at least this many bytes in all, more than any CPU cache here.
 COLD_BYTES = 128 * 2**20
 
@@ -54,6 +57,13 @@ def time_per_call(projections: list[Projection], x: torch.Tensor, calls: int) ->
     for index in range(calls):
         projections[index % len(projections)](x)
     return (time.perf_counter() - started) / calls
+
+
+def use_side(side: str, projections: list[Projection], kernels: list) -> None:
+    """Routes the projections' one to four rows through oneDNN or the kernel (with AMX tiles or without)."""
+    PackedMatvec.allow_tiles = side != "kernel, no tiles"
+    for projection, kernel in zip(projections, kernels):
+        projection._matvec = None if side == "oneDNN" else kernel
 
 
 def measure_read_bandwidth(size_mb: int = 256, repeats: int = 5) -> float:
@@ -77,16 +87,17 @@ def decode_step_table(model_dir: Path, dtype: str, rounds: int) -> list[list]:
     if not all(kernels):
         sys.exit(f"the C kernel does not serve every projection of {model_dir.name} in {dtype} here")
     prompt = list(range(100, 224))
-    best = {"oneDNN": float("inf"), "kernel": float("inf")}
+    sides = SIDES_BF16 if dtype == "bfloat16" else ["oneDNN", "kernel"]
+    best = {side: float("inf") for side in sides}
     engine_decode_step_seconds(engine, prompt, 8, "warm-up")
     for round_index in range(rounds):
-        for side in ("oneDNN", "kernel") if round_index % 2 == 0 else ("kernel", "oneDNN"):
-            for projection, kernel in zip(projections, kernels):
-                projection._matvec = kernel if side == "kernel" else None
+        for side in sides[round_index % len(sides):] + sides[: round_index % len(sides)]:
+            use_side(side, projections, kernels)
             best[side] = min(best[side], engine_decode_step_seconds(engine, prompt, 32, f"probe-{round_index}-{side}"))
+    use_side("kernel", projections, kernels)
     weight_bytes = sum(torch.ops.mkldnn._nbytes(p._packed) for p in projections)
-    return [[model_dir.name, dtype, weight_bytes / 1e6, best["oneDNN"] * 1e3, best["kernel"] * 1e3,
-             best["oneDNN"] / best["kernel"]]]
+    return [[model_dir.name, dtype, weight_bytes / 1e6] + [best[side] * 1e3 for side in sides]
+            + [best["oneDNN"] / best["kernel"]]]
 
 
 def main() -> None:
@@ -99,6 +110,7 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
+    sides = SIDES_BF16 if dtype == torch.bfloat16 else ["oneDNN", "kernel"]
     bandwidth, read_bandwidth = measure_memory_bandwidth(), measure_read_bandwidth()
     rows_table = []
     for name, (out_features, in_features) in SHAPES[args.shapes].items():
@@ -113,28 +125,28 @@ def main() -> None:
         calls = max(2 * copies, 20)
         for rows in args.rows:
             x = torch.randn(rows, in_features, generator=generator).to(dtype)
-            best = {"onednn": float("inf"), "kernel": float("inf")}
+            best = {side: float("inf") for side in sides}
             for round_index in range(args.rounds):
-                order = ("onednn", "kernel") if round_index % 2 == 0 else ("kernel", "onednn")
-                for side in order:
-                    for projection, kernel in zip(projections, kernels):
-                        projection._matvec = kernel if side == "kernel" and rows <= kernel.max_rows else None
+                for side in sides[round_index % len(sides):] + sides[: round_index % len(sides)]:
+                    use_side(side, projections, kernels if rows <= kernels[0].max_rows else [None] * copies)
                     time_per_call(projections, x, copies)  # warm the route, not the weights
                     best[side] = min(best[side], time_per_call(projections, x, calls))
             served = "kernel" if rows <= kernels[0].max_rows else "onednn (above the kernel's rows)"
-            rows_table.append([name, f"{out_features}x{in_features}", rows, best["onednn"] * 1e6,
-                               weight_bytes / best["onednn"] / 1e9, best["kernel"] * 1e6,
-                               weight_bytes / best["kernel"] / 1e9, best["onednn"] / best["kernel"], served])
+            row = [name, f"{out_features}x{in_features}", rows]
+            for side in sides:
+                row += [best[side] * 1e6, weight_bytes / best[side] / 1e9]
+            rows_table.append(row + [best["oneDNN"] / best["kernel"], served])
+    use_side("kernel", [], [])
 
     print(f"# bench_projection: {machine_description()}; {args.shapes} shapes in {args.dtype}; copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s (read + write), read {read_bandwidth / 1e9:.1f} GB/s (a sum); weights cycled "
           f"over >= {COLD_BYTES >> 20} MB per shape; best of {args.rounds} alternating rounds")
-    print_table(["projection", "out x in", "rows", "oneDNN (us)", "oneDNN GB/s", "kernel (us)", "kernel GB/s",
-                 "oneDNN / kernel", "the engine uses"], rows_table)
+    print_table(["projection", "out x in", "rows"] + [f"{side} {unit}" for side in sides for unit in ("(us)", "GB/s")]
+                + ["oneDNN / kernel", "the engine uses"], rows_table)
     if args.decode_step:
         print(f"# batch-1 decode step (124-token prompt, 32 new tokens), best of {args.rounds} alternating rounds")
-        print_table(["model", "dtype", "packed weights (MB)", "oneDNN step (ms)", "kernel step (ms)",
-                     "oneDNN / kernel"], decode_step_table(args.decode_step, args.dtype, args.rounds))
+        print_table(["model", "dtype", "packed weights (MB)"] + [f"{side} step (ms)" for side in sides]
+                    + ["oneDNN / kernel"], decode_step_table(args.decode_step, args.dtype, args.rounds))
 
 
 if __name__ == "__main__":
