@@ -12,7 +12,7 @@ alternate, best of a few rounds each. GB/s is the weight's bytes over the time, 
 (rotating, best of --rounds each), e.g. the tests' SmolLM2-135M-Instruct in bf16.
 
     .venv/bin/python scripts/bench_projection.py [--rows 1 2 4 8] [--rounds 5] [--shapes bench|smollm2]
-        [--dtype float32|bfloat16] [--decode-step MODEL_DIR]
+        [--dtype float32|bfloat16] [--decode-step MODEL_DIR] [--threads N]
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ def main() -> None:
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="bench")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--decode-step", type=Path, metavar="MODEL_DIR", help="also time this model's decode step")
+    parser.add_argument("--threads", type=int, help="torch's threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
     sides = SIDES_BF16 if dtype == torch.bfloat16 else ["oneDNN", "kernel"]

@@ -6,12 +6,18 @@ At one row oneDNN's inner product read them at 13-24 GB/s where a copy moves 28 
 kernel at 21-35 GB/s (1.3-1.7x faster at one row, 1.2-1.6x at two; docs/BENCHMARKS.md, "CPU decode kernels").
 It reads the packed weight in place, so nothing is stored twice.
 
+bf16 weights (packed by oneDNN where the CPU multiplies bf16 natively) go to the kernel's bf16 form: fp32 sums,
+one rounding to bf16 at the end, bias added before it, as oneDNN does. On a CPU with AMX it multiplies with tiles,
+whose B operand is oneDNN's bf16 packing as it stands, so one tile multiply serves all rows at once; elsewhere
+AVX-512 bf16 dot products (one instruction per row per 64 bytes, which on a core with one 512-bit unit left
+three or four rows short of the memory's speed), else fp32 FMAs on the widened halves.
+
 The packed tensor is opaque to torch and its layout is oneDNN's choice (by CPU, shape and version), so
 `PackedMatvec.for_weight` reads the packed bytes and takes the kernel only when they hold the weight exactly
 in a layout the kernel reads: for fp32 [out / b][in][b] for some b in 64, 32, 16, 8; for bf16 (packed for
 CPUs with bf16 dot products) [out / b][in' / 2][b][2], pairs of inputs side by side, in' the input width oneDNN
-padded with zeros. Otherwise, where the kernels do not
-build, or with $LORA_SERVING_CPU_MATVEC=off (benchmarks compare the two), oneDNN serves every row count.
+padded with zeros (checked bit for bit, padding included). Otherwise, where the kernels do not build, or with
+$LORA_SERVING_CPU_MATVEC=off (benchmarks compare the two), oneDNN serves every row count.
 """
 
 from __future__ import annotations
