@@ -88,11 +88,13 @@ class PackedMatvec:
             x = x.contiguous()
         rows = x.shape[0]
         y = torch.empty(rows, self.out_features, dtype=self.dtype)
-        arguments = (*self._fixed, _PTR(x.data_ptr()), _I64(x.stride(0)), _I64(rows), self._bias, _PTR(y.data_ptr()),
-                     _I64(y.stride(0)), ctypes.c_int(torch.get_num_threads()))
+        # Plain ints: the library's argtypes convert them (a decode step makes ~120 of these calls).
         if self.dtype == torch.bfloat16:
-            arguments += (ctypes.c_int(self.allow_tiles),)
-        self._function(*arguments)
+            self._function(*self._fixed, x.data_ptr(), x.stride(0), rows, self._bias, y.data_ptr(), self.out_features,
+                           torch.get_num_threads(), int(self.allow_tiles))
+        else:
+            self._function(*self._fixed, x.data_ptr(), x.stride(0), rows, self._bias, y.data_ptr(), self.out_features,
+                           torch.get_num_threads())
         return y
 
 
