@@ -265,7 +265,7 @@ void packed_matvec_bf16(const uint16_t *w, int64_t out_features, int64_t in_feat
 #if HAVE_AMX
         if (use_amx) configure_tiles(rows);
 #endif
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(static) nowait
         for (int64_t b = 0; b < num_blocks; b++) {
             float acc[MAX_ROWS * MAX_BF16_BLOCK];
             const uint16_t *wb = w + b * block * padded_in;
