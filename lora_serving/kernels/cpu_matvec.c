@@ -265,6 +265,8 @@ void packed_matvec_bf16(const uint16_t *w, int64_t out_features, int64_t in_feat
 #if HAVE_AMX
         if (use_amx) configure_tiles(rows);
 #endif
+        /* nowait: the end of the region is then the one place a thread waits for the other (each wait for a
+         * thread the scheduler has not run yet costs more than a small weight's reads on a shared machine). */
         #pragma omp for schedule(static) nowait
         for (int64_t b = 0; b < num_blocks; b++) {
             float acc[MAX_ROWS * MAX_BF16_BLOCK];
