@@ -88,6 +88,10 @@ class PackedMatvec:
             x = x.contiguous()
         rows = x.shape[0]
         y = torch.empty(rows, self.out_features, dtype=self.dtype)
+        if not 0 < rows <= self.max_rows:  # the kernel's scratch holds max_rows rows (and tiles need one)
+            if rows == 0:
+                return y
+            raise ValueError(f"the kernel multiplies up to {self.max_rows} rows, got {rows}")
         # Plain ints: the library's argtypes convert them (a decode step makes ~120 of these calls).
         if self.dtype == torch.bfloat16:
             self._function(*self._fixed, x.data_ptr(), x.stride(0), rows, self._bias, y.data_ptr(), self.out_features,

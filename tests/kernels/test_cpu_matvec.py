@@ -168,11 +168,14 @@ def test_bf16_layout_is_accepted_only_when_the_packed_bytes_hold_the_weight():
     assert cpu_matvec.packed_pair_layout(weight, Projection(weight.float())._packed) is None
 
 
-def test_bf16_input_of_another_dtype_is_refused():
+def test_bf16_input_of_another_dtype_or_too_many_rows_is_refused_and_no_rows_give_none():
     weight = bf16_weight(960, 576, torch.Generator().manual_seed(1))
-    projection = packed_projection(weight)
+    matvec = packed_projection(weight)._matvec
     with pytest.raises(ValueError, match="float32"):
-        projection._matvec(torch.randn(1, 576))
+        matvec(torch.randn(1, 576))
+    with pytest.raises(ValueError, match=f"up to {matvec.max_rows} rows"):
+        matvec(torch.randn(matvec.max_rows + 1, 576).to(torch.bfloat16))
+    assert matvec(torch.empty(0, 576, dtype=torch.bfloat16)).shape == (0, 960)
 
 
 def test_the_switch_keeps_onednn_for_bf16(monkeypatch, kernel_calls):
