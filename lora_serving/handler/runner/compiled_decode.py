@@ -102,10 +102,12 @@ class CompiledDecode:
         self._globals = method.__globals__
         self._compiling_batch = 0
         forward = types.FunctionType(self._code, self._globals, method.__name__)
-        # The generated loops read the thread count when they run (the policy's), not the one at compile time,
-        # and round every bf16 intermediate as the eager ops (and transformers) do, rather than keep it in fp32.
+        # The generated loops run on the calling thread alone: they are small (a norm, RoPE or the activation over
+        # the batch's rows), and a parallel region each would wake torch's other threads some 200 times a step,
+        # which cost more than it saved; the projections and attention keep the policy's threads. They round every
+        # bf16 intermediate as the eager ops (and transformers) do, rather than keep it in fp32.
         self._compiled = torch.compile(types.MethodType(forward, self), dynamic=False, fullgraph=True,
-                                       options={"cpp.dynamic_threads": True, "emulate_precision_casts": True})
+                                       options={"cpp.threads": 1, "emulate_precision_casts": True})
 
     @property
     def ready(self) -> bool:
