@@ -26,11 +26,12 @@ from benchlib import (  # noqa: E402
     REPO_ROOT,
     bench_model_dir,
     engine_decode_step_seconds,
+    engine_decode_steps,
     machine_description,
     print_table,
 )
 
-from lora_serving.handler import Engine, SamplingParams  # noqa: E402
+from lora_serving.handler import Engine  # noqa: E402
 
 BATCH, NEW_TOKENS, PROMPT_LEN = 32, 64, 64
 
@@ -53,27 +54,6 @@ def prompts(vocab_size: int, round_index: int) -> list[list[int]]:
     base = [(7919 * i) % (vocab_size - 200) + 100 for i in range(PROMPT_LEN)]
     shift = round_index * BATCH
     return [base[(i + shift) % PROMPT_LEN:] + base[: (i + shift) % PROMPT_LEN] for i in range(BATCH)]
-
-
-def batch_decode_step_seconds(engine: Engine, batch: list[list[int]], tag: str) -> tuple[float, list[list[int]]]:
-    """The mean time of the decode steps once every request has its first token; and the outputs."""
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    outputs: dict[str, list[int]] = {}
-    for index, prompt in enumerate(batch):
-        engine.add_request(f"{tag}-{index}", prompt, params)
-        outputs[f"{tag}-{index}"] = []
-
-    def step() -> None:
-        for output in engine.step():
-            outputs[output.request_id].extend(token.id for token in output.tokens)
-
-    while any(not tokens for tokens in outputs.values()):
-        step()
-    started, steps = time.perf_counter(), 0
-    while engine.has_unfinished_requests():
-        step()
-        steps += 1
-    return (time.perf_counter() - started) / steps, list(outputs.values())
 
 
 def main() -> None:
@@ -102,7 +82,7 @@ def main() -> None:
         batch = prompts(vocab, round_index)
         for side in sides[round_index % 2:] + sides[: round_index % 2]:
             engine = engines[side]
-            seconds, tokens = batch_decode_step_seconds(engine, batch, f"batch-{round_index}")
+            seconds, tokens = engine_decode_steps(engine, batch, NEW_TOKENS, f"batch-{round_index}")
             throughput[side] = max(throughput[side], BATCH / seconds)
             outputs[side].append(tokens)
             step[side] = min(step[side], engine_decode_step_seconds(engine, batch[0], 128, f"probe-{round_index}"))

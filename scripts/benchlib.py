@@ -86,14 +86,30 @@ def engine_throughput(engine, requests: list[Request], adapters=None) -> tuple[f
 
 def engine_decode_step_seconds(engine, prompt_ids, new_tokens: int, request_id: str = "decode-probe") -> float:
     """One request alone: the mean time of its decode steps after its prefill."""
-    engine.add_request(request_id, prompt_ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-    engine.step()  # the prefill
-    started = time.perf_counter()
-    steps = 0
+    return engine_decode_steps(engine, [prompt_ids], new_tokens, request_id)[0]
+
+
+def engine_decode_steps(engine, prompts: list[list[int]], new_tokens: int, tag: str) -> tuple[float, list[list[int]]]:
+    """All prompts added at once: the mean time of the decode steps once every request has its first token (the
+    prefills not timed), and each request's tokens, in prompt order."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    outputs: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        request_id = tag if len(prompts) == 1 else f"{tag}-{index}"
+        engine.add_request(request_id, prompt, params)
+        outputs[request_id] = []
+
+    def step() -> None:
+        for output in engine.step():
+            outputs[output.request_id].extend(token.id for token in output.tokens)
+
+    while any(not tokens for tokens in outputs.values()):
+        step()
+    started, steps = time.perf_counter(), 0
     while engine.has_unfinished_requests():
-        engine.step()
+        step()
         steps += 1
-    return (time.perf_counter() - started) / steps
+    return (time.perf_counter() - started) / steps, list(outputs.values())
 
 
 def measure_memory_bandwidth(size_mb: int = 512, repeats: int = 5, device="cpu") -> float:

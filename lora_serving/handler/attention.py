@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora_serving.handler import compiled_ops  # noqa: F401  (registers torch.ops.lora_serving)
 from lora_serving.handler.forward_context import CachedKV, CompiledDecodes, ForwardContext, PaddedDecodes, PrefillSpan
 from lora_serving.kernels import cpu_attention
 
@@ -40,14 +39,14 @@ def paged_attention(
     scale: float,
     softcap: float | None = None,
 ) -> torch.Tensor:  # [T, q_heads, head_dim]
-    if isinstance(ctx.decode_kv, CompiledDecodes):  # the compiled decode step: write and attend in one opaque op
+    if isinstance(ctx.decode_kv, CompiledDecodes):
+        # Traced by the compiled decode step (handler/compiled_ops.py registers the op): write and attend in one
+        # opaque op.
         decodes = ctx.decode_kv
         return torch.ops.lora_serving.decode_attention(q, k, v, k_cache, v_cache, ctx.slot_mapping,
                                                        decodes.block_tables, decodes.context_lens,
                                                        sliding_window or 0, scale)
-    kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, ctx.slot_mapping, k.transpose(0, 1))
-    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, ctx.slot_mapping, v.transpose(0, 1))
+    write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
     if not ctx.prefills:
         return _decode_attention(q, k_cache, v_cache, ctx, sliding_window, scale, softcap)
     out = torch.empty_like(q)
@@ -63,6 +62,14 @@ def paged_attention(
             out[start:end] = _prefill_after_context(q[start:end], k_cache, v_cache, prefill, sliding_window, scale,
                                                      softcap)
     return out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Each token's K/V [T, kv_heads, d] into its slot of one layer's cache."""
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def _prefill_attention(q, k, v, sliding_window: int | None, scale: float, softcap: float | None) -> torch.Tensor:

@@ -21,13 +21,13 @@ import weakref
 
 import torch
 
+from lora_serving.handler.attention import write_kv
 from lora_serving.kernels import cpu_attention
 
 _projections: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _projection_keys = itertools.count()
 # The running step's LoRA applier (handler/lora/step_applier.py): set by `lora_for_step` around a compiled call.
 _current_lora: list = [None]
-LORA_GROUP_NAMES = ("qkv", "o", "gate_up", "down")
 
 
 def register_projection(projection) -> int:
@@ -62,9 +62,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      sliding_window: int, scale: float) -> torch.Tensor:
     """One decode token per sequence: writes k, v [B, kv_heads, d] at slot_mapping, then attends q [B, q_heads, d]
     to each sequence's cached keys (its own included) in the C kernel. sliding_window 0: none."""
-    kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
     starts = (context_lens - sliding_window).clamp_(min=0) if sliding_window else None
     return cpu_attention.decode_attention(q, k_cache, v_cache, block_tables, context_lens, starts, scale)
 
@@ -75,12 +73,12 @@ def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, slidi
 
 
 @torch.library.custom_op("lora_serving::lora_add", mutates_args=("y",))
-def lora_add(y: torch.Tensor, x: torch.Tensor, layer_index: int, group: int) -> None:
+def lora_add(y: torch.Tensor, x: torch.Tensor, layer_index: int, group: str) -> None:
     """y += the step's LoRA delta of one projection group of one layer (in place, as the eager path does); nothing
     in a step without adapters."""
     applier = _current_lora[0]
     if applier is not None:
-        applier.apply(layer_index, LORA_GROUP_NAMES[group], y, x)
+        applier.apply(layer_index, group, y, x)
 
 
 @lora_add.register_fake

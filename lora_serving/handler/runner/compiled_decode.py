@@ -35,7 +35,6 @@ from lora_serving.kernels import cpu_attention
 
 logger = logging.getLogger(__name__)
 
-GROUP_INDEX = {name: index for index, name in enumerate(compiled_ops.LORA_GROUP_NAMES)}
 # enforce_eager=auto compiles models with at least this many bytes of weights: below it (test and demo models of a
 # few MB) a step costs well under a millisecond of small calls, and the compile would cost the start seconds.
 AUTO_MIN_WEIGHT_BYTES = 64 * 1024**2
@@ -47,7 +46,7 @@ class _TracedLora:
     __slots__ = ()
 
     def apply(self, layer_index: int, group: str, y: torch.Tensor, x: torch.Tensor) -> None:
-        torch.ops.lora_serving.lora_add(y, x, layer_index, GROUP_INDEX[group])
+        torch.ops.lora_serving.lora_add(y, x, layer_index, group)
 
 
 _TRACED_LORA = _TracedLora()
