@@ -166,6 +166,9 @@ static inline __attribute__((always_inline)) void bf16_block_product(
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define TILE_INPUTS 32
+/* Rows of x per A tile: more rows are multiplied in chunks of this many, each against the block's weight (which
+ * the first chunk brought into the core's cache). */
+#define TILE_ROWS 16
 /* Tiles 0..3 hold the sums of the block's 16-output groups; the intrinsics take tile numbers as literals. */
 #define TILE_A 4
 #define TILE_B0 5
@@ -201,6 +204,7 @@ static void configure_tiles(int64_t rows)
     _tile_loadconfig(&config);
 }
 
+/* One chunk of up to TILE_ROWS rows of x against one block: acc [rows][block] fp32. */
 static void amx_block_product(const uint16_t *w, int64_t in_features, int64_t padded_in, int block,
                               const uint16_t *x, int64_t x_stride, int64_t rows, float *acc)
 {
@@ -208,7 +212,7 @@ static void amx_block_product(const uint16_t *w, int64_t in_features, int64_t pa
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t k0 = 0; k0 < padded_in; k0 += TILE_INPUTS) {
         const uint16_t *wk = w + k0 * block;
-        uint16_t tail[MAX_ROWS][TILE_INPUTS];
+        uint16_t tail[TILE_ROWS][TILE_INPUTS];
         if (k0 + TILE_INPUTS <= in_features) {
             _tile_loadd(TILE_A, x + k0, x_stride * 2);
         } else {  /* x ends inside this chunk: the rest of its inputs are zeros, as the weight's padding is */
@@ -248,49 +252,78 @@ static void amx_block_product(const uint16_t *w, int64_t in_features, int64_t pa
     default: bf16_block_product(wb, in_features, block, x, x_stride, 4, acc); break; \
     }
 
-/* block is 16, 32 or 64, padded_in even and >= in_features, 1 <= rows <= MAX_ROWS (the caller checks); x has
- * unit column stride. allow_tiles 0 takes the dot-product form even where AMX is there (tests compare the two). */
+/* The most rows one call takes where tiles serve (in chunks of TILE_ROWS), and whether they serve a weight of
+ * padded_in inputs here: 0 where the dot-product form takes every call (at most MAX_ROWS rows). */
+#define MAX_TILE_CALL_ROWS 64
+int matvec_bf16_tile_rows(int64_t padded_in)
+{
+#if HAVE_AMX
+    return padded_in % TILE_INPUTS == 0 && amx_permitted() ? MAX_TILE_CALL_ROWS : 0;
+#else
+    (void)padded_in;
+    return 0;
+#endif
+}
+
+static inline void store_bf16_rows(const float *acc, int64_t block, int64_t first, int64_t width, int64_t rows,
+                                   const float *bias, uint16_t *y, int64_t y_stride)
+{
+    for (int64_t t = 0; t < rows; t++) {
+        uint16_t *out = y + t * y_stride + first;
+        for (int64_t j = 0; j < width; j++)
+            out[j] = f32_to_bf16(acc[t * block + j] + (bias ? bias[first + j] : 0.0f));
+    }
+}
+
+/* block is 16, 32 or 64, padded_in even and >= in_features; x has unit column stride. allow_tiles 0 takes the
+ * dot-product form even where AMX is there (tests compare the two). rows: 1..MAX_TILE_CALL_ROWS where
+ * matvec_bf16_tile_rows(padded_in) is nonzero and tiles are allowed, else 1..MAX_ROWS (the caller checks). */
 void packed_matvec_bf16(const uint16_t *w, int64_t out_features, int64_t in_features, int64_t padded_in,
                         int64_t block, const uint16_t *x, int64_t x_stride, int64_t rows, const float *bias,
                         uint16_t *y, int64_t y_stride, int num_threads, int allow_tiles)
 {
     const int64_t num_blocks = (out_features + block - 1) / block;
 #if HAVE_AMX
-    const int use_amx = allow_tiles && padded_in % TILE_INPUTS == 0 && amx_permitted();
+    const int use_amx = allow_tiles && matvec_bf16_tile_rows(padded_in) > 0;
 #else
     (void)allow_tiles;
 #endif
     #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_blocks > 1)
     {
 #if HAVE_AMX
-        if (use_amx) configure_tiles(rows);
+        int64_t configured_rows = 0;
 #endif
         /* nowait: the end of the region is then the one place a thread waits for the other (each wait for a
          * thread the scheduler has not run yet costs more than a small weight's reads on a shared machine). */
         #pragma omp for schedule(static) nowait
         for (int64_t b = 0; b < num_blocks; b++) {
-            float acc[MAX_ROWS * MAX_BF16_BLOCK];
             const uint16_t *wb = w + b * block * padded_in;
+            const int64_t first = b * block;
+            const int64_t width = out_features - first < block ? out_features - first : block;
 #if HAVE_AMX
-            if (use_amx) amx_block_product(wb, in_features, padded_in, (int)block, x, x_stride, rows, acc);
-            else
+            if (use_amx) {
+                float acc[TILE_ROWS * MAX_BF16_BLOCK];
+                for (int64_t t0 = 0; t0 < rows; t0 += TILE_ROWS) {
+                    const int64_t chunk = rows - t0 < TILE_ROWS ? rows - t0 : TILE_ROWS;
+                    if (chunk != configured_rows) configure_tiles(configured_rows = chunk);
+                    amx_block_product(wb, in_features, padded_in, (int)block, x + t0 * x_stride, x_stride, chunk,
+                                      acc);
+                    store_bf16_rows(acc, block, first, width, chunk, bias, y + t0 * y_stride, y_stride);
+                }
+                continue;
+            }
 #endif
+            float acc[MAX_ROWS * MAX_BF16_BLOCK];
             switch (block) {
             case 64: BF16_ROWS_CASES(64) break;
             case 32: BF16_ROWS_CASES(32) break;
             default: BF16_ROWS_CASES(16) break;
             }
-            const int64_t first = b * block;
-            const int64_t width = out_features - first < block ? out_features - first : block;
-            for (int64_t t = 0; t < rows; t++) {
-                uint16_t *out = y + t * y_stride + first;
-                for (int64_t j = 0; j < width; j++)
-                    out[j] = f32_to_bf16(acc[t * block + j] + (bias ? bias[first + j] : 0.0f));
-            }
+            store_bf16_rows(acc, block, first, width, rows, bias, y, y_stride);
         }
 #if HAVE_AMX
         /* Gives the tile state back, so that the thread's context switches stop saving 8 KB of it. */
-        if (use_amx) _tile_release();
+        if (configured_rows) _tile_release();
 #endif
     }
 }

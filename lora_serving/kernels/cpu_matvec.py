@@ -1,4 +1,4 @@
-"""x @ W.T (+ b) for one to four rows of x, read by a C kernel (kernels/cpu_matvec.c) from the weight that
+"""x @ W.T (+ b) for the few rows of x of a decode step, read by a C kernel (kernels/cpu_matvec.c) from the weight that
 handler/models/projection.py packed for oneDNN, fp32 or bf16.
 
 Why: a decode step at batch 1 is a chain of matrix-vector products whose floor is reading the weights once.
@@ -8,9 +8,11 @@ It reads the packed weight in place, so nothing is stored twice.
 
 bf16 weights (packed by oneDNN where the CPU multiplies bf16 natively) go to the kernel's bf16 form: fp32 sums,
 one rounding to bf16 at the end, bias added before it, as oneDNN does. On a CPU with AMX it multiplies with tiles,
-whose B operand is oneDNN's bf16 packing as it stands, so one tile multiply serves all rows at once; elsewhere
-AVX-512 bf16 dot products (one instruction per row per 64 bytes, which on a core with one 512-bit unit left
-three or four rows short of the memory's speed), else fp32 FMAs on the widened halves.
+whose B operand is oneDNN's bf16 packing as it stands, so one tile multiply serves 16 rows at once: up to 64 rows a
+call, in chunks of 16 that reread the block's weight from the core's cache, so that a decode batch still reads the
+weight from memory once (oneDNN's inner product read it slower at every decode batch size; docs/BENCHMARKS.md).
+Elsewhere AVX-512 bf16 dot products (one instruction per row per 64 bytes, which on a core with one 512-bit unit
+left three or four rows short of the memory's speed), else fp32 FMAs on the widened halves.
 
 The packed tensor is opaque to torch and its layout is oneDNN's choice (by CPU, shape and version), so
 `PackedMatvec.for_weight` reads the packed bytes and takes the kernel only when they hold the weight exactly
@@ -50,7 +52,9 @@ class PackedMatvec:
                  padded_in: int | None = None) -> None:
         self.out_features = out_features
         self.dtype = dtype
-        self.max_rows = cpu_native.library().matvec_max_rows()
+        library = cpu_native.library()
+        self._vector_rows = library.matvec_max_rows()
+        self._tile_rows = library.matvec_bf16_tile_rows(padded_in) if dtype == torch.bfloat16 else 0
         # The bf16 form adds the bias in fp32 before its one rounding: an fp32 copy of it (out_features floats).
         bias = None if bias is None else bias.to(torch.float32).contiguous()
         self._keep = (keep_alive, bias)  # the kernel reads them through the pointers below
@@ -80,6 +84,12 @@ class PackedMatvec:
                 return cls(address(packed), block, weight.shape[0], weight.shape[1], bias, packed,
                            dtype=torch.bfloat16, padded_in=padded_in)
         return None
+
+    @property
+    def max_rows(self) -> int:
+        """Up to how many rows one call multiplies: more where tiles serve (each 16 rows of x one tile multiply per
+        16 outputs and 32 inputs), a few where each row costs instructions of its own."""
+        return self._tile_rows if self._tile_rows and self.allow_tiles else self._vector_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:  # the kernel would read its bytes as the weight's dtype

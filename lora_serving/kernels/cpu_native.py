@@ -222,6 +222,8 @@ def _load(path: Path):
     lib.packed_matvec_bf16.argtypes = [_PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int,
                                        ctypes.c_int]
     lib.matvec_max_rows.restype = ctypes.c_int
+    lib.matvec_bf16_tile_rows.restype = ctypes.c_int
+    lib.matvec_bf16_tile_rows.argtypes = [_I64]
     for attention in (lib.paged_decode_attention_f32, lib.paged_decode_attention_bf16):
         attention.restype = ctypes.c_int
         attention.argtypes = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR,

@@ -12,8 +12,9 @@ reading the weights) go instead to a C kernel that reads the packed weight in pl
 
 bf16 weights are packed for oneDNN too where the CPU multiplies bf16 itself (AMX, AVX-512 bf16:
 handler/cpu_dtype.py): there oneDNN's bf16 inner product runs on those units (on SmolLM2's shapes 2-4x
-torch's plain bf16 matmul on an AMX Xeon), and one to four rows go to the C kernel's bf16 form, which
-reads oneDNN's pair-interleaved layout in place (with AMX tiles where there are, else bf16 dot products).
+torch's plain bf16 matmul on an AMX Xeon), and decode-sized row counts go to the C kernel's bf16 form, which
+reads oneDNN's pair-interleaved layout in place: up to 64 rows with AMX tiles (a tile multiply takes 16 rows at the
+cost of one), else up to four with bf16 dot products.
 
 Without oneDNN (or for other dtypes, or on GPUs, where cuBLAS picks its own kernels) the plain weight
 is used. There MKL is markedly slower for a few activation rows against a wide weight when called as
