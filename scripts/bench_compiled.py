@@ -23,30 +23,16 @@ from lora_serving import handler  # noqa: F401  (before torch: it sets how torch
 # isort: split
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
-    REPO_ROOT,
-    bench_model_dir,
     engine_decode_step_seconds,
     engine_decode_steps,
     machine_description,
+    named_model_dir,
     print_table,
 )
 
 from lora_serving.handler import Engine  # noqa: E402
 
 BATCH, NEW_TOKENS, PROMPT_LEN = 32, 64, 64
-
-
-def model_dir_for(name: str) -> Path:
-    if name == "llama-50m":
-        return bench_model_dir()
-    if name == "smollm2":
-        sys.path.insert(0, str(REPO_ROOT))
-        from tests.real_model import TEST_CACHE_DIR, build_smollm2, missing_requirements
-
-        if missing_requirements():
-            sys.exit(missing_requirements())
-        return build_smollm2(TEST_CACHE_DIR)
-    return Path(name)
 
 
 def prompts(vocab_size: int, round_index: int) -> list[list[int]]:
@@ -64,7 +50,7 @@ def main() -> None:
     parser.add_argument("--cpu-threads", default="auto")
     args = parser.parse_args()
 
-    model_dir = model_dir_for(args.model)
+    model_dir = named_model_dir(args.model)
     engines, starts = {}, {}
     for side, eager in (("eager", "true"), ("compiled", "false")):
         started = time.perf_counter()

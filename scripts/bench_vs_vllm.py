@@ -319,22 +319,12 @@ def compare(args) -> None:
 
 def bench_inputs(model: str):
     """(model directory, the requests, the batch-1 prompt) for --model."""
-    from benchlib import bench_model_dir, workload
+    from benchlib import bench_model_dir, named_model_dir, workload
 
     if model == "llama-50m":
         requests = workload(64)
         return bench_model_dir(), requests, [requests[1].prompt_ids]
-    if model == "smollm2":
-        sys.path.insert(0, str(REPO_ROOT))
-        from tests.real_model import TEST_CACHE_DIR, build_smollm2, missing_requirements
-
-        if missing_requirements():
-            sys.exit(missing_requirements())
-        model_dir = build_smollm2(TEST_CACHE_DIR)
-    else:
-        model_dir = Path(model)
-        if not (model_dir / "config.json").is_file():
-            sys.exit(f"--model {model}: not llama-50m, smollm2 or a model directory (no config.json there)")
+    model_dir = named_model_dir(model)
     requests = chat_workload(model_dir)
     if requests is None:
         requests = workload(64)

@@ -44,6 +44,23 @@ class Request:
     max_new_tokens: int
 
 
+def named_model_dir(name: str) -> Path:
+    """A benchmark's --model: llama-50m (bench_model_dir), smollm2 (the real SmolLM2-135M-Instruct that
+    tests/real_model.py builds from its PyPI package) or a model directory."""
+    if name == "llama-50m":
+        return bench_model_dir()
+    if name == "smollm2":
+        sys.path.insert(0, str(REPO_ROOT))
+        from tests.real_model import TEST_CACHE_DIR, build_smollm2, missing_requirements
+
+        if missing_requirements():
+            sys.exit(missing_requirements())
+        return build_smollm2(TEST_CACHE_DIR)
+    if not (Path(name) / "config.json").is_file():
+        sys.exit(f"--model {name}: not llama-50m, smollm2 or a model directory (no config.json there)")
+    return Path(name)
+
+
 def workload(num_requests: int = 64, min_len: int = 16, max_len: int = 128, seed: int = 0,
              vocab_size: int = 18000) -> list[Request]:
     """Prompt and output lengths drawn uniformly from min_len..max_len (outputs ignore eos)."""
