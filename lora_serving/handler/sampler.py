@@ -20,6 +20,7 @@ import torch
 from lora_serving.handler.logits_processors import process_rows, warp_row
 from lora_serving.handler.sequence import Sequence
 from lora_serving.handler.structured_output import apply_masks, fill_masks
+from lora_serving.kernels import cpu_logits
 
 
 @dataclass(slots=True)
@@ -49,8 +50,10 @@ class Sampler:
         """
         if rows is not None:
             logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
-        log_probs = torch.log_softmax(logits, dim=-1)
-        chosen = greedy_choices(logits)
+        # On CPU one C pass gives each row's argmax and log-normalizer; torch's log_softmax would write a copy of the
+        # logits for the one log-probability per row that is reported.
+        summaries = cpu_logits.row_summaries(logits) if cpu_logits.serves(logits) else None
+        chosen = summaries[0] if summaries is not None else greedy_choices(logits)
         changed = [row for row, seq in enumerate(seqs) if seq.params.processes_logits or seq.grammar is not None]
         changed_logits = self._process(logits, changed, seqs) if changed else None
         position = {row: index for index, row in enumerate(changed)}
@@ -61,8 +64,12 @@ class Sampler:
             index = torch.tensor([row for row, _ in sampled], dtype=torch.long, device=chosen.device)
             scores = self._scores(logits, changed_logits, position, sampled, index)
             chosen[index] = self._draw(scores, self._uniforms([seq for _, seq in sampled]), chosen[index])
-        chosen_log_probs = log_probs.gather(1, chosen[:, None]).squeeze(1)
-        return SampledTokens(chosen.tolist(), chosen_log_probs.tolist(), self._top(log_probs, seqs))
+        if summaries is not None:
+            chosen_log_probs = logits.gather(1, chosen[:, None]).squeeze(1) - summaries[1] - summaries[2]
+        else:
+            chosen_log_probs = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+        top = self._top(logits, seqs, chosen, chosen_log_probs)
+        return SampledTokens(chosen.tolist(), chosen_log_probs.tolist(), top)
 
     @staticmethod
     def _process(logits: torch.Tensor, changed: list[int], seqs: list[Sequence]) -> torch.Tensor:
@@ -82,14 +89,19 @@ class Sampler:
         return changed_logits
 
     @staticmethod
-    def _top(log_probs: torch.Tensor, seqs: list[Sequence]) -> list[list[tuple[int, float]] | None]:
+    def _top(logits: torch.Tensor, seqs: list[Sequence], chosen: torch.Tensor,
+             chosen_log_probs: torch.Tensor) -> list[list[tuple[int, float]] | None]:
+        """The most likely tokens of the rows that ask for them, from those rows' log_softmax; their chosen tokens'
+        log-probabilities (in place) are taken from the same, so that a token reported in both agrees."""
         wanted = [seq.params.top_n_tokens for seq in seqs]
         top: list[list[tuple[int, float]] | None] = [None] * len(seqs)
         rows = [row for row, count in enumerate(wanted) if count]
         if not rows:
             return top
-        index = torch.tensor(rows, device=log_probs.device)
-        values, ids = log_probs.index_select(0, index).topk(max(wanted[row] for row in rows), dim=-1)
+        index = torch.tensor(rows, device=logits.device)
+        log_probs = torch.log_softmax(logits.index_select(0, index), dim=-1)
+        chosen_log_probs[index] = log_probs.gather(1, chosen[index][:, None]).squeeze(1)
+        values, ids = log_probs.topk(max(wanted[row] for row in rows), dim=-1)
         for row, row_values, row_ids in zip(rows, values.tolist(), ids.tolist()):
             top[row] = list(zip(row_ids[: wanted[row]], row_values[: wanted[row]]))
         return top

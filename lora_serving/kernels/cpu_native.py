@@ -1,6 +1,6 @@
-"""The CPU kernels in C (kernels/cpu_lora.c; cpu_matvec.c and cpu_attention.c for the modules of those names):
-compiled on first use with the system's C compiler into one library, called through ctypes. This module builds and
-loads it and holds the LoRA kernel's calls.
+"""The CPU kernels in C (kernels/cpu_lora.c; cpu_matvec.c, cpu_attention.c and cpu_logits.c for the modules of those
+names): compiled on first use with the system's C compiler into one library, called through ctypes. This module
+builds and loads it and holds the LoRA kernel's calls.
 
 Why C and not torch ops: at decode each adapter serves one or two tokens, so the LoRA math is a few hundred
 tiny matrix-vector products a step. Torch's fastest expression of that (two embedding_bag calls per shrink
@@ -29,7 +29,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_matvec.c", "cpu_attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_matvec.c", "cpu_attention.c",
+                                                                    "cpu_logits.c"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_vec.h", "cpu_attention_tiles.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -228,6 +229,8 @@ def _load(path: Path):
         attention.restype = ctypes.c_int
         attention.argtypes = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR,
                               ctypes.c_float, _PTR, ctypes.c_int]
+    lib.logits_row_summaries.restype = None
+    lib.logits_row_summaries.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int]
     lib.attention_exp_f32.restype = None
     lib.attention_exp_f32.argtypes = [_PTR, _PTR, _I64]
     lib.attention_vector_lanes.restype = ctypes.c_int

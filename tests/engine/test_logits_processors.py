@@ -153,7 +153,7 @@ def test_top_log_probs_are_transformers_output_scores(llama):
         expected = torch.log_softmax(step_logits[0].float(), dim=-1).topk(5)
         assert [token.id for token in top] == expected.indices.tolist()
         assert torch.allclose(torch.tensor([token.log_prob for token in top]), expected.values, atol=1e-4)
-        assert top[0].log_prob == pytest.approx(log_prob)  # greedy: the chosen token is the best
+        assert top[0].log_prob == log_prob  # greedy: the chosen token is the best, one value for it in both
         assert all(isinstance(token.text, str) for token in top)
 
 

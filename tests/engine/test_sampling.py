@@ -101,6 +101,29 @@ def test_log_probs_are_the_models_log_softmax(llama):
     assert torch.allclose(torch.tensor(result.log_probs), expected, atol=1e-4)
 
 
+def test_cpu_logits_kernel_gives_torchs_choices_and_log_probs(llama, monkeypatch):
+    """The sampler's C pass over the logits (kernels/cpu_logits.py) against torch's argmax and log_softmax, which
+    serve with the kernel switched off: greedy, sampled and processed rows in one batch."""
+    from lora_serving.kernels import cpu_logits
+
+    _, engine = llama
+    prompts = random_prompts(4, seed=16)
+    params = [SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, do_sample=True, seed=5),
+              SamplingParams(max_new_tokens=8, repetition_penalty=1.3), SamplingParams(max_new_tokens=8, top_n_tokens=2)]
+    calls = []
+    inner = cpu_logits.row_summaries
+    monkeypatch.setattr(cpu_logits, "row_summaries", lambda logits: calls.append(logits.shape) or inner(logits))
+    with_kernel = engine.generate(prompts, params)
+    assert calls, "the sampler did not take the kernel on CPU"
+    monkeypatch.setenv("LORA_SERVING_CPU_LOGITS", "off")
+    calls.clear()
+    with_torch = engine.generate(prompts, params)
+    assert not calls
+    for ours, theirs in zip(with_kernel, with_torch):
+        assert ours.token_ids == theirs.token_ids
+        assert torch.allclose(torch.tensor(ours.log_probs), torch.tensor(theirs.log_probs), atol=1e-5)
+
+
 def test_stop_sequence_ends_generation_and_is_not_returned(llama):
     _, engine = llama
     prompt = "the model answers the question"
