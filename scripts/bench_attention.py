@@ -42,7 +42,8 @@ from lora_serving.kernels import cpu_native  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_FILES = ("lora_serving/kernels/cpu_attention.c", "lora_serving/kernels/cpu_vec.h",
-                "lora_serving/kernels/cpu_attention_tiles.h")  # the last is not in older revisions
+                "lora_serving/kernels/cpu_attention_tiles.h", "lora_serving/kernels/cpu_amx.h",
+                "lora_serving/kernels/cpu_attention_amx.h")  # the last three are not in older revisions
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p

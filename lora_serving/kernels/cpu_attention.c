@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_attention_amx.h"
 #include "cpu_attention_tiles.h"
 #include "cpu_vec.h"
 
@@ -130,7 +131,7 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     int is_bf16, int64_t num_tokens, const void *q, int64_t q_token_stride, int64_t q_head_stride, int64_t q_heads,
     int64_t kv_heads, int64_t head_dim, const void *k_cache, const void *v_cache, int64_t num_blocks,
     int64_t block_size, const int64_t *block_tables, int64_t table_width, const int64_t *lengths,
-    const int64_t *starts, float scale, void *out, int num_threads)
+    const int64_t *starts, float scale, void *out, int num_threads, int allow_tiles)
 {
     const int64_t element = is_bf16 ? 2 : 4;
     const char *q_bytes = q;
@@ -148,17 +149,47 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     const int64_t scratch_floats = group * whole_vectors(longest) + 3 * group * width + VEC_LANES * width + width;
     /* bf16 keys are read in place, in pairs, where head_dim is whole runs of 2 * VEC_LANES (AVX-512 only). */
     const int in_pairs = VEC_LANES == 16 && is_bf16 && head_dim % (2 * VEC_LANES) == 0;
+#if HAVE_ATTENTION_TILES
+    const int use_tiles = is_bf16 && allow_tiles && attention_tiles_serve(head_dim, group);
+    const int64_t scratch_bytes = use_tiles ? tile_scratch_bytes(group, head_dim, longest)
+                                            : (int64_t)sizeof(float) * scratch_floats;
+#else
+    (void)allow_tiles;
+    const int64_t scratch_bytes = sizeof(float) * scratch_floats;
+#endif
     int failed = 0;
     #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_items > 1)
     {
         float *scores = NULL;
-        if (posix_memalign((void **)&scores, 64, sizeof(float) * scratch_floats) == 0)
-            memset(scores, 0, sizeof(float) * scratch_floats);
+        if (posix_memalign((void **)&scores, 64, scratch_bytes) == 0)
+            memset(scores, 0, scratch_bytes);
         else
             scores = NULL;
         #pragma omp atomic
         failed += scores == NULL;
         #pragma omp barrier
+#if HAVE_ATTENTION_TILES
+        if (!failed && use_tiles) {
+            struct TileScratch tile_scratch = tile_scratch_at((char *)scores, group, head_dim, longest);
+            int configured = 0;
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < num_items; item++) {
+                const int64_t t = item / kv_heads, h = item % kv_heads;
+                const int64_t first = starts ? starts[t] : 0;
+                const int64_t *table = block_tables + t * table_width;
+                const struct TileSequence keys = {(const uint16_t *)k_cache + h * head_span, table, block_size,
+                                                  head_dim, first, lengths[t]};
+                const struct TileSequence values = {(const uint16_t *)v_cache + h * head_span, table, block_size,
+                                                    head_dim, first, lengths[t]};
+                if (!configured) configure_attention_tiles(group), configured = 1;
+                attention_item_tiles(&keys, &values, (const uint16_t *)q + t * q_token_stride + h * group * q_head_stride,
+                                     q_head_stride, group, scale, &tile_scratch,
+                                     (uint16_t *)out + (t * q_heads + h * group) * head_dim, softmax_weights);
+            }
+            /* Gives the tile state back, so that the thread's context switches stop saving 8 KB of it. */
+            if (configured) _tile_release();
+        } else
+#endif
         if (!failed) {
             float *queries = scores + group * whole_vectors(longest), *result = queries + group * width;
             float *tile = result + group * width, *split = tile + VEC_LANES * width + width;
@@ -226,7 +257,7 @@ int paged_decode_attention_f32(
 {
     return paged_decode_attention(0, num_tokens, q, q_token_stride, q_head_stride, q_heads, kv_heads, head_dim,
                                   k_cache, v_cache, num_blocks, block_size, block_tables, table_width, lengths,
-                                  starts, scale, out, num_threads);
+                                  starts, scale, out, num_threads, 1);
 }
 
 int paged_decode_attention_bf16(
@@ -237,7 +268,30 @@ int paged_decode_attention_bf16(
 {
     return paged_decode_attention(1, num_tokens, q, q_token_stride, q_head_stride, q_heads, kv_heads, head_dim,
                                   k_cache, v_cache, num_blocks, block_size, block_tables, table_width, lengths,
-                                  starts, scale, out, num_threads);
+                                  starts, scale, out, num_threads, 1);
+}
+
+/* The bf16 form without AMX tiles even where they serve (tests compare the routes; benchmarks too). */
+int paged_decode_attention_bf16_vectors(
+    int64_t num_tokens, const uint16_t *q, int64_t q_token_stride, int64_t q_head_stride, int64_t q_heads,
+    int64_t kv_heads, int64_t head_dim, const uint16_t *k_cache, const uint16_t *v_cache, int64_t num_blocks,
+    int64_t block_size, const int64_t *block_tables, int64_t table_width, const int64_t *lengths,
+    const int64_t *starts, float scale, uint16_t *out, int num_threads)
+{
+    return paged_decode_attention(1, num_tokens, q, q_token_stride, q_head_stride, q_heads, kv_heads, head_dim,
+                                  k_cache, v_cache, num_blocks, block_size, block_tables, table_width, lengths,
+                                  starts, scale, out, num_threads, 0);
+}
+
+/* Whether the bf16 form multiplies with AMX tiles for this head_dim and group of query heads per KV head. */
+int attention_tiles_serve_here(int64_t head_dim, int64_t group)
+{
+#if HAVE_ATTENTION_TILES
+    return attention_tiles_serve(head_dim, group);
+#else
+    (void)head_dim, (void)group;
+    return 0;
+#endif
 }
 
 /* exp_w over n floats, for the tests that hold it to expf. */

@@ -19,6 +19,9 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# bf16: AMX tile multiplies where the CPU and OS allow them and the shape suits them (tiles_serve), else vectors.
+# False takes the vector route even there; tests check both on such a CPU, benchmarks compare them.
+allow_tiles = True
 
 
 def serves(dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -50,7 +53,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise ValueError(f"{name} must be contiguous")
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype)
     library = library or cpu_native.library()
-    attention = library.paged_decode_attention_f32 if q.dtype == torch.float32 else library.paged_decode_attention_bf16
+    if q.dtype == torch.float32:
+        attention = library.paged_decode_attention_f32
+    else:
+        attention = library.paged_decode_attention_bf16 if allow_tiles else library.paged_decode_attention_bf16_vectors
     status = attention(
         _I64(batch), _PTR(q.data_ptr()), _I64(q.stride(0)), _I64(q.stride(1)), _I64(q_heads), _I64(kv_heads),
         _I64(head_dim), _PTR(k_cache.data_ptr()), _PTR(v_cache.data_ptr()), _I64(num_blocks), _I64(block_size),
@@ -60,6 +66,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if status != 0:
         raise MemoryError("decode attention: no memory for the attention scores")
     return out
+
+
+def tiles_serve(head_dim: int, group: int, *, library=None) -> bool:
+    """Whether bf16 calls of this head_dim and query heads per KV head multiply with AMX tiles here (with
+    allow_tiles): the build targets AMX-BF16, the OS grants the tile state, head_dim is a multiple of 32 and the
+    group at most 8."""
+    return bool((library or cpu_native.library()).attention_tiles_serve_here(head_dim, group))
 
 
 def vector_exp(x: torch.Tensor, *, library=None) -> torch.Tensor:

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_amx.h"
 #include "cpu_vec.h"
 
 #define MAX_ROWS 4
@@ -155,16 +156,11 @@ static inline __attribute__((always_inline)) void bf16_block_product(
         for (int v = 0; v < vectors; v++) memcpy(acc + t * block + 16 * v, &sums[t][v], sizeof sums[t][v]);
 }
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__)
+#if HAVE_AMX
 /* With AMX the same layout is a tile multiply's B operand as it stands: 16 input pairs x 16 outputs (64 bytes a
  * row, the block's row pitch apart) against an A tile of up to four x rows x 32 inputs. One tile multiply serves
  * every row at the cost of one, where vdpbf16ps costs one instruction per row per 64 bytes of weight and limits
  * three or four rows to less than the memory's speed on a core with one 512-bit unit. */
-#include <sys/syscall.h>
-#include <unistd.h>
-#define HAVE_AMX 1
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 #define TILE_INPUTS 32
 /* Rows of x per A tile: more rows are multiplied in chunks of this many, each against the block's weight (which
  * the first chunk brought into the core's cache). */
@@ -173,24 +169,6 @@ static inline __attribute__((always_inline)) void bf16_block_product(
 #define TILE_A 4
 #define TILE_B0 5
 #define TILE_B1 6
-
-struct tile_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-};
-
-/* Linux lets a process use tile data only after it asks (once); torch's oneDNN asks too. */
-static int amx_permitted(void)
-{
-    static int state;  /* 0: not asked yet; 1 granted; -1 refused */
-    if (state == 0) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
-    return state > 0;
-}
-
-/* GCC's tile intrinsics do not tell the compiler they read or write memory: without this it may drop stores to a
- * buffer a tile load reads, or read a buffer before the tile store that fills it. */
-static inline void compiler_memory_barrier(void) { __asm__ volatile("" ::: "memory"); }
 
 static void configure_tiles(int64_t rows)
 {
@@ -240,8 +218,6 @@ static void amx_block_product(const uint16_t *w, int64_t in_features, int64_t pa
     if (block == 64) { _tile_stored(2, acc + 32, pitch); _tile_stored(3, acc + 48, pitch); }
     compiler_memory_barrier();
 }
-#else
-#define HAVE_AMX 0
 #endif
 
 #define BF16_ROWS_CASES(block) \

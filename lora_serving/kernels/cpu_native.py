@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_lora.c", "cpu_matvec.c", "cpu_attention.c",
                                                                     "cpu_logits.c"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_vec.h", "cpu_attention_tiles.h"))
+HEADERS = tuple(Path(__file__).with_name(name)
+                for name in ("cpu_vec.h", "cpu_amx.h", "cpu_attention_tiles.h", "cpu_attention_amx.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 # The element types the kernels take (for bf16 they widen to fp32 as they read and sum in fp32).
@@ -225,12 +226,15 @@ def _load(path: Path):
     lib.matvec_max_rows.restype = ctypes.c_int
     lib.matvec_bf16_tile_rows.restype = ctypes.c_int
     lib.matvec_bf16_tile_rows.argtypes = [_I64]
-    for attention in (lib.paged_decode_attention_f32, lib.paged_decode_attention_bf16):
+    for attention in (lib.paged_decode_attention_f32, lib.paged_decode_attention_bf16,
+                      lib.paged_decode_attention_bf16_vectors):
         attention.restype = ctypes.c_int
         attention.argtypes = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR,
                               ctypes.c_float, _PTR, ctypes.c_int]
     lib.logits_row_summaries.restype = None
     lib.logits_row_summaries.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int]
+    lib.attention_tiles_serve_here.restype = ctypes.c_int
+    lib.attention_tiles_serve_here.argtypes = [_I64, _I64]
     lib.attention_exp_f32.restype = None
     lib.attention_exp_f32.argtypes = [_PTR, _PTR, _I64]
     lib.attention_vector_lanes.restype = ctypes.c_int
