@@ -25,14 +25,14 @@ def reference(q_row, keys, values, scale):
 
 
 def attend(kv_heads, group, head_dim, window, threads, dtype, *, block_size=BLOCK_SIZE, lengths=(1, 4, 5, 17, 33, 60),
-           library=None, offset=0.0, scale=None):
+           library=None, offset=0.0, scale=None, garbage=1e4):
     """Runs the kernel on sequences of `lengths` keys in shuffled blocks and returns (out, [(expected, row)])."""
     rng = random.Random(kv_heads * 100 + group * 10 + head_dim)
     gen = torch.Generator().manual_seed(head_dim)
     num_blocks = sum(-(-length // block_size) for length in lengths) + 2
     # Garbage everywhere a sequence does not own: a read past its length or table would show.
-    k_cache = torch.full((kv_heads, num_blocks, block_size, head_dim), 1e4, dtype=dtype)
-    v_cache = torch.full_like(k_cache, -1e4)
+    k_cache = torch.full((kv_heads, num_blocks, block_size, head_dim), garbage, dtype=dtype)
+    v_cache = torch.full_like(k_cache, -garbage)
     free = list(range(num_blocks))
     rng.shuffle(free)
     tables, history = [], []
@@ -103,6 +103,69 @@ def test_tiles_in_place_and_gathered(head_dim, block_size, window, dtype):
 def test_tiles_in_place_for_every_group_size(group, dtype):
     out, expected = attend(2, group, 64, None, 1, dtype, block_size=16, lengths=(16, 40, 130))
     assert_matches(out, expected, dtype)
+
+
+@pytest.fixture(params=["tiles", "vectors"])
+def bf16_route(request):
+    """Both routes of the bf16 form on a CPU with AMX (elsewhere "tiles" is skipped: vectors serve both)."""
+    saved = cpu_attention.allow_tiles
+    cpu_attention.allow_tiles = request.param == "tiles"
+    if request.param == "tiles" and not cpu_attention.tiles_serve(64, 1):
+        pytest.skip("no AMX tiles here (CPU, build or OS)")
+    yield request.param
+    cpu_attention.allow_tiles = saved
+
+
+# The tile route: the output rows of a group are the rows of tiles (groups 1 to 8), head_dims of 2 to 4 column
+# tiles of 16 and one of 64 + 32 columns (96), blocks of 16 and 32 read in place and of 8 gathered (a tile spans
+# blocks), windows that start a tile mid-block (9, 40), sequences of 1 key to several blocks (the ragged last tile).
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32), (96, 8), (32, 16)])
+@pytest.mark.parametrize("window", [None, 9, 40])
+def test_bf16_routes_match_the_reference(bf16_route, group, head_dim, block_size, window):
+    out, expected = attend(2, group, head_dim, window, 2, torch.bfloat16, block_size=block_size,
+                           lengths=(1, 2, 16, 31, 33, 70))
+    assert_matches(out, expected, torch.bfloat16)
+
+
+def test_tiles_serve_only_shapes_they_hold():
+    if not cpu_attention.tiles_serve(64, 3):
+        pytest.skip("no AMX tiles here (CPU, build or OS)")
+    assert cpu_attention.tiles_serve(128, 8)
+    assert not cpu_attention.tiles_serve(48, 3)  # not whole runs of 32 dims: the vector route
+    assert not cpu_attention.tiles_serve(64, 9)  # 2 x 9 rows of weights exceed a tile's 16
+
+
+def test_tile_route_is_the_one_taken():
+    """The routes sum in different orders: where tiles serve, their bits differ from the vector route's somewhere
+    (an allow_tiles that changed nothing would give the same bits)."""
+    if not cpu_attention.tiles_serve(64, 3):
+        pytest.skip("no AMX tiles here (CPU, build or OS)")
+    outs = {}
+    saved = cpu_attention.allow_tiles
+    try:
+        for allow in (True, False):
+            cpu_attention.allow_tiles = allow
+            outs[allow] = attend(3, 3, 64, None, 1, torch.bfloat16, block_size=16, lengths=(40, 130))[0]
+    finally:
+        cpu_attention.allow_tiles = saved
+    assert not torch.equal(outs[True], outs[False])
+
+
+# NaN where no sequence has keys: the tile route reads whole tiles of a block in place, past a sequence's last key
+# and before a window's first; their scores must be dropped and their value rows never multiplied (0 x NaN).
+@pytest.mark.parametrize("window", [None, 40])
+def test_bf16_routes_ignore_nan_outside_the_sequences(bf16_route, window):
+    out, expected = attend(2, 3, 64, window, 2, torch.bfloat16, block_size=16, lengths=(1, 17, 47, 130),
+                           garbage=float("nan"))
+    assert_matches(out, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("head_dim", [64, 48])  # 48: no tiles (not whole runs of 32 dims), the vector route
+def test_bf16_routes_at_batch_one_and_one_key(bf16_route, head_dim):
+    for lengths in ((1,), (16,), (300,)):
+        out, expected = attend(3, 3, head_dim, None, 2, torch.bfloat16, block_size=16, lengths=lengths)
+        assert_matches(out, expected, torch.bfloat16)
 
 
 def test_scores_far_above_and_below_each_other():
