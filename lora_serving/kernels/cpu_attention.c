@@ -32,6 +32,12 @@
  * whole tile in one block are read in place too when head_dim is a multiple of 32: 32 words as 16 pairs of an
  * even and an odd element, against queries split the same way (tile_scores' in_pairs); the values are still
  * gathered (in pairs they measured slower: each row would be widened once per query head).
+ *
+ * bf16 on a CPU with AMX (and the OS's leave to use it) takes AMX tile multiplies instead, where head_dim is a
+ * multiple of 32 and a KV head serves at most 8 query heads (cpu_attention_amx.h): keys read in place as the
+ * A operand of the scores, the same fp32 softmax, the weights as two bf16 parts against the values in pairs.
+ * The vector route above stays for every other case and CPU, and where the caller asks for it
+ * (paged_decode_attention_bf16_vectors; tests compare the two).
  */
 #include <math.h>
 #include <stdint.h>
@@ -158,6 +164,7 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
     const int64_t scratch_bytes = sizeof(float) * scratch_floats;
 #endif
     int failed = 0;
+    int64_t next_item = 0;  /* the tile route's work queue */
     #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_items > 1)
     {
         float *scores = NULL;
@@ -171,23 +178,25 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
 #if HAVE_ATTENTION_TILES
         if (!failed && use_tiles) {
             struct TileScratch tile_scratch = tile_scratch_at((char *)scores, group, head_dim, longest);
-            int configured = 0;
-            #pragma omp for schedule(dynamic, 1)
-            for (int64_t item = 0; item < num_items; item++) {
+            const struct TileCall call = {k_cache, v_cache, block_tables, lengths, starts, table_width, kv_heads,
+                                          head_span, block_size, head_dim};
+            configure_attention_tiles(group);
+            /* Items as omp's dynamic schedule hands them out, but each thread claims its next item before it
+             * works on the current one, so that it can ask for the next one's first rows ahead. */
+            int64_t item = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
+            while (item < num_items) {
+                const int64_t following = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
+                if (following < num_items) prefetch_item_start(&call, following);
                 const int64_t t = item / kv_heads, h = item % kv_heads;
-                const int64_t first = starts ? starts[t] : 0;
-                const int64_t *table = block_tables + t * table_width;
-                const struct TileSequence keys = {(const uint16_t *)k_cache + h * head_span, table, block_size,
-                                                  head_dim, first, lengths[t]};
-                const struct TileSequence values = {(const uint16_t *)v_cache + h * head_span, table, block_size,
-                                                    head_dim, first, lengths[t]};
-                if (!configured) configure_attention_tiles(group), configured = 1;
+                struct TileSequence keys, values;
+                item_sequences(&call, item, &keys, &values);
                 attention_item_tiles(&keys, &values, (const uint16_t *)q + t * q_token_stride + h * group * q_head_stride,
                                      q_head_stride, group, scale, &tile_scratch,
                                      (uint16_t *)out + (t * q_heads + h * group) * head_dim, softmax_weights);
+                item = following;
             }
             /* Gives the tile state back, so that the thread's context switches stop saving 8 KB of it. */
-            if (configured) _tile_release();
+            _tile_release();
         } else
 #endif
         if (!failed) {

@@ -1,6 +1,7 @@
 """Decode attention on CPU by a C kernel (kernels/cpu_attention.c) that reads each sequence's K/V in place through
 its block table: every decoding sequence and head of a layer in one call, fp32 or bf16 (read as fp32: scores and
-sums are fp32 in both).
+sums are fp32 in both). bf16 on a CPU with AMX goes by tile multiplies (cpu_attention_amx.h), with the softmax
+weights kept to ~16 bits as two bf16 parts; `allow_tiles` False takes the vector route there too.
 
 handler/attention.py takes it for the decodes of a step when `serves(dtype, device)`; otherwise (other dtypes,
 GPUs, no C compiler, or $LORA_SERVING_CPU_ATTENTION=off, which benchmarks use to compare) torch's
