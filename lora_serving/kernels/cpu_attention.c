@@ -190,8 +190,8 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
                 const int64_t t = item / kv_heads, h = item % kv_heads;
                 struct TileSequence keys, values;
                 item_sequences(&call, item, &keys, &values);
-                attention_item_tiles(&keys, &values, (const uint16_t *)q + t * q_token_stride + h * group * q_head_stride,
-                                     q_head_stride, group, scale, &tile_scratch,
+                const uint16_t *queries = (const uint16_t *)q + t * q_token_stride + h * group * q_head_stride;
+                attention_item_tiles(&keys, &values, queries, q_head_stride, group, scale, &tile_scratch,
                                      (uint16_t *)out + (t * q_heads + h * group) * head_dim, softmax_weights);
                 item = following;
             }
@@ -269,28 +269,21 @@ int paged_decode_attention_f32(
                                   starts, scale, out, num_threads, 1);
 }
 
-int paged_decode_attention_bf16(
-    int64_t num_tokens, const uint16_t *q, int64_t q_token_stride, int64_t q_head_stride, int64_t q_heads,
-    int64_t kv_heads, int64_t head_dim, const uint16_t *k_cache, const uint16_t *v_cache, int64_t num_blocks,
-    int64_t block_size, const int64_t *block_tables, int64_t table_width, const int64_t *lengths,
-    const int64_t *starts, float scale, uint16_t *out, int num_threads)
-{
-    return paged_decode_attention(1, num_tokens, q, q_token_stride, q_head_stride, q_heads, kv_heads, head_dim,
-                                  k_cache, v_cache, num_blocks, block_size, block_tables, table_width, lengths,
-                                  starts, scale, out, num_threads, 1);
-}
-
-/* The bf16 form without AMX tiles even where they serve (tests compare the routes; benchmarks too). */
-int paged_decode_attention_bf16_vectors(
-    int64_t num_tokens, const uint16_t *q, int64_t q_token_stride, int64_t q_head_stride, int64_t q_heads,
-    int64_t kv_heads, int64_t head_dim, const uint16_t *k_cache, const uint16_t *v_cache, int64_t num_blocks,
-    int64_t block_size, const int64_t *block_tables, int64_t table_width, const int64_t *lengths,
-    const int64_t *starts, float scale, uint16_t *out, int num_threads)
-{
-    return paged_decode_attention(1, num_tokens, q, q_token_stride, q_head_stride, q_heads, kv_heads, head_dim,
-                                  k_cache, v_cache, num_blocks, block_size, block_tables, table_width, lengths,
-                                  starts, scale, out, num_threads, 0);
-}
+/* The bf16 form: by AMX tiles where they serve (attention_tiles_serve_here), else by vectors; the _vectors entry
+ * takes the vector route always (tests compare the two; benchmarks too). */
+#define BF16_ENTRY(name, allow_tiles)                                                                              \
+    int name(int64_t num_tokens, const uint16_t *q, int64_t q_token_stride, int64_t q_head_stride, int64_t q_heads, \
+             int64_t kv_heads, int64_t head_dim, const uint16_t *k_cache, const uint16_t *v_cache,                  \
+             int64_t num_blocks, int64_t block_size, const int64_t *block_tables, int64_t table_width,              \
+             const int64_t *lengths, const int64_t *starts, float scale, uint16_t *out, int num_threads)            \
+    {                                                                                                               \
+        return paged_decode_attention(1, num_tokens, q, q_token_stride, q_head_stride, q_heads, kv_heads, head_dim, \
+                                      k_cache, v_cache, num_blocks, block_size, block_tables, table_width, lengths, \
+                                      starts, scale, out, num_threads, allow_tiles);                                \
+    }
+BF16_ENTRY(paged_decode_attention_bf16, 1)
+BF16_ENTRY(paged_decode_attention_bf16_vectors, 0)
+#undef BF16_ENTRY
 
 /* Whether the bf16 form multiplies with AMX tiles for this head_dim and group of query heads per KV head. */
 int attention_tiles_serve_here(int64_t head_dim, int64_t group)

@@ -27,7 +27,6 @@
 #include <string.h>
 
 #include "cpu_amx.h"
-#include "cpu_attention_tiles.h"
 #include "cpu_vec.h"
 
 #if HAVE_AMX && VEC_LANES == 16
@@ -40,8 +39,8 @@
 #define TILE_KEYS 16
 #define TILE_TOKENS 32   /* keys per value tile multiply */
 #define TILE_COLUMNS 64  /* output columns the four output tiles hold */
-#define MAX_TILE_GROUP 8
-#define PREFETCH_TILES 4  /* how many tiles of keys ahead the scores ask for their rows */ /* 2 x group rows of weights in one A tile */
+#define MAX_TILE_GROUP 8 /* 2 x group rows of weights in one A tile */
+#define PREFETCH_TILES 4  /* tiles of keys the scores ask for ahead; of an item's first rows, asked for early */
 
 typedef uint16_t words32 __attribute__((vector_size(64)));
 
