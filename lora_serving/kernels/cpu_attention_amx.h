@@ -261,6 +261,8 @@ static inline void attention_item_tiles(const struct TileSequence *keys, const s
             _tile_zero(3);
         }
         for (int64_t t0 = 0; t0 < span; t0 += TILE_TOKENS) {
+            prefetch_tile(values, origin + t0 + 2 * TILE_TOKENS, 1);
+            prefetch_tile(values, origin + t0 + 2 * TILE_TOKENS + TILE_KEYS, 1);
             tile_value_pairs(values, origin + t0, c0, tiles, s->pairs);
             compiler_memory_barrier();
             _tile_loadd(TILE_WEIGHTS, s->weights + t0, 2 * padded);
