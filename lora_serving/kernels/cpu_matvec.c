@@ -164,7 +164,7 @@ static inline __attribute__((always_inline)) void bf16_block_product(
 #define TILE_INPUTS 32
 /* Rows of x per A tile: more rows are multiplied in chunks of this many, each against the block's weight (which
  * the first chunk brought into the core's cache). */
-#define TILE_ROWS 16
+#define ROWS_PER_TILE 16
 /* Tiles 0..3 hold the sums of the block's 16-output groups; the intrinsics take tile numbers as literals. */
 #define TILE_A 4
 #define TILE_B0 5
@@ -182,7 +182,7 @@ static void configure_tiles(int64_t rows)
     _tile_loadconfig(&config);
 }
 
-/* One chunk of up to TILE_ROWS rows of x against one block: acc [rows][block] fp32. */
+/* One chunk of up to ROWS_PER_TILE rows of x against one block: acc [rows][block] fp32. */
 static void amx_block_product(const uint16_t *w, int64_t in_features, int64_t padded_in, int block,
                               const uint16_t *x, int64_t x_stride, int64_t rows, float *acc)
 {
@@ -190,7 +190,7 @@ static void amx_block_product(const uint16_t *w, int64_t in_features, int64_t pa
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t k0 = 0; k0 < padded_in; k0 += TILE_INPUTS) {
         const uint16_t *wk = w + k0 * block;
-        uint16_t tail[TILE_ROWS][TILE_INPUTS];
+        uint16_t tail[ROWS_PER_TILE][TILE_INPUTS];
         if (k0 + TILE_INPUTS <= in_features) {
             _tile_loadd(TILE_A, x + k0, x_stride * 2);
         } else {  /* x ends inside this chunk: the rest of its inputs are zeros, as the weight's padding is */
@@ -228,7 +228,7 @@ static void amx_block_product(const uint16_t *w, int64_t in_features, int64_t pa
     default: bf16_block_product(wb, in_features, block, x, x_stride, 4, acc); break; \
     }
 
-/* The most rows one call takes where tiles serve (in chunks of TILE_ROWS), and whether they serve a weight of
+/* The most rows one call takes where tiles serve (in chunks of ROWS_PER_TILE), and whether they serve a weight of
  * padded_in inputs here: 0 where the dot-product form takes every call (at most MAX_ROWS rows). */
 #define MAX_TILE_CALL_ROWS 64
 int matvec_bf16_tile_rows(int64_t padded_in)
@@ -278,9 +278,9 @@ void packed_matvec_bf16(const uint16_t *w, int64_t out_features, int64_t in_feat
             const int64_t width = out_features - first < block ? out_features - first : block;
 #if HAVE_AMX
             if (use_amx) {
-                float acc[TILE_ROWS * MAX_BF16_BLOCK];
-                for (int64_t t0 = 0; t0 < rows; t0 += TILE_ROWS) {
-                    const int64_t chunk = rows - t0 < TILE_ROWS ? rows - t0 : TILE_ROWS;
+                float acc[ROWS_PER_TILE * MAX_BF16_BLOCK];
+                for (int64_t t0 = 0; t0 < rows; t0 += ROWS_PER_TILE) {
+                    const int64_t chunk = rows - t0 < ROWS_PER_TILE ? rows - t0 : ROWS_PER_TILE;
                     if (chunk != configured_rows) configure_tiles(configured_rows = chunk);
                     amx_block_product(wb, in_features, padded_in, (int)block, x + t0 * x_stride, x_stride, chunk,
                                       acc);

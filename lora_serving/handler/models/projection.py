@@ -70,6 +70,12 @@ class Projection:
         """Up to how many rows the C kernel multiplies (0: it does not serve this projection)."""
         return 0 if self._matvec is None else self._matvec.max_rows
 
+    def storage_range(self) -> tuple[int, int]:
+        """(address, bytes) of the weight as multiplied: oneDNN's packed copy, else the plain weight."""
+        if self._packed is not None:
+            return torch.ops.mkldnn.data_ptr(self._packed), torch.ops.mkldnn._nbytes(self._packed)
+        return self.weight.data_ptr(), self.weight.numel() * self.weight.element_size()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and torch.compiler.is_compiling():
             # Traced by the compiled decode step (handler/runner/compiled_decode.py): one opaque op in its graph.

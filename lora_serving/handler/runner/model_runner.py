@@ -22,6 +22,7 @@ from lora_serving.handler.lora.peft_adapter import BaseModelShapes
 from lora_serving.handler.lora.step_applier import LoraStepApplier
 from lora_serving.handler.lora.step_plan import LoraStepPlan
 from lora_serving.handler.models import load_hf_config, load_model
+from lora_serving.handler.runner import huge_pages
 from lora_serving.handler.runner.compiled_decode import CompiledDecode, compile_wanted
 from lora_serving.handler.runner.device import auto_num_kv_blocks, cpu_thread_policy, resolve_dtype
 from lora_serving.handler.runner.slot_sync import receive_slot_write, take_slot_writes
@@ -102,13 +103,13 @@ class ModelRunner:
         if self.followers is not None:
             self.followers.send(protocol.WorkerInit(num_kv_blocks=num_blocks))
         model = self.model
-        # calloc-backed zeros: pages are only touched when K/V are written, and masked-out padding
-        # positions read zeros rather than NaN garbage.
-        self.kv_cache = torch.zeros(
-            (model.num_layers, 2, model.num_kv_heads, num_blocks, self.config.block_size, model.head_dim),
-            dtype=model.dtype,
-            device=self.device,
-        )
+        # Zeros: masked-out padding positions then read zeros rather than NaN garbage.
+        shape = (model.num_layers, 2, model.num_kv_heads, num_blocks, self.config.block_size, model.head_dim)
+        if self.device.type == "cpu":
+            self.kv_cache = huge_pages.zeros(shape, model.dtype)
+            huge_pages.collapse_weights(model)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
         if self._compile:
             config = self.config
             max_batch = config.max_compiled_batch_size or config.max_rolling_batch_size
