@@ -74,6 +74,24 @@ static inline int64_t row_at(const struct Sequence *s, int64_t position)
                                 * s->head_dim;
 }
 
+/* Asks for the rows of positions from .. from + n - 1 ahead of their use (`near`: into L1, else L2): a sequence's
+ * blocks are scattered runs of block_size rows, which the hardware prefetchers follow too late. */
+static inline void prefetch_positions(const struct Sequence *s, int64_t from, int64_t n, int near)
+{
+    const int64_t row_bytes = s->element * s->head_dim;
+    while (n > 0) {
+        const int64_t left_in_block = s->block_size - from % s->block_size;
+        const int64_t run = n < left_in_block ? n : left_in_block;
+        const char *base = s->cache + s->element * row_at(s, from);
+        for (int64_t offset = 0; offset < run * row_bytes; offset += 64) prefetch_line(base + offset, near);
+        from += run;
+        n -= run;
+    }
+}
+
+/* Keys asked for this many positions ahead of the tile being scored (into L1). */
+#define PREFETCH_KEYS (4 * VEC_LANES)
+
 /* The tile of positions first .. first + n - 1 (n <= VEC_LANES) as rows of `*stride` floats from the returned
  * pointer: the cache itself when it holds them so, else `scratch` (VEC_LANES rows of whole_vectors(head_dim),
  * whose columns past head_dim are zero), gathered and widened there, rows past n zeroed. */
@@ -215,8 +233,15 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
                     widen_row(q_bytes + element * (t * q_token_stride + (h * group + g) * q_head_stride), is_bf16,
                               head_dim, queries + g * width);
                 if (in_pairs) split_pairs(queries, group * width, split);
+                prefetch_positions(&keys, first, count < PREFETCH_KEYS ? count : PREFETCH_KEYS, 1);
                 for (int64_t p = 0; p < count; p += VEC_LANES) {
                     const int64_t n = count - p < VEC_LANES ? count - p : VEC_LANES;
+                    /* The keys PREFETCH_KEYS ahead into L1, this tile's values into L2 for the weighted sum. */
+                    if (p + PREFETCH_KEYS < count) {
+                        const int64_t ahead = count - p - PREFETCH_KEYS;
+                        prefetch_positions(&keys, first + p + PREFETCH_KEYS, ahead < VEC_LANES ? ahead : VEC_LANES, 1);
+                    }
+                    prefetch_positions(&values, first + p, n, 0);
 #if VEC_LANES == 16
                     if (in_pairs && n == VEC_LANES && (first + p) % block_size + VEC_LANES <= block_size) {
                         const uint16_t *rows = (const uint16_t *)k_cache + row_at(&keys, first + p);
@@ -236,6 +261,10 @@ static inline __attribute__((always_inline)) int paged_decode_attention(
                 }
                 for (int64_t p = 0; p < count; p += VEC_LANES) {
                     const int64_t n = count - p < VEC_LANES ? count - p : VEC_LANES;
+                    if (p + 2 * VEC_LANES < count) {  /* the values two tiles ahead, from L2 into L1 */
+                        const int64_t ahead = count - p - 2 * VEC_LANES;
+                        prefetch_positions(&values, first + p + 2 * VEC_LANES, ahead < VEC_LANES ? ahead : VEC_LANES, 1);
+                    }
                     int64_t stride;
                     const float *rows = tile_rows(&values, is_bf16, first + p, n, tile, &stride);
                     for (int64_t g = 0; g < group; g++)

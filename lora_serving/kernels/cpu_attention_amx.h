@@ -131,11 +131,7 @@ static inline void prefetch_tile(const struct TileSequence *s, int64_t at, int n
 {
     if (s->block_size % TILE_KEYS || at >= s->length) return;
     const char *base = (const char *)tile_row(s, at);
-    /* asm volatile: GCC deletes a loop of __builtin_prefetch alone as one without effects. */
-    for (int64_t offset = 0; offset < 2 * TILE_KEYS * s->head_dim; offset += 64) {
-        if (near) __asm__ volatile("prefetcht0 %0" ::"m"(base[offset]));
-        else __asm__ volatile("prefetcht1 %0" ::"m"(base[offset]));
-    }
+    for (int64_t offset = 0; offset < 2 * TILE_KEYS * s->head_dim; offset += 64) prefetch_line(base + offset, near);
 }
 
 /* What a call's work items share: item = sequence t x kv_heads + KV head h, as in cpu_attention.c. */

@@ -32,6 +32,19 @@ static inline uint16_t f32_to_bf16(float value)
     return (uint16_t)(bits >> 16);
 }
 
+/* Asks for the cache line at p ahead of its use: `near` into L1, else L2. On x86 an asm statement, because GCC deletes
+ * a loop of __builtin_prefetch alone as one without effects. */
+static inline void prefetch_line(const void *p, int near)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (near) __asm__ volatile("prefetcht0 %0" ::"m"(*(const char *)p));
+    else __asm__ volatile("prefetcht1 %0" ::"m"(*(const char *)p));
+#else
+    if (near) __builtin_prefetch(p, 0, 3);
+    else __builtin_prefetch(p, 0, 2);
+#endif
+}
+
 #if defined(__AVX512F__)
 #define VEC_LANES 16
 #else
