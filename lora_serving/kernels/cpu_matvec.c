@@ -158,8 +158,8 @@ static inline __attribute__((always_inline)) void bf16_block_product(
 
 #if HAVE_AMX
 /* With AMX the same layout is a tile multiply's B operand as it stands: 16 input pairs x 16 outputs (64 bytes a
- * row, the block's row pitch apart) against an A tile of up to four x rows x 32 inputs. One tile multiply serves
- * every row at the cost of one, where vdpbf16ps costs one instruction per row per 64 bytes of weight and limits
+ * row, the block's row pitch apart) against an A tile of up to 16 x rows x 32 inputs. One tile multiply serves
+ * those rows at the cost of one, where vdpbf16ps costs one instruction per row per 64 bytes of weight and limits
  * three or four rows to less than the memory's speed on a core with one 512-bit unit. */
 #define TILE_INPUTS 32
 /* Rows of x per A tile: more rows are multiplied in chunks of this many, each against the block's weight (which

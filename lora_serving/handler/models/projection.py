@@ -74,7 +74,7 @@ class Projection:
         """(address, bytes) of the weight as multiplied: oneDNN's packed copy, else the plain weight."""
         if self._packed is not None:
             return torch.ops.mkldnn.data_ptr(self._packed), torch.ops.mkldnn._nbytes(self._packed)
-        return self.weight.data_ptr(), self.weight.numel() * self.weight.element_size()
+        return self.weight.data_ptr(), self.weight.nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and torch.compiler.is_compiling():

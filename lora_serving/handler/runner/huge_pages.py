@@ -106,7 +106,7 @@ def advise(ranges: list[tuple[int, int]], *, collapse: bool) -> Advice:
 
 
 def tensor_range(tensor: torch.Tensor) -> tuple[int, int]:
-    return tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    return tensor.data_ptr(), tensor.nbytes
 
 
 def weight_ranges(model) -> list[tuple[int, int]]:
